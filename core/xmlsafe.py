@@ -1,0 +1,23 @@
+"""One place that builds XML parsers: no entity expansion, no network, no DTD loading."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+
+def safe_parser(*, remove_comments: bool = False) -> etree.XMLParser:
+    """A parser that never expands entities, never loads a DTD and never touches the network."""
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=remove_comments,
+        remove_pis=True,
+    )
+
+
+def has_entity_refs(root: etree._Element) -> bool:
+    """True when the tree keeps unexpanded entity references (which we refuse)."""
+    return any(isinstance(node, etree._Entity) for node in root.iter())

@@ -1,0 +1,279 @@
+"""Load and validate vhostmd.conf.
+
+Accepts the upstream 1.2 file and PVC's file unchanged. The file is parsed with
+entity expansion, DTD loading and network access off, validated against the
+project's own DTD (etc/vhostmd.dtd, not whatever the DOCTYPE names), then
+checked for ranges and duplicates. Every problem becomes one ConfigError line
+naming the file, the line where known, and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lxml import etree
+
+from vhostmd import mdisk
+from vhostmd.document import METRIC_TYPES
+from vhostmd.etc import shipped
+from vhostmd.xmlsafe import has_entity_refs, safe_parser
+
+DEFAULT_CONFIG = "/etc/vhostmd/vhostmd.conf"
+DEFAULT_DISK_PATH = "/dev/shm/vhostmd0"
+DEFAULT_PERIOD = 5
+DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin:/usr/share/vhostmd/scripts"
+DEFAULT_MAX_CHANNELS = 1024
+DEFAULT_WORKERS = 4
+MAX_WORKERS = 64
+MAX_CHANNELS_LIMIT = 65536
+# Where libvirt puts per-domain channel directories: since 2024, and before.
+DEFAULT_CHANNEL_PATHS = ("/var/run/libvirt/qemu/channel", "/var/lib/libvirt/qemu/channel/target")
+TRANSPORTS = ("vbd", "virtio")
+UNITS = {"k": 1024, "m": 1024 * 1024}
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; str() is one line: file:line: problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    name: str
+    type: str
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDef:
+    """A shell-action metric as configured."""
+
+    name: str
+    type: str
+    context: str
+    action: str
+    unit: str | None = None
+    variables: tuple[Variable, ...] = ()
+    timeout: float | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinRef:
+    """A <builtin> element: a whole set, or one metric (optionally one context)."""
+
+    set: str | None
+    name: str | None
+    context: str | None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    disk_name: str = "host-metrics-disk"
+    disk_path: str = DEFAULT_DISK_PATH
+    disk_size: int = mdisk.DEFAULT_SIZE
+    update_period: int = DEFAULT_PERIOD
+    exec_path: str = DEFAULT_PATH
+    transports: tuple[str, ...] = ("vbd",)
+    channel_paths: tuple[str, ...] = DEFAULT_CHANNEL_PATHS
+    max_channels: int = DEFAULT_MAX_CHANNELS
+    expiration_time: int = 3 * DEFAULT_PERIOD
+    workers: int = DEFAULT_WORKERS
+    metrics: tuple[MetricDef, ...] = ()
+    builtins: tuple[BuiltinRef, ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def vbd(self) -> bool:
+        return "vbd" in self.transports
+
+    @property
+    def virtio(self) -> bool:
+        return "virtio" in self.transports
+
+
+def _dtd() -> etree.DTD:
+    with open(shipped("vhostmd.dtd"), "rb") as f:
+        return etree.DTD(f)
+
+
+class _Reader:
+    """Walks a validated tree; errors carry the file name and line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.warnings: list[str] = []
+
+    def error(self, elem: etree._Element | None, problem: str) -> ConfigError:
+        line = getattr(elem, "sourceline", None)
+        where = f"{self.path}:{line}" if line else self.path
+        return ConfigError(f"{where}: {problem}")
+
+    def text(self, elem: etree._Element) -> str:
+        text = (elem.text or "").strip()
+        if not text:
+            raise self.error(elem, f"<{elem.tag}> is empty")
+        return text
+
+    def integer(self, elem: etree._Element, low: int, high: int) -> int:
+        text = self.text(elem)
+        try:
+            value = int(text)
+        except ValueError:
+            raise self.error(elem, f"<{elem.tag}> must be a whole number, not {text!r}") from None
+        if not low <= value <= high:
+            raise self.error(elem, f"<{elem.tag}> {value} is out of range ({low}..{high})")
+        return value
+
+    def single(self, parent: etree._Element, tag: str) -> etree._Element | None:
+        found = parent.findall(tag)
+        if len(found) > 1:
+            raise self.error(found[1], f"<{tag}> given more than once in <{parent.tag}>")
+        return found[0] if found else None
+
+
+def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
+    """Parse and validate config bytes; raises ConfigError."""
+    reader = _Reader(path)
+    try:
+        root = etree.fromstring(data, safe_parser(remove_comments=True))
+    except etree.XMLSyntaxError as exc:
+        line = exc.lineno or (exc.position[0] if exc.position else None)
+        where = f"{path}:{line}" if line else path
+        raise ConfigError(f"{where}: malformed XML: {exc.msg}") from None
+    if has_entity_refs(root):
+        raise ConfigError(f"{path}: entity references are not allowed in the config")
+    dtd = _dtd()
+    if not dtd.validate(root):
+        err = dtd.error_log.filter_from_errors()[0] if dtd.error_log else None
+        where = f"{path}:{err.line}" if err and err.line else path
+        raise ConfigError(f"{where}: {err.message if err else 'does not match vhostmd.dtd'}")
+
+    globals_ = root.find("globals")
+    kwargs: dict[str, object] = {"path": path}
+
+    disk = reader.single(globals_, "disk")
+    if disk is not None:
+        if (name := reader.single(disk, "name")) is not None:
+            kwargs["disk_name"] = reader.text(name)
+        if (dpath := reader.single(disk, "path")) is not None:
+            kwargs["disk_path"] = reader.text(dpath)
+        if (size := reader.single(disk, "size")) is not None:
+            kwargs["disk_size"] = _disk_size(reader, size)
+
+    period_elem = reader.single(globals_, "update_period")
+    period = DEFAULT_PERIOD
+    if period_elem is not None:
+        period = reader.integer(period_elem, 1, 86400)
+    kwargs["update_period"] = period
+
+    if (exec_path := reader.single(globals_, "path")) is not None:
+        kwargs["exec_path"] = reader.text(exec_path)
+
+    if (workers := reader.single(globals_, "workers")) is not None:
+        kwargs["workers"] = reader.integer(workers, 1, MAX_WORKERS)
+
+    transports: list[str] = []
+    for elem in globals_.findall("transport"):
+        value = reader.text(elem)
+        if value == "xenstore":
+            raise reader.error(elem, "transport 'xenstore' is not supported (use vbd or virtio)")
+        if value not in TRANSPORTS:
+            raise reader.error(elem, f"unknown transport {value!r} (use vbd or virtio)")
+        if value not in transports:
+            transports.append(value)
+    kwargs["transports"] = tuple(transports) or ("vbd",)
+
+    expiration = 3 * period
+    virtio = reader.single(globals_, "virtio")
+    if virtio is not None:
+        if (cpath := reader.single(virtio, "channel_path")) is not None:
+            kwargs["channel_paths"] = (reader.text(cpath),)
+        if (maxc := reader.single(virtio, "max_channels")) is not None:
+            kwargs["max_channels"] = reader.integer(maxc, 1, MAX_CHANNELS_LIMIT)
+        if (exp := reader.single(virtio, "expiration_time")) is not None:
+            configured = reader.integer(exp, 1, 10 * 86400)
+            if configured < 3 * period:
+                reader.warnings.append(
+                    f"{path}:{exp.sourceline}: expiration_time {configured} is below "
+                    f"3 x update_period; using {3 * period}"
+                )
+            expiration = max(configured, 3 * period)
+    kwargs["expiration_time"] = expiration
+
+    metrics_elem = root.find("metrics")
+    metrics: list[MetricDef] = []
+    builtins: list[BuiltinRef] = []
+    for elem in metrics_elem if metrics_elem is not None else ():
+        if elem.tag == "metric":
+            metrics.append(_metric(reader, elem))
+        elif elem.tag == "builtin":
+            builtins.append(_builtin(reader, elem))
+    kwargs["metrics"] = tuple(metrics)
+    kwargs["builtins"] = tuple(builtins)
+    kwargs["warnings"] = tuple(reader.warnings)
+    return Config(**kwargs)  # type: ignore[arg-type]
+
+
+def _disk_size(reader: _Reader, elem: etree._Element) -> int:
+    number = reader.integer(elem, 1, mdisk.MAX_SIZE)
+    unit = (elem.get("unit") or "").lower()
+    size = number * UNITS.get(unit, 1)
+    if not mdisk.MIN_SIZE <= size <= mdisk.MAX_SIZE:
+        raise reader.error(
+            elem, f"disk size {size} bytes is out of range (1024 bytes .. 256 MiB)"
+        )
+    return size
+
+
+def _metric(reader: _Reader, elem: etree._Element) -> MetricDef:
+    mtype = elem.get("type")
+    assert mtype in METRIC_TYPES  # the DTD enumerates them
+    name = reader.text(elem.find("name"))
+    action = reader.text(elem.find("action"))
+    variables = tuple(
+        Variable(v.get("name", "").strip(), v.get("type", "")) for v in elem.findall("variable")
+    )
+    if mtype == "group" and not variables:
+        raise reader.error(elem, f"group metric {name!r} needs at least one <variable>")
+    if mtype != "group" and variables:
+        raise reader.error(elem, f"metric {name!r}: <variable> is only allowed in a group")
+    if any(not v.name for v in variables):
+        raise reader.error(elem, f"metric {name!r}: a <variable> has an empty name")
+    timeout = None
+    if (raw := elem.get("timeout")) is not None:
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout <= 86400:
+            raise reader.error(elem, f"metric {name!r}: timeout {raw!r} is not a positive number")
+    return MetricDef(
+        name=name,
+        type=mtype,
+        context=elem.get("context", ""),
+        action=action,
+        unit=elem.get("unit") or None,
+        variables=variables,
+        timeout=timeout,
+        line=elem.sourceline or 0,
+    )
+
+
+def _builtin(reader: _Reader, elem: etree._Element) -> BuiltinRef:
+    ref = BuiltinRef(elem.get("set"), elem.get("name"), elem.get("context"), elem.sourceline or 0)
+    if (ref.set is None) == (ref.name is None):
+        raise reader.error(elem, "<builtin> needs exactly one of set= or name=")
+    return ref
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; raises ConfigError with a one-line reason."""
+    path = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    return parse_config_bytes(data, path)
