@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
-
 from vhostmd import mdisk
 from vhostmd.document import METRIC_TYPES
 from vhostmd.etc import shipped
@@ -263,9 +262,14 @@ def _metric(reader: _Reader, elem: etree._Element) -> MetricDef:
 
 
 def _builtin(reader: _Reader, elem: etree._Element) -> BuiltinRef:
+    from vhostmd.workers.collectors import validate_ref
+
     ref = BuiltinRef(elem.get("set"), elem.get("name"), elem.get("context"), elem.sourceline or 0)
     if (ref.set is None) == (ref.name is None):
         raise reader.error(elem, "<builtin> needs exactly one of set= or name=")
+    problem = validate_ref(ref)
+    if problem is not None:
+        raise reader.error(elem, problem)
     return ref
 
 

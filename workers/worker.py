@@ -1,0 +1,84 @@
+"""The collector worker process: runs one job at a time under its deadline.
+
+The worker beats its heartbeat while it waits for work and while an action
+runs; a call that hangs (libvirt) stops the beat, and the supervisor replaces
+the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from vhostmd.supervisor.children import ChildContext
+from vhostmd.workers.actions import (
+    ActionFailed,
+    action_env,
+    metrics_from_output,
+    run_shell,
+    substitute,
+)
+from vhostmd.workers.jobs import Collect, Failure, Job, JobResult, ListDomains, RunAction
+from vhostmd.workers.libvirt_conn import LibvirtConnection, LibvirtUnavailable
+
+log = logging.getLogger("vhostmd")
+
+
+class Worker:
+    def __init__(self, ctx: ChildContext, index: int, uri: str | None) -> None:
+        self.ctx = ctx
+        self.index = index
+        self.uri = uri
+        self.libvirt = LibvirtConnection(uri)
+
+    def _set_group(self, pgid: int) -> None:
+        # The supervisor kills this group if it has to kill us mid-action.
+        self.ctx.action_groups[self.ctx.slot] = pgid
+
+    def run(self, job: Job) -> JobResult:
+        if isinstance(job, RunAction):
+            return self.run_action(job)
+        if isinstance(job, ListDomains):
+            try:
+                return JobResult(job.job_id, domains=self.libvirt.list_domains())
+            except LibvirtUnavailable as exc:
+                return JobResult(job.job_id, error=str(exc))
+        if isinstance(job, Collect):
+            from vhostmd.workers.collectors import run_collector
+
+            return run_collector(job, self.libvirt)
+        return JobResult(getattr(job, "job_id", -1), error=f"unknown job {job!r}")
+
+    def run_action(self, job: RunAction) -> JobResult:
+        metric = job.metric
+        deadline = job.deadline
+        if metric.timeout is not None:
+            deadline = min(deadline, time.monotonic() + metric.timeout)
+        try:
+            command = substitute(metric.action, self.uri, job.domain)
+            output = run_shell(
+                command,
+                action_env(job.exec_path, self.uri, job.domain),
+                deadline,
+                on_start=self._set_group,
+                beat=self.ctx.beat,
+            )
+            metrics = metrics_from_output(metric, output, job.domain)
+        except ActionFailed as exc:
+            failure = Failure(metric.name, metric.context, job.domain, str(exc))
+            return JobResult(job.job_id, failures=(failure,))
+        return JobResult(job.job_id, metrics=tuple(metrics))
+
+
+def worker_main(ctx: ChildContext, index: int, uri: str | None) -> None:
+    worker = Worker(ctx, index, uri)
+    idle = f"worker {index} idle"
+    ctx.title(idle)
+    while not ctx.orphaned():
+        ctx.beat()
+        job = ctx.receive(0.25)
+        if job is None:
+            continue
+        ctx.title(f"worker {index} {job.describe()}")
+        ctx.send(worker.run(job))
+        ctx.title(idle)
