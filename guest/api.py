@@ -67,18 +67,20 @@ class MetricsDocument:
         return self.find(name, context, uuid=uuid).typed_value()
 
     def as_json_objects(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": m.name,
-                "type": m.type,
-                "context": m.context,
-                "unit": m.unit,
-                "id": m.vm_id,
-                "uuid": m.uuid,
-                "value": m.typed_value(),
-            }
-            for m in self.metrics
-        ]
+        return [metric_as_json(m) for m in self.metrics]
+
+
+def metric_as_json(metric: Metric) -> dict[str, Any]:
+    """The ``--format json`` object of one metric, with its typed value."""
+    return {
+        "name": metric.name,
+        "type": metric.type,
+        "context": metric.context,
+        "unit": metric.unit,
+        "id": metric.vm_id,
+        "uuid": metric.uuid,
+        "value": metric.typed_value(),
+    }
 
 
 def _own_vm_metric(matches: list[Metric], name: str, uuid: str | None, source: str) -> Metric:

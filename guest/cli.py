@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from vhostmd.document import CONTEXTS
-from vhostmd.guest.api import DEFAULT_TIMEOUT, MetricsDocument, read_metrics
+from vhostmd.guest.api import DEFAULT_TIMEOUT, MetricsDocument, metric_as_json, read_metrics
 from vhostmd.guest.errors import MetricsError
 from vhostmd.protocol import GUEST_PORT
 
@@ -89,12 +89,7 @@ def render_output(document: MetricsDocument, args: argparse.Namespace) -> bytes:
     if args.metric is not None:
         metric = document.find(args.metric, args.context or "host", uuid=args.uuid)
         if args.format == "json":
-            [as_json] = [
-                obj
-                for obj, m in zip(document.as_json_objects(), document.metrics, strict=True)
-                if m is metric
-            ]
-            return _json_bytes(as_json)
+            return _json_bytes(metric_as_json(metric))
         return metric.value.encode() + b"\n"
     if args.format == "json":
         return _json_bytes(document.as_json_objects())

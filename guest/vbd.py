@@ -167,13 +167,14 @@ def block_devices(
         log(f"cannot list {sys_block}: {exc.strerror}")
         return
     for name in names:
+        # sysfs spells a "/" in a device name as "!" (cciss!c0d0 is /dev/cciss/c0d0).
+        path = os.path.join(dev_dir, name.replace("!", "/"))
         size = _sysfs_size(os.path.join(sys_block, name))
         # Empty loop devices, drives without media: nothing to open or wait for.
         if size is not None and size < MIN_SIZE:
-            log(f"skipping {name}: {size} bytes")
+            log(f"skipping {path}: {size} bytes")
             continue
-        # sysfs spells a "/" in a device name as "!" (cciss!c0d0 is /dev/cciss/c0d0).
-        yield os.path.join(dev_dir, name.replace("!", "/"))
+        yield path
 
 
 def _sysfs_size(device_dir: str) -> int | None:
