@@ -78,7 +78,7 @@ class MetricsDisk:
         m[mdisk.HEADER_SIZE : end] = content
         m.flush()
         m[4:8] = _IDLE
-        m.flush(0, mmap.PAGESIZE)
+        m.flush()
 
     def close(self) -> None:
         self._map.close()
@@ -91,7 +91,7 @@ def disk_writer_main(ctx: ChildContext, path: str, size: int) -> None:
         disk = MetricsDisk(path, size)
     except (OSError, DiskTooSmall) as exc:
         ctx.send(("disk-failed", f"cannot open metrics disk {path}: {exc}"))
-        return
+        raise SystemExit(1) from None
     ctx.send(("disk-ready", path))
     while not ctx.orphaned():
         ctx.beat()

@@ -231,7 +231,10 @@ class Supervisor:
             except queue.Empty:
                 return
             if self.children.get(child.slot) is not child:
-                continue  # from a child already replaced
+                # From a child already reaped: only its last words still matter.
+                if isinstance(message, tuple) and message and message[0] == "disk-failed":
+                    log.error("%s", message[1])
+                continue
             if isinstance(message, JobResult):
                 self.handle_result(child, message)
             elif isinstance(message, tuple) and message:

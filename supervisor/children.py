@@ -82,6 +82,9 @@ class ChildLink:
     def child_side(self) -> None:
         self.inbox.close_write_end()
         self.outbox.close_read_end()
+        # A child's last words (why it exits) must reach the supervisor: let
+        # exit wait for the outbox feeder thread to flush.
+        self.outbox._joincancelled = False  # type: ignore[attr-defined]
 
     def send(self, message: object) -> None:
         # Closed after the child died: nothing to deliver, nothing to report.
@@ -189,15 +192,12 @@ class Child:
             target=_child_bootstrap, args=(target, ctx, close_fds), name=role, daemon=False
         )
         self.process.start()
+        self.pid: int = self.process.pid or 0  # kept: the Process object is closed on reap
         self.link.parent_side()
         self._reader = threading.Thread(
             target=self._pump, args=(on_message,), name=f"read-{role}", daemon=True
         )
         self._reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid or 0
 
     @property
     def sentinel(self) -> int:

@@ -8,6 +8,7 @@ import os
 import sys
 
 import setproctitle
+
 from vhostmd import __version__
 from vhostmd.supervisor.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from vhostmd.supervisor.daemon import (

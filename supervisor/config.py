@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
+
 from vhostmd import mdisk
 from vhostmd.document import METRIC_TYPES
 from vhostmd.etc import shipped

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine (as root) and run vhostmd from this checkout.
+#
+#   ./dev.sh demo   install what is needed, run the daemon in the foreground on
+#                   libvirt's test:///default driver with a metrics disk in
+#                   ./run/, and show what a guest reads from it
+#   ./dev.sh test   install what is needed and run the whole test suite
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")"
+
+APT_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-clients
+              socat procps util-linux)
+VENV=.venv
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+install_system_packages() {
+    local missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    if [ "$(id -u)" -ne 0 ]; then
+        say "missing Debian packages: ${missing[*]} (run as root, or install them first)"
+        exit 1
+    fi
+    say "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+install_python_env() {
+    # Debian's python3, not whatever python3 comes first on PATH.
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV"
+        /usr/bin/python3 -m venv "$VENV"
+    fi
+    local stamp="$VENV/.installed"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        say "installing vhostmd and its test tools into $VENV"
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+        touch "$stamp"
+    fi
+}
+
+setup() {
+    install_system_packages
+    install_python_env
+}
+
+demo() {
+    setup
+    mkdir -p run
+    local conf=run/demo.conf disk="$PWD/run/vhostmd0"
+    # The shipped default config, with the disk under the checkout.
+    sed -e "s#<path>/dev/shm/vhostmd0</path>#<path>$disk</path>#" \
+        -e "s#<transport>virtio</transport>##" etc/vhostmd.conf > "$conf"
+    rm -f "$disk"
+    say "starting vhostmd in the foreground (Ctrl-C stops it): config $conf, libvirt test:///default"
+    "$VENV/bin/vhostmd" -d -f "$conf" -c test:///default -p run/vhostmd.pid &
+    local pid=$!
+    trap 'kill -TERM $pid 2>/dev/null; wait $pid; exit 0' INT TERM
+    local tries=0
+    until "$VENV/bin/vm-dump-metrics" --disk "$disk" >/dev/null 2>&1; do
+        tries=$((tries + 1))
+        if [ $tries -gt 100 ] || ! kill -0 $pid 2>/dev/null; then
+            say "no metrics on $disk after 10 s"; kill -TERM $pid 2>/dev/null; wait $pid; exit 1
+        fi
+        sleep 0.1
+    done
+    say "what a guest reads from the metrics disk ($VENV/bin/vm-dump-metrics --disk $disk):"
+    "$VENV/bin/vm-dump-metrics" --disk "$disk"
+    say "processes (ps -o pid,cmd):"
+    ps -o pid,cmd --ppid $pid --pid $pid
+    say "vhostmd keeps running; Ctrl-C stops it"
+    wait $pid
+}
+
+run_tests() {
+    setup
+    say "ruff"
+    "$VENV/bin/ruff" check .
+    say "pytest"
+    "$VENV/bin/pytest" -q -p no:cacheprovider "$@"
+}
+
+case "${1:-}" in
+    demo) shift; demo "$@" ;;
+    test) shift; run_tests "$@" ;;
+    *) echo "usage: $0 demo|test [pytest args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,193 @@
+"""Start a real vhostmd in a test, read what it publishes, stop it, check what is left.
+
+Everything here drives the real console script in a real subprocess; waits
+poll a condition with a bound instead of sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from vhostmd import mdisk
+from vhostmd.document import Metric, parse_document
+
+BIN = Path(sys.executable).parent
+VHOSTMD = str(BIN / "vhostmd")
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def config_xml(disk: Path | str, metrics: str = "", *, period: int = 1, size_k: int = 64,
+               transports: tuple[str, ...] = ("vbd",), globals_extra: str = "",
+               exec_path: str = "/usr/sbin:/usr/bin:/sbin:/bin") -> str:
+    transport = "".join(f"<transport>{t}</transport>" for t in transports)
+    return f"""<?xml version="1.0"?>
+<vhostmd>
+  <globals>
+    <disk><name>test-disk</name><path>{disk}</path><size unit="k">{size_k}</size></disk>
+    <update_period>{period}</update_period>
+    <path>{exec_path}</path>
+    {transport}
+    {globals_extra}
+  </globals>
+  <metrics>
+{metrics}
+  </metrics>
+</vhostmd>
+"""
+
+
+def metric_xml(name: str, action: str, *, mtype: str = "string", context: str = "host",
+               extra: str = "", attrs: str = "") -> str:
+    return (f'<metric type="{mtype}" context="{context}"{attrs}><name>{name}</name>'
+            f"<action>{action}</action>{extra}</metric>")
+
+
+def read_disk(path: Path | str, timeout: float = 5.0) -> bytes:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def read_at(offset: int, length: int) -> bytes:
+            return os.pread(f.fileno(), length, offset)
+
+        return mdisk.read_document(read_at, size, timeout=timeout, where=str(path))
+
+
+def disk_metrics(path: Path | str) -> list[Metric]:
+    return parse_document(read_disk(path))
+
+
+def header(path: Path | str) -> mdisk.Header:
+    with open(path, "rb") as f:
+        return mdisk.unpack_header(f.read(mdisk.HEADER_SIZE))
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """pid -> command line (process title) of every descendant of ``pid``."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents[int(entry)] = ppid
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        current = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == current and child not in found:
+                found[child] = cmdline(child)
+                frontier.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Daemon:
+    """A vhostmd started with -d (foreground, log on stderr) for one test."""
+
+    def __init__(self, tmp: Path, config: str, *, uri: str = "test:///default",
+                 args: tuple[str, ...] = (), name: str = "vhostmd") -> None:
+        self.tmp = tmp
+        self.conf = tmp / f"{name}.conf"
+        self.conf.write_text(config)
+        self.log_path = tmp / f"{name}.log"
+        self.pid_file = tmp / f"{name}.pid"
+        self.uri = uri
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        cmd = [VHOSTMD, "-d", "-v", "-f", str(self.conf), "-p", str(self.pid_file)]
+        if self.uri:
+            cmd += ["-c", self.uri]
+        cmd += list(self.args)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        return wait_for(lambda: text in self.log() and self.log(), timeout, f"log line {text!r}")
+
+    def titles(self) -> dict[int, str]:
+        return children_of(self.pid)
+
+    def child_pid(self, title_part: str, timeout: float = 10.0) -> int:
+        def find() -> int | None:
+            for pid, title in self.titles().items():
+                if title_part in title:
+                    return pid
+            return None
+
+        return wait_for(find, timeout, f"a child titled {title_part!r}")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"vhostmd did not stop within {timeout} s:\n{self.log()}") from None
+        finally:
+            self._log.close()
+        return code
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            descendants = list(self.titles())
+            self.stop()
+            for pid in descendants:  # never leave a process behind, even on failure
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,359 @@
+"""The host daemon end to end: a real vhostmd, real workers, a real disk file."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from vhostmd import mdisk
+from vhostmd.document import parse_document
+
+from daemon_harness import (
+    VHOSTMD,
+    Daemon,
+    alive,
+    cmdline,
+    config_xml,
+    disk_metrics,
+    header,
+    metric_xml,
+    read_disk,
+    wait_for,
+)
+
+TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the domain of test:///default
+
+
+def values(path: Path) -> dict[tuple[str, str, int | None], str]:
+    return {(m.context, m.name, m.vm_id): m.value for m in disk_metrics(path)}
+
+
+def published(disk: Path) -> bool:
+    try:
+        return disk.exists() and header(disk).busy == 0 and header(disk).length > 0
+    except Exception:
+        return False
+
+
+def test_host_and_vm_metrics_reach_the_disk_within_one_period(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    metrics = "\n".join([
+        metric_xml("Greeting", "printf 'Gr\\303\\274\\303\\237e &amp; &lt;tag&gt;\\n'"),
+        metric_xml("Cores", "echo 4", mtype="uint32", attrs=' unit="count"'),
+        metric_xml("Pair", "echo 7,-8", mtype="group",
+                   extra='<variable name="Seven" type="uint32"/>'
+                         '<variable name="MinusEight" type="int32"/>'),
+        metric_xml("Who", "echo NAME VMID UUID", context="vm"),
+        metric_xml("Env", 'echo "$VHOSTMD_VM_NAME/$VHOSTMD_VM_ID/$VHOSTMD_CONNECT_URI"',
+                   context="vm"),
+        metric_xml("FromXml", "echo \"&lt;metric type='real64' context='vm'&gt;&lt;name&gt;X"
+                   "&lt;/name&gt;&lt;value&gt;2.5&lt;/value&gt;&lt;/metric&gt;\"",
+                   mtype="xml", context="vm"),
+    ])
+    started = time.monotonic()
+    with Daemon(tmp_path, config_xml(disk, metrics)) as daemon:
+        wait_for(lambda: published(disk), 5, "the first document")
+        assert time.monotonic() - started < 5
+        got = values(disk)
+        assert got[("host", "Greeting", None)] == "Grüße & <tag>"
+        assert got[("host", "Cores", None)] == "4"
+        assert got[("host", "Seven", None)] == "7"
+        assert got[("host", "MinusEight", None)] == "-8"
+        assert got[("vm", "Who", 1)] == f"test 1 {TEST_UUID}"
+        assert got[("vm", "Env", 1)] == "test/1/test:///default"
+        assert got[("vm", "X", 1)] == "2.5"
+        vm = next(m for m in disk_metrics(disk) if m.name == "Who")
+        assert vm.uuid == TEST_UUID
+        raw = read_disk(disk).decode()
+        assert "<metric type='uint32' context='host' unit='count'>" in raw
+        assert raw.endswith("</metrics>\n")
+        assert daemon.stop() == 0
+
+
+def test_bad_values_are_left_out_and_logged_once(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    flag = tmp_path / "flag"
+    metrics = "\n".join([
+        metric_xml("Good", "echo 1", mtype="uint32"),
+        metric_xml("Negative", "echo -5", mtype="uint32"),
+        metric_xml("Words", "echo many", mtype="int64"),
+        metric_xml("ShortGroup", "echo 1", mtype="group",
+                   extra='<variable name="A" type="uint32"/><variable name="B" type="uint32"/>'),
+        metric_xml("Flaky", f"cat {flag}", mtype="uint32"),
+        metric_xml("BadXml", "echo '&lt;metric&gt;'", mtype="xml"),
+    ])
+    with Daemon(tmp_path, config_xml(disk, metrics)) as daemon:
+        wait_for(lambda: published(disk), 5, "the first document")
+        daemon.wait_log("cycle 3:")
+        got = values(disk)
+        assert got == {("host", "Good", None): "1"}
+        log = daemon.log()
+        assert log.count("host metric Negative left out") == 1
+        assert "-5 is out of range for uint32" in log
+        assert "'many' is not an integer" in log
+        assert "expected 2 comma-separated values, got 1" in log
+        assert log.count("host metric Flaky left out: exit status 1") == 1
+        flag.write_text("9\n")
+        wait_for(lambda: values(disk).get(("host", "Flaky", None)) == "9", 5, "recovery")
+        daemon.wait_log("host metric Flaky recovered")
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.log()
+
+
+def test_hung_action_times_out_without_delaying_other_metrics(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    metrics = "\n".join([
+        metric_xml("Hung", "sleep 1000.25; echo 1", mtype="uint32"),
+        metric_xml("Background", "(sleep 1000.5 &amp;) ; echo 2", mtype="uint32"),
+        metric_xml("Quick", "echo 3", mtype="uint32"),
+    ])
+    with Daemon(tmp_path, config_xml(disk, metrics, period=2)) as daemon:
+        started = time.monotonic()
+        wait_for(lambda: published(disk), 5, "the first document")
+        # The first document comes at the cycle deadline (0.8 x period), not later.
+        assert time.monotonic() - started < 2.5
+        assert values(disk)[("host", "Quick", None)] == "3"
+        assert ("host", "Hung", None) not in values(disk)
+        daemon.wait_log("host metric Hung left out: timed out")
+        descendants = daemon.titles()
+        assert daemon.stop() == 0
+    sleepers = [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if "sleep 1000." in cmdline(p)]
+    assert sleepers == []
+    assert not any(alive(p) for p in descendants)
+
+
+def test_process_titles_and_clean_stop(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    conf = config_xml(disk, metric_xml("Slow", "sleep 0.3; echo 1", mtype="uint32"),
+                      globals_extra="<workers>3</workers>")
+    daemon = Daemon(tmp_path, conf).start()
+    try:
+        wait_for(lambda: published(disk), 5, "the first document")
+        assert cmdline(daemon.pid) == "vhostmd: supervisor"
+        titles = wait_for(lambda: (t := daemon.titles()) and len(
+            [x for x in t.values() if x.startswith("vhostmd: worker")]) == 3 and t, 5,
+            "three workers")
+        assert f"vhostmd: disk-writer {disk}" in titles.values()
+        for n in (1, 2, 3):
+            assert any(t.startswith(f"vhostmd: worker {n} ") for t in titles.values())
+        # Titles say what a worker is doing now.
+        wait_for(lambda: any("action Slow" in t for t in daemon.titles().values()), 5,
+                 "a worker titled with its job")
+        descendants = list(daemon.titles())
+        assert daemon.pid_file.read_text().strip() == str(daemon.pid)
+    finally:
+        code = daemon.stop()
+    assert code == 0
+    assert not daemon.pid_file.exists()
+    assert [p for p in descendants if alive(p)] == []
+    assert "stopped" in daemon.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+def test_other_stop_signals(tmp_path: Path, sig: signal.Signals) -> None:
+    disk = tmp_path / "vhostmd0"
+    with Daemon(tmp_path, config_xml(disk, metric_xml("A", "echo 1", mtype="uint32"))) as d:
+        wait_for(lambda: published(disk), 5, "the first document")
+        descendants = list(d.titles())
+        assert d.proc is not None
+        d.proc.send_signal(sig)
+        assert d.proc.wait(10) == 0
+        assert [p for p in descendants if alive(p)] == []
+
+
+def test_killed_disk_writer_is_replaced_and_repairs_a_busy_disk(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    conf = config_xml(disk, metric_xml("Nanos", "date +%s%N", mtype="uint64"))
+    with Daemon(tmp_path, conf) as daemon:
+        wait_for(lambda: published(disk), 5, "the first document")
+        writer = daemon.child_pid("disk-writer")
+        # Play a writer that died mid-write: busy=1 left on the disk, then SIGKILL.
+        with open(disk, "r+b") as f:
+            os.pwrite(f.fileno(), (1).to_bytes(4, "big"), 4)
+        os.kill(writer, signal.SIGKILL)
+        before = values(disk) if header(disk).busy == 0 else None
+        new_writer = wait_for(lambda: next((p for p, t in daemon.titles().items()
+                                            if "disk-writer" in t and p != writer), None),
+                              5, "a new disk-writer")
+        assert new_writer != writer
+        wait_for(lambda: published(disk), 5, "the disk repaired (busy=0)")
+        first = values(disk)[("host", "Nanos", None)]
+        wait_for(lambda: published(disk) and values(disk)[("host", "Nanos", None)] != first,
+                 5, "updates to resume")
+        assert before is None or before != values(disk)
+        assert "disk-writer" in daemon.log() and "SIGKILL" in daemon.log()
+        assert daemon.stop() == 0
+
+
+def test_killed_worker_is_replaced(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    conf = config_xml(disk, metric_xml("Nanos", "date +%s%N", mtype="uint64"),
+                      globals_extra="<workers>2</workers>")
+    with Daemon(tmp_path, conf) as daemon:
+        wait_for(lambda: published(disk), 5, "the first document")
+        worker = daemon.child_pid("worker 1 ")
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: any(t.startswith("vhostmd: worker 1 ") and p != worker
+                             for p, t in daemon.titles().items()), 5, "worker 1 replaced")
+        first = values(disk)[("host", "Nanos", None)]
+        wait_for(lambda: values(disk)[("host", "Nanos", None)] != first, 5, "new values")
+        daemon.wait_log("worker 1 (pid")
+        assert daemon.stop() == 0
+
+
+def test_readers_never_see_a_torn_document(tmp_path: Path) -> None:
+    """Poll the disk while the daemon rewrites it; every read must verify."""
+    disk = tmp_path / "vhostmd0"
+    payload = "head -c 3000 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+    metrics = "\n".join(
+        [metric_xml("Nanos", "date +%s%N", mtype="uint64")]
+        + [metric_xml(f"Noise{i}", payload) for i in range(8)])
+    with Daemon(tmp_path, config_xml(disk, metrics, size_k=128)) as daemon:
+        wait_for(lambda: published(disk), 5, "the first document")
+        seen: set[str] = set()
+        reads = 0
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline or reads < 2000:
+            content = read_disk(disk, timeout=2)
+            metrics_read = parse_document(content)  # a torn document would not parse
+            assert len(metrics_read) == 9
+            seen.add(metrics_read[0].value)
+            reads += 1
+        assert reads >= 2000
+        assert len(seen) >= 3, "the daemon should have rewritten the disk during the test"
+        assert daemon.stop() == 0
+
+
+WRITER = """
+import sys
+sys.path.insert(0, {root!r})
+from vhostmd.disk.writer import MetricsDisk
+disk = MetricsDisk({path!r}, 65536)
+docs = [("<metrics>" + c * n + "</metrics>\\n").encode() for c, n in (("a", 30000), ("\xe9", 9000))]
+print("ready", flush=True)
+for i in range({count}):
+    disk.write(docs[i % 2])
+"""
+
+
+def test_disk_writer_under_a_tight_loop_never_tears(tmp_path: Path) -> None:
+    """Thousands of writes against thousands of concurrent reads, in two processes."""
+    disk = tmp_path / "stress"
+    docs = {("<metrics>" + c * n + "</metrics>\n").encode() for c, n in (("a", 30000),
+                                                                         ("\xe9", 9000))}
+    code = WRITER.format(root=str(Path(__file__).parent), path=str(disk), count=4000)
+    writer = subprocess.Popen([os.environ.get("PYTHON", os.sys.executable), "-c", code],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        reads = 0
+        while writer.poll() is None or reads < 1000:
+            try:
+                got = read_disk(disk, timeout=5)
+            except mdisk.DiskBusyError:
+                continue
+            assert got in docs
+            reads += 1
+        assert writer.wait(30) == 0
+        assert reads >= 1000
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_document_too_large_keeps_the_previous_one(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    size_file = tmp_path / "size"
+    size_file.write_text("10")
+    conf = config_xml(disk, metric_xml("Blob", f"head -c $(cat {size_file}) /dev/zero | tr "
+                                                "'\\000' x"), size_k=1)
+    with Daemon(tmp_path, conf) as daemon:
+        wait_for(lambda: published(disk), 5, "the first document")
+        assert values(disk)[("host", "Blob", None)] == "x" * 10
+        size_file.write_text("2000")
+        daemon.wait_log("does not fit")
+        assert values(disk)[("host", "Blob", None)] == "x" * 10
+        size_file.write_text("20")
+        wait_for(lambda: values(disk)[("host", "Blob", None)] == "x" * 20, 5, "a smaller one")
+        assert daemon.log().count("does not fit") == 1
+        assert daemon.stop() == 0
+
+
+def test_vm_names_never_reach_a_shell_unless_plain(tmp_path: Path) -> None:
+    import nodes
+
+    pwned = tmp_path / "pwned"
+    bad = f"x;touch {pwned}"
+    node = nodes.write_node_file(tmp_path / "node.xml", names=["plain-vm", bad, "a$(id)b"])
+    disk = tmp_path / "vhostmd0"
+    conf = config_xml(disk, metric_xml("Name", "echo NAME", context="vm")
+                      + metric_xml("EnvName", 'printf %s "$VHOSTMD_VM_NAME"', context="vm"))
+    with Daemon(tmp_path, conf, uri=f"test://{node}") as daemon:
+        wait_for(lambda: published(disk), 5, "the first document")
+        daemon.wait_log("cycle 2:")
+        names = [m.value for m in disk_metrics(disk) if m.name == "Name"]
+        assert names == ["plain-vm"]
+        assert daemon.log().count("VM name is not plain") == 4  # 2 metrics x 2 VMs, once
+        assert daemon.stop() == 0
+    assert not pwned.exists()
+
+
+def test_daemonizes_with_an_exclusive_pid_file(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    conf = tmp_path / "d.conf"
+    conf.write_text(config_xml(disk, metric_xml("A", "echo 1", mtype="uint32")))
+    pid_file = tmp_path / "run" / "vhostmd.pid"
+    pid_file.parent.mkdir()
+    cmd = [VHOSTMD, "-f", str(conf), "-p", str(pid_file), "-c", "test:///default"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert first.returncode == 0, first.stderr
+    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 5, "pid"))
+    try:
+        assert cmdline(pid) == "vhostmd: supervisor"
+        assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
+        wait_for(lambda: published(disk), 5, "the first document")
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert second.returncode != 0
+        assert second.stderr.strip() == (f"vhostmd: another vhostmd is running (pid {pid}, "
+                                         f"pid file {pid_file})")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not alive(pid), 10, "the daemon to exit")
+    assert not pid_file.exists()
+
+
+def test_user_option_refuses_root_and_drops_privileges(tmp_path: Path) -> None:
+    # pytest's tmp_path lives under a 0700 directory that nobody cannot enter.
+    tmp_path = Path(tempfile.mkdtemp(prefix="vhostmd-user-"))
+    conf = tmp_path / "u.conf"
+    disk = tmp_path / "vhostmd0"
+    conf.write_text(config_xml(disk, metric_xml("Uid", "id -u", mtype="uint32")))
+    refused = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-u", "root"],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0
+    assert "refusing to run as 'root'" in refused.stderr
+    if os.geteuid() != 0:
+        pytest.skip("dropping privileges needs root")
+    nobody = pwd.getpwnam("nobody")
+    os.chmod(tmp_path, 0o755)
+    try:
+        with Daemon(tmp_path, conf.read_text(), args=("-u", "nobody")) as daemon:
+            wait_for(lambda: published(disk), 5, "the first document")
+            assert values(disk)[("host", "Uid", None)] == str(nobody.pw_uid)
+            assert os.stat(disk).st_uid == nobody.pw_uid
+            for pid in [daemon.pid, *daemon.titles()]:
+                status = Path(f"/proc/{pid}/status").read_text()
+                uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+                assert set(uid_line.split()[1:]) == {str(nobody.pw_uid)}, (pid, uid_line)
+            assert daemon.stop() == 0
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
