@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 from vhostmd.supervisor.children import CTX, Child, ChildContext
 from vhostmd.supervisor.config import MAX_WORKERS, Config, ConfigError, load_config
-from vhostmd.supervisor.cycle import Cycle, FailureLog, Rendered
+from vhostmd.supervisor.cycle import (
+    DOMAIN_LIST_FAILURE,
+    Cycle,
+    FailureLog,
+    Rendered,
+    domain_list_failure,
+    failure_key,
+)
+from vhostmd.workers.actions import is_plain_name
 from vhostmd.workers.collectors import CollectorPlan
 from vhostmd.workers.collectors import plan as plan_collectors
 from vhostmd.workers.jobs import (
@@ -295,13 +303,13 @@ class Supervisor:
         self.cycle = cycle
         cycle.domains_job = self.new_job_id()
         listing = ListDomains(cycle.domains_job, job_deadline)
-        cycle.expect(-1, listing)
-        cycle.attempted.add(("host", "libvirt", None, None))
+        cycle.expect((-1, -1), listing)
+        cycle.attempted.add(failure_key(DOMAIN_LIST_FAILURE))
         self.pending.append(listing)
-        for metric in cfg.metrics:
+        for index, metric in enumerate(cfg.metrics):
             if metric.context == "host":
                 job = RunAction(self.new_job_id(), job_deadline, metric, None, cfg.exec_path)
-                cycle.expect(metric.line, job)
+                cycle.expect((metric.line, index), job)
                 self.pending.append(job)
         for plan in self.collector_plans():
             if plan.context == "host":
@@ -314,27 +322,28 @@ class Supervisor:
         assert cycle is not None
         cfg = self.config
         if cycle.domains_error is not None:
-            cycle.failures.append(Failure("libvirt", "host", None, cycle.domains_error))
+            cycle.failures.append(domain_list_failure(cycle.domains_error))
             return
-
-        from vhostmd.workers.actions import is_plain_name
 
         for plan in self.collector_plans():
             if plan.context == "vm" and cycle.domains:
                 self.expect_collect(cycle, plan, cycle.domains)
-        vm_metrics = [m for m in cfg.metrics if m.context == "vm"]
+        vm_metrics = [(i, m) for i, m in enumerate(cfg.metrics) if m.context == "vm"]
+        if not vm_metrics:
+            return
         for domain in cycle.domains or ():
-            plain = is_plain_name(domain.name)
-            for metric in vm_metrics:
+            if not is_plain_name(domain.name):
+                # One warning per VM (not per metric): its name never reaches a shell.
+                cycle.attempted.add(("vm", "shell metrics", domain.id, domain.name))
+                cycle.failures.append(Failure(
+                    "shell metrics", "vm", domain,
+                    "VM name is not plain ([A-Za-z0-9._+:@-]), so no shell action runs for it"))
+                continue
+            for index, metric in vm_metrics:
                 cycle.attempted.add(("vm", metric.name, domain.id, domain.name))
-                if not plain:
-                    cycle.failures.append(Failure(
-                        metric.name, "vm", domain,
-                        "VM name is not plain; its shell metrics are skipped"))
-                    continue
                 job = RunAction(self.new_job_id(), cycle.job_deadline, metric, domain,
                                 cfg.exec_path)
-                cycle.expect(metric.line, job)
+                cycle.expect((metric.line, index), job)
                 self.pending.append(job)
 
     def collector_plans(self) -> list[CollectorPlan]:
@@ -347,7 +356,7 @@ class Supervisor:
                        domains: tuple[Domain, ...] | None) -> None:
         job = Collect(self.new_job_id(), cycle.job_deadline, plan.collector, plan.metric_names,
                       domains, self.collector_state.get((plan.collector, plan.context)))
-        cycle.expect(plan.order, job)
+        cycle.expect((plan.order, -1), job)
         cycle.attempted.add((plan.context, f"builtin {plan.collector}", None, None))
         self.pending.append(job)
 
@@ -376,7 +385,7 @@ class Supervisor:
                     "no result before the cycle deadline"))
             elif isinstance(job, ListDomains):
                 cycle.domains_error = "listing domains did not finish before the cycle deadline"
-                cycle.failures.append(Failure("libvirt", "host", None, cycle.domains_error))
+                cycle.failures.append(domain_list_failure(cycle.domains_error))
             else:
                 context = "vm" if getattr(job, "domains", None) else "host"
                 cycle.failures.append(Failure(job.describe(), context, None,

@@ -30,22 +30,27 @@ class Rendered:
     left_out: int
 
 
+# Where a job's metrics go in the document: (config line, position in the
+# config); unique even when several metrics share one line.
+Order = tuple[int, int]
+
+
 @dataclass
 class Cycle:
     number: int
     started: float
     deadline: float
     job_deadline: float = 0.0
-    outstanding: dict[int, tuple[int, Job]] = field(default_factory=dict)
-    host: dict[int, tuple[Metric, ...]] = field(default_factory=dict)
-    vms: dict[int, dict[int, tuple[Metric, ...]]] = field(default_factory=dict)
+    outstanding: dict[int, tuple[Order, Job]] = field(default_factory=dict)
+    host: dict[Order, tuple[Metric, ...]] = field(default_factory=dict)
+    vms: dict[int, dict[Order, tuple[Metric, ...]]] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     domains: tuple[Domain, ...] | None = None
     domains_job: int | None = None
     domains_error: str | None = None
     attempted: set[tuple] = field(default_factory=set)  # failure keys tried this cycle
 
-    def expect(self, order: int, job: Job) -> None:
+    def expect(self, order: Order, job: Job) -> None:
         """Register a job whose metrics go to position ``order`` in the document."""
         self.outstanding[job.job_id] = (order, job)
 
@@ -120,10 +125,23 @@ def failure_key(failure: Failure) -> tuple[str, str, int | None, str | None]:
             domain.name if domain else None)
 
 
-def describe_failure_target(failure: Failure) -> str:
-    if failure.domain is None:
-        return f"{failure.context} metric {failure.metric}"
-    return f"vm metric {failure.metric} of domain id {failure.domain.id} ({failure.domain.name!r})"
+# Not a metric: the domain list, without which no VM metric can be collected.
+DOMAIN_LIST_FAILURE = Failure("the domain list", "libvirt", None, "")
+
+
+def domain_list_failure(reason: str) -> Failure:
+    return Failure(DOMAIN_LIST_FAILURE.metric, DOMAIN_LIST_FAILURE.context, None,
+                   f"{reason}; VM metrics are left out")
+
+
+def describe_target(context: str, metric: str, vm_id: int | None, name: str | None) -> str:
+    if context not in ("host", "vm"):
+        return f"{context}: {metric}"
+    # Metric names have no spaces; "shell metrics" and "builtin X" are groups of them.
+    what = metric if " " in metric else f"{context} metric {metric}"
+    if vm_id is None:
+        return what
+    return f"{what} of domain id {vm_id} ({name!r})"
 
 
 class FailureLog:
@@ -139,15 +157,12 @@ class FailureLog:
             now.setdefault(failure_key(failure), failure)
         for key, failure in now.items():
             if key not in self.failing:
-                log.warning("%s left out: %s", describe_failure_target(failure), failure.reason)
+                log.warning("%s left out: %s", describe_target(*key), failure.reason)
         for key in list(self.failing):
             if key in now:
                 continue
             if key in attempted:
-                context, metric, vm_id, name = key
-                target = f"{context} metric {metric}" if vm_id is None else (
-                    f"vm metric {metric} of domain id {vm_id} ({name!r})")
-                log.info("%s recovered", target)
+                log.info("%s recovered", describe_target(*key))
             del self.failing[key]  # recovered, or its VM is gone
         for key, failure in now.items():
             self.failing[key] = failure.reason

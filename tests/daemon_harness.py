@@ -176,7 +176,8 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"vhostmd did not stop within {timeout} s:\n{self.log()}") from None
+            raise AssertionError(
+                f"vhostmd did not stop within {timeout} s:\n{self.log()}") from None
         finally:
             self._log.close()
         return code
