@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lxml import etree
+
 from vhostmd.xmlsafe import has_entity_refs, safe_parser
 
 INT_RANGES: dict[str, tuple[int, int]] = {

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from vhostmd.document import Metric, render_document
 from vhostmd.mdisk import checksum_signed, pack_header
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from vhostmd.document import DocumentError, Metric, render_document
 from vhostmd.guest import (
     AmbiguousMetric,

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from vhostmd.document import Metric, render_fragment
 from vhostmd.guest import VirtioError, VirtioTimeout, read_virtio
 from vhostmd.protocol import INVALID_RESPONSE, REQUEST, build_response

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from lxml import etree
+
 from vhostmd.document import (
     SCALAR_TYPES,
     DocumentError,

@@ -9,6 +9,7 @@ import contextlib
 import logging
 
 import libvirt
+
 from vhostmd.workers.jobs import Domain
 
 log = logging.getLogger("vhostmd")
