@@ -1,0 +1,514 @@
+"""The virtio process against a real daemon: the test plays QEMU and the guest.
+
+For each libvirt test-driver domain the test creates the channel directory and
+the listening ``org.github.vhostmd.1`` socket (as QEMU would), accepts the
+daemon's connection and speaks the guest's side of the protocol on it.
+Every wait is a bounded poll on a condition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from vhostmd.protocol import CHANNEL_NAME, INVALID_RESPONSE, REQUEST, RESPONSE_END
+from vhostmd.virtio.channels import OUTPUT_LIMIT, RATE_BURST, RATE_PER_SECOND, UNIX_PATH_MAX
+
+BIN = Path(sys.executable).parent
+VHOSTMD = str(BIN / "vhostmd")
+VM_DUMP_METRICS = str(BIN / "vm-dump-metrics")
+T = TypeVar("T")
+
+HOST_VALUE = "host-says-hello"
+# VM 5 of the main rig answers with a ~40 KB metric: the "never reads" guest
+# fills its socket and its output queue within a few requests.
+BIG_VM = 5
+BIG_VALUE_LEN = 40000
+METRICS = f"""
+    <metric type="string" context="host"><name>HostGreeting</name>
+      <action>echo {HOST_VALUE}</action></metric>
+    <metric type="uint32" context="vm"><name>VmId</name><action>echo VMID</action></metric>
+    <metric type="string" context="vm"><name>Padding</name>
+      <action>test VMID -eq {BIG_VM} &amp;&amp; printf '%0{BIG_VALUE_LEN}d' 0 || echo small</action>
+    </metric>
+"""
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def node_xml(names: list[str]) -> str:
+    """A libvirt test-driver node with one running domain per name (ids 1, 2, ...)."""
+    domains = "".join(
+        f"<domain type='test'><name>{name}</name><uuid>{uuid.uuid4()}</uuid>"
+        f"<memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>\n"
+        for name in names
+    )
+    return (
+        "<node>\n<cpu><mhz>2000</mhz><model>i686</model><active>2</active><sockets>1</sockets>"
+        "<cores>2</cores><threads>1</threads></cpu>\n<memory>8388608</memory>\n"
+        f"{domains}</node>\n"
+    )
+
+
+def config_xml(channel_path: Path, *, max_channels: int, expiration: int = 3,
+               metrics: str = METRICS) -> str:
+    return f"""<?xml version="1.0"?>
+<vhostmd>
+  <globals>
+    <virtio>
+      <channel_path>{channel_path}</channel_path>
+      <max_channels>{max_channels}</max_channels>
+      <expiration_time>{expiration}</expiration_time>
+    </virtio>
+    <update_period>1</update_period>
+    <path>/usr/sbin:/usr/bin:/sbin:/bin</path>
+    <transport>virtio</transport>
+  </globals>
+  <metrics>{metrics}</metrics>
+</vhostmd>
+"""
+
+
+def unix_address(path: Path) -> tuple[str, int | None]:
+    """An address for ``path``; a long one goes through an O_PATH descriptor of its directory."""
+    if len(os.fsencode(str(path))) < UNIX_PATH_MAX:
+        return str(path), None
+    dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    return f"/proc/self/fd/{dir_fd}/{path.name}", dir_fd
+
+
+class FakeQemu:
+    """Listens where QEMU would for one VM, accepts the daemon and plays the guest."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / CHANNEL_NAME
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address, dir_fd = unix_address(self.path)
+        try:
+            self.listener.bind(address)
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+        self.listener.listen(4)
+        self.conn: socket.socket | None = None
+        self.pending = b""
+
+    def connection_waiting(self, timeout: float) -> bool:
+        readable, _, _ = select.select([self.listener], [], [], timeout)
+        return bool(readable)
+
+    def accept(self, timeout: float = 10.0) -> socket.socket:
+        if self.conn is None:
+            assert self.connection_waiting(timeout), f"the daemon never connected to {self.path}"
+            self.conn, _ = self.listener.accept()
+        return self.conn
+
+    def send(self, data: bytes) -> None:
+        self.accept().sendall(data)
+
+    def readable(self, timeout: float) -> bool:
+        readable, _, _ = select.select([self.accept()], [], [], timeout)
+        return bool(readable)
+
+    def read_response(self, timeout: float = 5.0) -> bytes:
+        """The next whole response (up to and including its blank line)."""
+        conn = self.accept()
+        deadline = time.monotonic() + timeout
+        while RESPONSE_END not in self.pending:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.readable(left), f"no complete response; got {self.pending!r}"
+            chunk = conn.recv(65536)
+            assert chunk, "the daemon hung up"
+            self.pending += chunk
+        end = self.pending.index(RESPONSE_END) + len(RESPONSE_END)
+        response, self.pending = self.pending[:end], self.pending[end:]
+        return response
+
+    def request(self, data: bytes = REQUEST) -> bytes:
+        self.send(data)
+        return self.read_response()
+
+    def hung_up(self, timeout: float) -> bool:
+        """True if the daemon closes the connection within ``timeout`` (data is discarded)."""
+        conn = self.accept()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.readable(left):
+                try:
+                    if not conn.recv(65536):
+                        return True
+                except ConnectionResetError:
+                    return True
+        return False
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Daemon:
+    """A real `vhostmd -d` serving virtio from ``channel_path`` for a test-driver node."""
+
+    def __init__(self, workdir: Path, channel_path: Path, names: list[str], *,
+                 max_channels: int = 16, metrics: str = METRICS) -> None:
+        self.workdir = workdir
+        self.node = workdir / "node.xml"
+        self.node.write_text(node_xml(names))
+        self.conf = workdir / "vhostmd.conf"
+        self.conf.write_text(config_xml(channel_path, max_channels=max_channels,
+                                        metrics=metrics))
+        self.log_path = workdir / "vhostmd.log"
+        self.log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            [VHOSTMD, "-d", "-v", "-f", str(self.conf), "-p", str(workdir / "vhostmd.pid"),
+             "-c", f"test://{self.node}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log_file,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.log()))
+
+    def wait_log(self, pattern: str, timeout: float = 10.0) -> str:
+        match = wait_for(lambda: re.search(pattern, self.log()), timeout, f"log {pattern!r}")
+        return match.group(0)
+
+    def children(self) -> dict[int, str]:
+        """pid -> process title of the daemon's children."""
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if ppid == self.process.pid:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    found[int(entry)] = cmdline.replace(b"\0", b" ").decode().strip()
+            except (OSError, IndexError, ValueError):
+                continue
+        return found
+
+    def virtio_title(self) -> str | None:
+        return next((t for t in self.children().values() if t.startswith("vhostmd: virtio")),
+                    None)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.log_file.close()
+
+
+def short_tmpdir() -> Path:
+    # Unix socket paths must stay short: pytest's tmp_path can be long.
+    return Path(tempfile.mkdtemp(prefix="vh"))
+
+
+def metric_blocks(response: bytes) -> list[ET.Element]:
+    assert response.startswith(b"<metrics>\n") and response.endswith(b"</metrics>\n\n")
+    assert response.index(RESPONSE_END) == len(response) - 2, "blank line before the end"
+    return list(ET.fromstring(response.decode()))
+
+
+def check_own_metrics(response: bytes, vm_id: int) -> None:
+    """Host metrics plus this VM's metrics, nothing of any other VM."""
+    metrics = metric_blocks(response)
+    host = {m.findtext("name"): m.findtext("value") for m in metrics if m.get("context") == "host"}
+    assert host == {"HostGreeting": HOST_VALUE}
+    vm = [m for m in metrics if m.get("context") == "vm"]
+    assert {m.get("id") for m in vm} == {str(vm_id)}
+    assert {m.findtext("name"): m.findtext("value") for m in vm}["VmId"] == str(vm_id)
+
+
+# -- the main rig: one daemon, seven VMs, each test using its own -------------
+
+MAIN_NAMES = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
+MAIN_DIRS = {
+    1: "1-alpha",
+    2: "domain-2-beta",  # libvirt before 2024
+    3: "3-gamma",
+    4: "4-delta",
+    5: "5-epsilon",
+    6: "6-ze",  # libvirt truncates long names: matched by id only
+}
+SOCAT_VM = 7
+GHOST_DIR = "99-ghost"  # no running domain has id 99
+
+
+class MainRig:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.channels = root / "channels"
+        self.channels.mkdir()
+        self.fakes = {vm_id: FakeQemu(self.channels / d) for vm_id, d in MAIN_DIRS.items()}
+        self.ghost = FakeQemu(self.channels / GHOST_DIR)
+        self.daemon = Daemon(root, self.channels, MAIN_NAMES)
+
+    def fake(self, vm_id: int) -> FakeQemu:
+        return self.fakes[vm_id]
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[MainRig]:
+    root = short_tmpdir()
+    main = MainRig(root)
+    try:
+        yield main
+    finally:
+        main.daemon.stop()
+        for fake in [*main.fakes.values(), main.ghost]:
+            fake.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("vm_id", [1, 2, 6])
+def test_each_guest_gets_host_and_own_metrics(rig: MainRig, vm_id: int) -> None:
+    check_own_metrics(rig.fake(vm_id).request(), vm_id)
+
+
+def test_request_one_byte_at_a_time(rig: MainRig) -> None:
+    fake = rig.fake(1)
+    fake.request()  # connected and served before the fragments start
+    for byte in REQUEST[:-1]:
+        fake.send(bytes([byte]))
+    assert not fake.readable(0.3), "answered a partial request"
+    fake.send(REQUEST[-1:])
+    check_own_metrics(fake.read_response(), 1)
+
+
+def test_crlf_request(rig: MainRig) -> None:
+    check_own_metrics(rig.fake(1).request(b"GET /metrics/XML\r\n\r\n"), 1)
+
+
+@pytest.mark.parametrize("garbage", [b"hello\n\n", b"GET /metrics/JSON\n\n", b"\n\n",
+                                     b"\x00\xff\x1b[2J;reboot\r\n\r\n"])
+def test_garbage_gets_invalid_and_channel_stays_usable(rig: MainRig, garbage: bytes) -> None:
+    fake = rig.fake(2)
+    assert fake.request(garbage) == INVALID_RESPONSE
+    check_own_metrics(fake.request(), 2)
+
+
+def test_600_byte_request_is_invalid_once(rig: MainRig) -> None:
+    fake = rig.fake(6)
+    fake.request()
+    fake.send(b"GET /metrics/XML" + b"x" * 582 + b"\n\n")
+    assert fake.read_response() == INVALID_RESPONSE
+    # The rest of the oversized request is skipped, not answered a second time.
+    response = fake.request()
+    check_own_metrics(response, 6)
+
+
+def test_request_filling_the_buffer_is_invalid(rig: MainRig) -> None:
+    fake = rig.fake(6)
+    fake.send(b"y" * 512)
+    assert fake.read_response() == INVALID_RESPONSE
+    fake.send(b"z" * 100 + b"\r\n\r\n")  # the end of that request: skipped
+    check_own_metrics(fake.request(), 6)
+
+
+def test_rate_limit_delays_a_looping_guest(rig: MainRig) -> None:
+    fake = rig.fake(3)
+    check_own_metrics(fake.request(), 3)
+    extra = 5
+    count = RATE_BURST + extra
+    started = time.monotonic()
+    fake.send(REQUEST * count)  # a guest looping on requests as fast as it can
+    for _ in range(count):
+        check_own_metrics(fake.read_response(timeout=10), 3)
+    took = time.monotonic() - started
+    # The burst is spent (one token went on the first request): the rest waits for refills.
+    assert took >= (extra / RATE_PER_SECOND) * 0.8, f"{count} requests answered in {took:.2f} s"
+    # Meanwhile another guest is served at once.
+    check_own_metrics(rig.fake(1).request(), 1)
+
+
+def test_guest_that_never_reads_is_bounded(rig: MainRig) -> None:
+    daemon = rig.daemon
+    fake = rig.fake(BIG_VM)
+    first = fake.request()
+    assert len(first) > BIG_VALUE_LEN
+    check_own_metrics(first, BIG_VM)
+    # Never read: the socket buffers fill, then the daemon's queue for this
+    # channel (OUTPUT_LIMIT holds one of these responses), then responses are dropped.
+    fake.send(REQUEST * RATE_BURST)
+    warning = r"VM 5 \('epsilon'\) does not read its channel"
+    daemon.wait_log(warning)
+    check_own_metrics(rig.fake(1).request(), 1)  # others are not held up
+    # Now read: only whole responses arrive (dropped ones are dropped whole).
+    received = b""
+    conn = fake.accept()
+    while fake.readable(0.5):
+        chunk = conn.recv(1 << 20)
+        assert chunk
+        received += chunk
+    responses = received.split(RESPONSE_END)
+    assert responses.pop() == b""
+    for response in responses:
+        check_own_metrics(response + RESPONSE_END, BIG_VM)
+    again = daemon.wait_log(r"VM 5 \('epsilon'\) reads its channel again "
+                            r"\((\d+) responses were dropped\)")
+    dropped = int(re.search(r"\((\d+) responses", again).group(1))  # type: ignore[union-attr]
+    assert dropped >= 2 and len(responses) + dropped == RATE_BURST
+    assert daemon.log_count(warning) == 1  # logged once, not per dropped response
+    check_own_metrics(fake.request(), BIG_VM)
+
+
+def test_socket_that_disappears_comes_back(rig: MainRig) -> None:
+    fake = rig.fake(4)
+    check_own_metrics(fake.request(), 4)
+    directory = fake.path.parent
+    fake.close()
+    rig.daemon.wait_log(r"channel of VM 4 \('delta'\) hung up; forgotten")
+    again = FakeQemu(directory)
+    rig.fakes[4] = again
+    check_own_metrics(again.request(), 4)
+
+
+def test_unknown_id_is_never_served(rig: MainRig) -> None:
+    rig.fake(1).request()  # the daemon knows its VMs and has scanned at least once
+    assert not rig.ghost.connection_waiting(2.5), "connected to a channel of no running VM"
+
+
+def test_title_counts_connected_known_max(rig: MainRig) -> None:
+    for vm_id in MAIN_DIRS:
+        rig.fake(vm_id).accept()
+    # Six channels of running VMs (the ghost is not one), all connected, of 16 allowed.
+    wait_for(lambda: rig.daemon.virtio_title() == "vhostmd: virtio 6/6/16 channels", 5,
+             "the virtio title")
+
+
+def test_socat_pty_with_guest_client(rig: MainRig, tmp_path: Path) -> None:
+    if shutil.which("socat") is None:
+        pytest.skip("socat is not installed")
+    directory = rig.channels / f"{SOCAT_VM}-eta"
+    directory.mkdir()
+    pty = tmp_path / "vport"
+    bridge = subprocess.Popen(
+        ["socat", f"PTY,link={pty},raw,echo=0", f"UNIX-LISTEN:{directory / CHANNEL_NAME}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: (directory / CHANNEL_NAME).exists() and pty.exists(), 5, "socat")
+        # The daemon connects at its next scan; ask until the guest client gets an answer.
+        def ask() -> bytes | None:
+            result = subprocess.run([VM_DUMP_METRICS, "--virtio", "--port", str(pty),
+                                     "--timeout", "2"], capture_output=True, timeout=10)
+            return result.stdout if result.returncode == 0 else None
+
+        document = wait_for(ask, 15, "vm-dump-metrics over the socat pty", interval=0.2)
+        check_own_metrics(document.rstrip(b"\n") + RESPONSE_END, SOCAT_VM)
+    finally:
+        bridge.terminate()
+        bridge.wait(5)
+
+
+# -- rigs of their own ---------------------------------------------------------
+
+
+def test_max_channels_plus_one_is_refused() -> None:
+    root = short_tmpdir()
+    channels = root / "channels"
+    fakes = {i: FakeQemu(channels / f"{i}-{name}")
+             for i, name in enumerate(["alpha", "beta", "gamma"], start=1)}
+    daemon = Daemon(root, channels, ["alpha", "beta", "gamma"], max_channels=2)
+    try:
+        check_own_metrics(fakes[1].request(), 1)
+        check_own_metrics(fakes[2].request(), 2)
+        refusal = r"max_channels \(2\) reached: refusing the channel of VM 3 \('gamma'\)"
+        daemon.wait_log(refusal)
+        wait_for(lambda: daemon.virtio_title() == "vhostmd: virtio 2/3/2 channels", 5, "title")
+        assert not fakes[3].connection_waiting(1.5)
+        assert daemon.log_count(refusal) == 1  # once, not every scan
+        # Room frees up when a channel goes away: the refused VM gets it.
+        fakes[1].close()
+        check_own_metrics(fakes[3].request(), 3)
+        check_own_metrics(fakes[2].request(), 2)
+    finally:
+        daemon.stop()
+        for fake in fakes.values():
+            fake.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_channel_expires_after_vm_leaves_libvirt() -> None:
+    root = short_tmpdir()
+    channels = root / "channels"
+    fakes = {1: FakeQemu(channels / "1-stays"), 2: FakeQemu(channels / "2-leaves")}
+    daemon = Daemon(root, channels, ["stays", "leaves"])
+    try:
+        check_own_metrics(fakes[1].request(), 1)
+        check_own_metrics(fakes[2].request(), 2)
+        # VM 2 leaves: the node no longer has it, and the workers' libvirt
+        # connections (the test driver keeps its state per connection) are
+        # renewed by killing the workers, which the supervisor replaces.
+        daemon.node.write_text(node_xml(["stays"]))
+        for pid, title in daemon.children().items():
+            if title.startswith("vhostmd: worker"):
+                os.kill(pid, signal.SIGKILL)
+        assert fakes[2].hung_up(10), "the channel of the VM that left was not closed"
+        daemon.wait_log(r"channel of VM 2 \('leaves'\) no metrics update for 3 s; closed")
+        assert not fakes[2].connection_waiting(2.5), "reconnected to a VM that is gone"
+        check_own_metrics(fakes[1].request(), 1)
+    finally:
+        daemon.stop()
+        for fake in fakes.values():
+            fake.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_long_socket_path(tmp_path: Path) -> None:
+    channels = tmp_path / ("c" * max(1, 120 - len(str(tmp_path))))
+    fake = FakeQemu(channels / "1-alpha")
+    assert len(os.fsencode(str(fake.path))) >= UNIX_PATH_MAX
+    daemon = Daemon(tmp_path, channels, ["alpha"])
+    try:
+        check_own_metrics(fake.request(), 1)
+    finally:
+        daemon.stop()
+        fake.close()
+
+
+def test_output_limit_is_documented() -> None:
+    from vhostmd.virtio import channels
+
+    doc = channels.__doc__ or ""
+    assert f"{OUTPUT_LIMIT // 1024} KiB" in doc and f"= {RATE_BURST} requests" in doc
