@@ -7,15 +7,35 @@ Interface used by the rest of the daemon (kept small on purpose):
 - ``run_collector(job, libvirt) -> JobResult``: run one Collect job (in a worker).
 - ``describe_builtins() -> str``: the table printed by ``vhostmd --list-builtins``.
 
+Each data source is one module of this package defining ``SOURCE`` (see
+source.py); modules are found at import time, so a new source is one file.
+Every built-in metric has one definition, keyed by (context, name): where two
+standard sets share a name (host TotalCPUTime, PagedInMemory, PagedOutMemory;
+vm TotalCPUTime) they share that definition, so selecting both sets publishes
+each metric once with one unit.
+
+A cycle runs one host job per <builtin> element that selects host metrics
+(in config order, so the document follows the config) and one vm job for all
+built-in VM metrics together, so libvirt is asked for domain stats once.
+
 This package must not import libvirt or psutil at the top level: the
 supervisor imports it to plan cycles and validate configs.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+import pkgutil
 from dataclasses import dataclass
 
-from vhostmd.workers.jobs import Collect, JobResult
+from vhostmd.document import InvalidValue, Metric, check_value
+from vhostmd.workers.collectors.source import MetricSpec, Request, Source, SourceFailed
+from vhostmd.workers.jobs import Collect, Domain, Failure, JobResult
+
+log = logging.getLogger("vhostmd")
+
+VM_JOB = "domains"  # the collector name of the single per-cycle vm job
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,17 +46,185 @@ class CollectorPlan:
     order: int  # position in the document (the config line of the first <builtin>)
 
 
+def _discover() -> tuple[Source, ...]:
+    sources = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        source = getattr(module, "SOURCE", None)
+        if isinstance(source, Source):
+            sources.append(source)
+    return tuple(sources)
+
+
+SOURCES: tuple[Source, ...] = _discover()
+# (context, name) -> (source, spec): one definition per published metric.
+METRICS: dict[tuple[str, str], tuple[Source, MetricSpec]] = {}
+# job kind ("host"/"vm") -> name -> (source, spec): what a job's metric_names mean.
+BY_KIND: dict[str, dict[str, tuple[Source, MetricSpec]]] = {"host": {}, "vm": {}}
+SETS: dict[str, list[tuple[str, str]]] = {}
+
+for _source in SOURCES:
+    for _spec in _source.metrics:
+        _key = (_spec.context, _spec.name)
+        if _key in METRICS or _spec.name in BY_KIND[_source.kind]:
+            raise RuntimeError(f"built-in metric {_spec.context} {_spec.name} defined twice")
+        METRICS[_key] = (_source, _spec)
+        BY_KIND[_source.kind][_spec.name] = (_source, _spec)
+        for _set in _spec.sets:
+            SETS.setdefault(_set, []).append(_key)
+
+
+def _selected(ref: object) -> list[tuple[str, str]]:
+    """(context, name) of every metric a <builtin> element selects, in set order."""
+    set_name = getattr(ref, "set", None)
+    name = getattr(ref, "name", None)
+    context = getattr(ref, "context", None)
+    if set_name is not None:
+        keys = SETS.get(set_name, [])
+    else:
+        keys = [key for key in METRICS if key[1] == name]
+    return [key for key in keys if context is None or key[0] == context]
+
+
 def validate_ref(ref: object) -> str | None:
-    return "built-in metrics are not available yet"
+    set_name = getattr(ref, "set", None)
+    name = getattr(ref, "name", None)
+    context = getattr(ref, "context", None)
+    if set_name is not None and set_name not in SETS:
+        return f"unknown built-in set {set_name!r} (known: {', '.join(sorted(SETS))})"
+    if name is not None and not any(key[1] == name for key in METRICS):
+        return f"unknown built-in metric {name!r} (vhostmd --list-builtins lists them)"
+    if not _selected(ref):
+        what = f"set {set_name!r}" if set_name is not None else f"metric {name!r}"
+        return f"built-in {what} has no {context} metrics"
+    return None
 
 
 def plan(refs: tuple) -> list[CollectorPlan]:
-    return []
+    taken: set[tuple[str, str]] = set()
+    plans: list[CollectorPlan] = []
+    labels: set[str] = set()
+    vm_names: list[str] = []
+    vm_order: int | None = None
+    for ref in refs:
+        host_names: list[str] = []
+        for key in _selected(ref):
+            if key in taken:
+                continue  # shared definition, already published by an earlier element
+            taken.add(key)
+            source, spec = METRICS[key]
+            if source.kind == "host":
+                host_names.append(spec.name)
+            else:
+                vm_names.append(spec.name)
+                vm_order = ref.line if vm_order is None else vm_order
+        if host_names:
+            label = ref.set if ref.set is not None else ref.name
+            if label in labels or label == VM_JOB:
+                label = f"{label}@{ref.line}"
+            labels.add(label)
+            plans.append(CollectorPlan(label, "host", tuple(host_names), ref.line))
+    if vm_names:
+        assert vm_order is not None
+        plans.append(CollectorPlan(VM_JOB, "vm", tuple(vm_names), vm_order))
+    return plans
 
 
 def run_collector(job: Collect, libvirt: object) -> JobResult:
-    return JobResult(job.job_id, error=f"unknown built-in collector {job.collector!r}")
+    """Run every source this job needs; never raises (problems become failures)."""
+    kind = "host" if job.domains is None else "vm"
+    known = BY_KIND[kind]
+    failures: list[Failure] = []
+    wanted: dict[str, list[str]] = {}  # source name -> metric names
+    sources: dict[str, Source] = {}
+    for name in job.metric_names:
+        entry = known.get(name)
+        if entry is None:
+            failures.append(Failure(name, kind, None, f"no built-in {kind} job metric {name!r}"))
+            continue
+        sources[entry[0].name] = entry[0]
+        wanted.setdefault(entry[0].name, []).append(name)
+    old_state = job.state if isinstance(job.state, dict) else {}
+    new_state: dict[str, object] = {}
+    host_values: dict[str, str] = {}
+    vm_values: dict[int, tuple[Domain, dict[str, str]]] = {}
+    for source_name, names in wanted.items():
+        source = sources[source_name]
+        request = Request(frozenset(names), job.domains, old_state.get(source_name), libvirt,
+                          job.deadline)
+        try:
+            sample = source.collect(request)
+        except SourceFailed as exc:
+            reason = str(exc)
+        except Exception as exc:  # a bug in one source must not take the others down
+            log.exception("built-in source %s failed", source_name)
+            reason = f"internal error in built-in source {source_name}: {exc!r}"
+        else:
+            reason = None
+        if reason is not None:
+            failures.extend(Failure(n, known[n][1].context, None, reason) for n in names)
+            if source_name in old_state:
+                new_state[source_name] = old_state[source_name]
+            continue
+        if sample.state is not None:
+            new_state[source_name] = sample.state
+        host_values.update(sample.host)
+        for domain, values in sample.vms:
+            vm_values.setdefault(domain.id, (domain, {}))[1].update(values)
+        failures.extend(Failure(n, known[n][1].context if n in known else kind, d, why)
+                        for n, d, why in sample.failures)
+    metrics: list[Metric] = []
+    # Document order: the plan's order (config, then set order), whatever the sources.
+    for name in job.metric_names:
+        spec = known[name][1] if name in known else None
+        if spec is None or spec.context != "host" or name not in host_values:
+            continue
+        try:
+            value = check_value(spec.type, host_values[name])
+        except InvalidValue as exc:
+            failures.append(Failure(name, "host", None, str(exc)))
+            continue
+        metrics.append(Metric(name, spec.type, "host", value, spec.unit))
+    vm_specs = [known[n][1] for n in job.metric_names if n in known
+                and known[n][1].context == "vm"]
+    for vm_id in sorted(vm_values):
+        domain, values = vm_values[vm_id]
+        for spec in vm_specs:
+            text = values.get(spec.name)
+            if text is None:
+                continue
+            try:
+                value = check_value(spec.type, text)
+            except InvalidValue as exc:
+                failures.append(Failure(spec.name, "vm", domain, str(exc)))
+                continue
+            metrics.append(Metric(spec.name, spec.type, "vm", value, spec.unit,
+                                  domain.id, domain.uuid))
+    return JobResult(job.job_id, metrics=tuple(metrics), failures=tuple(failures),
+                     state=new_state or None)
 
 
 def describe_builtins() -> str:
-    return "no built-in metrics yet"
+    rows = [("NAME", "CONTEXT", "TYPE", "UNIT", "SETS", "FROM")]
+    for (context, name), (_source, spec) in sorted(
+            METRICS.items(), key=lambda item: (item[0][0], item[0][1])):
+        rows.append((name, context, spec.type, spec.unit or "-",
+                     ",".join(spec.sets) or "-", spec.origin))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [
+        "Built-in metrics. Select them inside <metrics> in the config:",
+        '  <builtin set="sap"/>          the SAP-style set',
+        '  <builtin set="vhostmd"/>      the original vhostmd default set',
+        '  <builtin set="sap" context="host"/>   only the host (or vm) metrics of a set',
+        '  <builtin name="FreeMem"/>     one metric (both contexts where it has two)',
+        '  <builtin name="TotalCPUTime" context="vm"/>   one metric in one context',
+        "Each (context, name) has one definition: the sets share host TotalCPUTime,",
+        "PagedInMemory, PagedOutMemory and vm TotalCPUTime, so a config selecting both",
+        "sets publishes each once, with the unit shown here. A metric selected twice is",
+        "published once, at the first <builtin> that selects it.",
+        "",
+    ]
+    for row in rows:
+        cells = [row[i].ljust(widths[i]) for i in range(5)]
+        lines.append("  ".join([*cells, row[5]]).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""The hypervisor product and version as libvirt reports it (`virsh version`)."""
+
+from __future__ import annotations
+
+from vhostmd.workers.collectors.source import MetricSpec, Request, Sample, Source, SourceFailed
+
+
+def version_text(number: int) -> str:
+    """libvirt's packed version (major * 1e6 + minor * 1e3 + release) as text."""
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def collect(request: Request) -> Sample:
+    import libvirt
+
+    from vhostmd.workers.libvirt_conn import LibvirtUnavailable
+
+    try:
+        conn = request.libvirt.get()
+        hypervisor = conn.getType()
+        try:
+            version = version_text(conn.getVersion())
+        except libvirt.libvirtError:
+            version = ""  # some drivers do not report a version
+    except LibvirtUnavailable as exc:
+        raise SourceFailed(str(exc)) from None
+    except libvirt.libvirtError as exc:
+        request.libvirt.reset()
+        raise SourceFailed(f"libvirt: {exc.get_error_message() or exc}") from None
+    return Sample(host={"VirtProductInfo": f"{hypervisor} {version}".strip()})
+
+
+SOURCE = Source(
+    name="libvirt_host",
+    kind="host",
+    metrics=(
+        MetricSpec("VirtProductInfo", "string", "host", None,
+                   "libvirt virConnectGetType + virConnectGetVersion, e.g. 'QEMU 8.2.2' "
+                   "(virsh version: Running hypervisor)", ("sap",)),
+    ),
+    collect=collect,
+)
