@@ -32,6 +32,7 @@ from vhostmd.supervisor.cycle import (
     domain_list_failure,
     failure_key,
 )
+from vhostmd.supervisor.status import remove_status, write_status
 from vhostmd.workers.actions import is_plain_name
 from vhostmd.workers.collectors import CollectorPlan
 from vhostmd.workers.collectors import plan as plan_collectors
@@ -79,8 +80,13 @@ class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
     def __init__(self, config: Config, *, uri: str | None, config_path: str,
-                 private_fds: tuple[int, ...] = ()) -> None:
+                 private_fds: tuple[int, ...] = (), status_path: str | None = None) -> None:
         self.config = config
+        self.status_path = status_path
+        self.status_error: str | None = None
+        self.started_wall = time.time()
+        self.last_cycle_wall = 0.0
+        self.virtio_status: tuple[int, int, int] | None = None
         self.uri = uri
         self.config_path = config_path
         self.private_fds = list(private_fds)  # children close these (the pid file lock)
@@ -278,7 +284,7 @@ class Supervisor:
         elif kind == "disk-failed":
             log.error("%s", message[1])
         elif kind == "virtio-status":
-            child.busy_with = message[1:]
+            self.virtio_status = tuple(message[1:4])  # type: ignore[assignment]
 
     # -- cycles --------------------------------------------------------------
 
@@ -302,10 +308,16 @@ class Supervisor:
         cycle.job_deadline = job_deadline
         self.cycle = cycle
         cycle.domains_job = self.new_job_id()
-        listing = ListDomains(cycle.domains_job, job_deadline)
-        cycle.expect((-1, -1), listing)
         cycle.attempted.add(failure_key(DOMAIN_LIST_FAILURE))
-        self.pending.append(listing)
+        if any(isinstance(c.busy_with, ListDomains) for c in self.children.values()):
+            # libvirt has not answered the last listing: asking again would only
+            # tie up another worker until the hung one is replaced.
+            cycle.domains_error = "libvirt did not answer the previous domain listing"
+            cycle.failures.append(domain_list_failure(cycle.domains_error))
+        else:
+            listing = ListDomains(cycle.domains_job, job_deadline)
+            cycle.expect((-1, -1), listing)
+            self.pending.append(listing)
         for index, metric in enumerate(cfg.metrics):
             if metric.context == "host":
                 job = RunAction(self.new_job_id(), job_deadline, metric, None, cfg.exec_path)
@@ -326,7 +338,7 @@ class Supervisor:
             return
 
         for plan in self.collector_plans():
-            if plan.context == "vm" and cycle.domains:
+            if plan.context == "vm":  # also with no VMs: it computes host totals too
                 self.expect_collect(cycle, plan, cycle.domains)
         vm_metrics = [(i, m) for i, m in enumerate(cfg.metrics) if m.context == "vm"]
         if not vm_metrics:
@@ -356,7 +368,8 @@ class Supervisor:
                        domains: tuple[Domain, ...] | None) -> None:
         job = Collect(self.new_job_id(), cycle.job_deadline, plan.collector, plan.metric_names,
                       domains, self.collector_state.get((plan.collector, plan.context)))
-        cycle.expect((plan.order, -1), job)
+        # Unique per plan: a host job and the vm job may share a <builtin> line.
+        cycle.expect((plan.order, -1 - self.collector_plans().index(plan)), job)
         cycle.attempted.add((plan.context, f"builtin {plan.collector}", None, None))
         self.pending.append(job)
 
@@ -397,6 +410,8 @@ class Supervisor:
         took = now - cycle.started
         self.stats.update(cycles=self.stats["cycles"] + 1, last_cycle_seconds=took,
                           published=rendered.published, left_out=rendered.left_out)
+        self.last_cycle_wall = time.time()
+        self.write_status()
         log.debug("cycle %d: %d metrics, %d left out, %.3f s", cycle.number,
                   rendered.published, rendered.left_out, took)
         self.clock_k += 1
@@ -424,6 +439,59 @@ class Supervisor:
         self.disk_acked = False
         self.disk_sent_seq = self.doc_seq
         writer.send((self.doc_seq, self.latest.document))
+
+    # -- status ----------------------------------------------------------------
+
+    def child_state(self, slot: int, child: Child | None) -> str:
+        if child is None:
+            state = self.slot_state.get(slot)
+            if state is not None and state.not_before > time.monotonic():
+                return "waiting to restart (crash loop)"
+            return "starting"
+        job = child.busy_with
+        if isinstance(job, (RunAction, ListDomains, Collect)):
+            return f"busy: {job.describe()}"
+        if slot == DISK_SLOT:
+            return f"error: {self.disk_error}" if self.disk_error else "ok"
+        return "idle" if slot < MAX_WORKERS else "running"
+
+    def status(self) -> dict:
+        from vhostmd import __version__
+
+        children = []
+        for slot, spec in sorted(self.wanted().items()):
+            child = self.children.get(slot)
+            children.append({
+                "role": spec.role,
+                "pid": child.pid if child is not None else None,
+                "state": self.child_state(slot, child),
+                "restarts": self.slot_state.get(slot, SlotState()).restarts,
+                "heartbeat_age": round(child.heartbeat_age(), 3) if child is not None else None,
+            })
+        virtio = None
+        if self.virtio_status is not None:
+            connected, known, maximum = self.virtio_status
+            virtio = {"connected": connected, "known": known, "max": maximum}
+        return {
+            "version": __version__, "pid": os.getpid(), "config": self.config_path,
+            "update_period": self.config.update_period, "started": self.started_wall,
+            "updated": time.time(), "last_cycle_at": self.last_cycle_wall,
+            "last_cycle_seconds": round(self.stats["last_cycle_seconds"], 4),
+            "cycles": self.stats["cycles"], "published": self.stats["published"],
+            "left_out": self.stats["left_out"], "children": children, "virtio": virtio,
+        }
+
+    def write_status(self) -> None:
+        if self.status_path is None:
+            return
+        try:
+            write_status(self.status_path, self.status())
+        except OSError as exc:
+            if self.status_error != exc.strerror:
+                log.warning("cannot write status file %s: %s", self.status_path, exc.strerror)
+            self.status_error = exc.strerror
+        else:
+            self.status_error = None
 
     # -- children ------------------------------------------------------------
 
@@ -513,4 +581,6 @@ class Supervisor:
                 child.kill()
                 child.collect(2.0)
         self.children.clear()
+        if self.status_path is not None:
+            remove_status(self.status_path)
         log.info("stopped")

@@ -19,6 +19,7 @@ from vhostmd.supervisor.daemon import (
     lookup_user,
     setup_logging,
 )
+from vhostmd.supervisor.status import status_path_for
 
 log = logging.getLogger("vhostmd")
 DEFAULT_PID_FILE = "/var/run/vhostmd.pid"
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the configuration file and exit")
     p.add_argument("--list-builtins", action="store_true",
                    help="list the built-in metrics and exit")
+    p.add_argument("--status", action="store_true",
+                   help="show the running daemon's children, cycles and channels (reads the "
+                   "status file next to the pid file) and exit")
     p.add_argument("--version", action="version", version=f"vhostmd {__version__}")
     return p
 
@@ -75,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe_builtins())
         return 0
+    if args.status:
+        from vhostmd.supervisor.status import show_status
+
+        pid_path = args.pid_file or DEFAULT_PID_FILE
+        code, text = show_status(pid_path)
+        print(text)
+        return code
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -124,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
              config.workers)
     private = (pid_file.fd,) if pid_file is not None else ()
     supervisor = Supervisor(config, uri=args.connect, config_path=args.config,
-                            private_fds=private)
+                            private_fds=private,
+                            status_path=status_path_for(pid_path) if pid_path else None)
     try:
         status = supervisor.run()
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import libvirt
 
@@ -26,10 +27,19 @@ class LibvirtUnavailable(Exception):
     """libvirt cannot be reached (or a call failed); str() says why in one line."""
 
 
+# After a failed connect, wait 0.5, 1, 2, 4, 8, then 10 s between attempts:
+# libvirtd restarting is noticed within seconds, a dead one is not hammered.
+FIRST_RETRY = 0.5
+MAX_RETRY = 10.0
+
+
 class LibvirtConnection:
     def __init__(self, uri: str | None) -> None:
         self.uri = uri
         self._conn: libvirt.virConnect | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error = ""
 
     def get(self) -> libvirt.virConnect:
         if self._conn is not None:
@@ -39,11 +49,20 @@ class LibvirtConnection:
             except libvirt.libvirtError:
                 pass
             self.reset()
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise LibvirtUnavailable(
+                f"{self._last_error} (next attempt in {self._retry_at - now:.1f} s)")
         try:
             self._conn = libvirt.openReadOnly(self.uri)
         except libvirt.libvirtError as exc:
-            raise LibvirtUnavailable(f"cannot connect to libvirt {self.uri or '(default)'}: "
-                                     f"{_message(exc)}") from None
+            self._failures += 1
+            self._retry_at = now + min(MAX_RETRY, FIRST_RETRY * 2 ** (self._failures - 1))
+            self._last_error = (f"cannot connect to libvirt {self.uri or '(default)'}: "
+                                f"{_message(exc)}")
+            raise LibvirtUnavailable(self._last_error) from None
+        self._failures = 0
+        self._retry_at = 0.0
         return self._conn
 
     def reset(self) -> None:

@@ -1,0 +1,103 @@
+"""The status file the supervisor keeps, and `vhostmd --status` that prints it.
+
+The supervisor rewrites a small JSON file after every cycle (atomically:
+write to a temporary file, then rename), next to its pid file:
+``/var/run/vhostmd.pid`` -> ``/var/run/vhostmd.status``. `vhostmd --status`
+reads it and checks the pid file's lock to tell whether the daemon runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from typing import Any
+
+STATUS_VERSION = 1
+# LSB init-script status codes: running, dead with pid file, not running, unknown.
+RUNNING, DEAD_PID_FILE, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
+
+
+def status_path_for(pid_path: str) -> str:
+    base = pid_path[: -len(".pid")] if pid_path.endswith(".pid") else pid_path
+    return f"{base}.status"
+
+
+def write_status(path: str, status: dict[str, Any]) -> None:
+    """Replace the status file atomically; raises OSError."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(status, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def remove_status(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def daemon_running(pid_path: str) -> int | None:
+    """The pid of the vhostmd holding ``pid_path``'s lock, or None if nobody holds it."""
+    try:
+        fd = os.open(pid_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _ago(wall: float | None, now: float) -> str:
+    if not wall:
+        return "never"
+    return f"{max(0.0, now - wall):.1f} s ago"
+
+
+def format_status(status: dict[str, Any], pid: int) -> str:
+    now = time.time()
+    lines = [
+        f"vhostmd {status.get('version', '?')}: running, pid {pid}, "
+        f"config {status.get('config', '?')}, period {status.get('update_period', '?')} s",
+        f"status written {_ago(status.get('updated'), now)}",
+        f"last cycle: {_ago(status.get('last_cycle_at'), now)}, took "
+        f"{status.get('last_cycle_seconds', 0.0):.3f} s; {status.get('published', 0)} metrics "
+        f"published, {status.get('left_out', 0)} left out; {status.get('cycles', 0)} cycles",
+        f"{'CHILD':<14} {'PID':>7} {'RESTARTS':>8} {'HEARTBEAT':>10}  STATE",
+    ]
+    for child in status.get("children", []):
+        beat = child.get("heartbeat_age")
+        beat_text = f"{beat:.1f} s" if isinstance(beat, int | float) else "-"
+        lines.append(f"{child.get('role', '?'):<14} {child.get('pid') or '-':>7} "
+                     f"{child.get('restarts', 0):>8} {beat_text:>10}  {child.get('state', '?')}")
+    virtio = status.get("virtio")
+    if virtio:
+        lines.append(f"virtio channels: {virtio.get('connected', 0)} connected, "
+                     f"{virtio.get('known', 0)} known, max {virtio.get('max', '?')}")
+    return "\n".join(lines)
+
+
+def show_status(pid_path: str) -> tuple[int, str]:
+    """(exit status, text) for `vhostmd --status`."""
+    pid = daemon_running(pid_path)
+    if pid is None:
+        exists = os.path.exists(pid_path) and os.path.getsize(pid_path) > 0
+        return (DEAD_PID_FILE, f"vhostmd is not running (stale pid file {pid_path})") if exists \
+            else (NOT_RUNNING, "vhostmd is not running")
+    path = status_path_for(pid_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            status = json.load(f)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "unreadable"
+        return UNKNOWN, f"vhostmd is running (pid {pid}) but {path} is {reason}"
+    return RUNNING, format_status(status, pid)
