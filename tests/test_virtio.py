@@ -36,10 +36,10 @@ VM_DUMP_METRICS = str(BIN / "vm-dump-metrics")
 T = TypeVar("T")
 
 HOST_VALUE = "host-says-hello"
-# VM 5 of the main rig answers with a ~40 KB metric: the "never reads" guest
+# VM 5 of the main rig answers with a ~60 KB metric: the "never reads" guest
 # fills its socket and its output queue within a few requests.
 BIG_VM = 5
-BIG_VALUE_LEN = 40000
+BIG_VALUE_LEN = 60000
 METRICS = f"""
     <metric type="string" context="host"><name>HostGreeting</name>
       <action>echo {HOST_VALUE}</action></metric>
@@ -272,6 +272,14 @@ MAIN_DIRS = {
 }
 SOCAT_VM = 7
 GHOST_DIR = "99-ghost"  # no running domain has id 99
+STALE_DIR = "domain-3-gamma"  # a stale socket next to VM 3's live one
+
+
+def stale_socket(directory: Path) -> None:
+    """A socket file nobody listens on (what a crashed QEMU leaves behind)."""
+    directory.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(directory / CHANNEL_NAME))
 
 
 class MainRig:
@@ -281,6 +289,7 @@ class MainRig:
         self.channels.mkdir()
         self.fakes = {vm_id: FakeQemu(self.channels / d) for vm_id, d in MAIN_DIRS.items()}
         self.ghost = FakeQemu(self.channels / GHOST_DIR)
+        stale_socket(self.channels / STALE_DIR)
         self.daemon = Daemon(root, self.channels, MAIN_NAMES)
 
     def fake(self, vm_id: int) -> FakeQemu:
@@ -337,12 +346,17 @@ def test_600_byte_request_is_invalid_once(rig: MainRig) -> None:
     check_own_metrics(response, 6)
 
 
-def test_request_filling_the_buffer_is_invalid(rig: MainRig) -> None:
+@pytest.mark.parametrize("rest", [b"z" * 100 + b"\r\n\r\n", b"z" * 1500 + b"\n\n", b"\r\n"])
+def test_request_filling_the_buffer_is_invalid(rig: MainRig, rest: bytes) -> None:
     fake = rig.fake(6)
-    fake.send(b"y" * 512)
+    fake.send(b"y" * 510 + b"\r\n")
     assert fake.read_response() == INVALID_RESPONSE
-    fake.send(b"z" * 100 + b"\r\n\r\n")  # the end of that request: skipped
+    fake.send(rest)  # the end of that request (its blank line may straddle two reads): skipped
     check_own_metrics(fake.request(), 6)
+
+
+def test_stale_directory_does_not_hide_the_live_one(rig: MainRig) -> None:
+    check_own_metrics(rig.fake(3).request(), 3)
 
 
 def test_rate_limit_delays_a_looping_guest(rig: MainRig) -> None:

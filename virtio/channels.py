@@ -161,7 +161,8 @@ class ChannelManager:
         self.responses: dict[int, bytes] = {}  # built lazily, once per VM per cycle
         self.throttled: dict[int, Channel] = {}
         self.refused: set[int] = set()  # VMs refused for max_channels (logged once)
-        self.connect_problems: dict[int, str] = {}  # logged once per VM and problem
+        # VM id -> channel directory -> the problem connecting to it (logged once per change)
+        self.connect_problems: dict[int, dict[str, str]] = {}
         self.path_problems: dict[str, str] = {}  # channel paths that cannot be scanned
         self.long_path_ok = os.path.isdir(_PROC_FD)
 
@@ -188,9 +189,13 @@ class ChannelManager:
 
     # -- discovery and expiry -------------------------------------------------
 
-    def scan(self) -> dict[int, tuple[str, str]]:
-        """Channel directories under every channel path: VM id -> (directory, name)."""
-        found: dict[int, tuple[str, str]] = {}
+    def scan(self) -> dict[int, list[tuple[str, str]]]:
+        """Channel directories under every channel path: VM id -> [(directory, name)].
+
+        A VM can have more than one (a stale directory left in the other
+        libvirt location, both naming schemes): each is tried in turn.
+        """
+        found: dict[int, list[tuple[str, str]]] = {}
         for base in self.channel_paths:
             try:
                 entries = os.scandir(base)
@@ -212,7 +217,8 @@ class ChannelManager:
                     with contextlib.suppress(OSError):
                         if not entry.is_dir(follow_symlinks=False):
                             continue
-                        found.setdefault(int(match.group(1)), (entry.path, match.group(2)))
+                        found.setdefault(int(match.group(1)), []).append(
+                            (entry.path, match.group(2)))
         return found
 
     def discover(self, now: float) -> None:
@@ -228,7 +234,8 @@ class ChannelManager:
         for vm_id in current:
             if vm_id in self.channels:
                 continue
-            directory, name = found[vm_id]
+            candidates = found[vm_id]
+            directory, name = candidates[0]
             if len(self.channels) >= self.max_channels:
                 if vm_id not in self.refused:
                     self.refused.add(vm_id)
@@ -236,15 +243,22 @@ class ChannelManager:
                                 "VM %d (%s) at %s", self.max_channels, vm_id, loggable(name),
                                 loggable(directory))
                 continue
-            self.connect(vm_id, name, directory, now)
+            problems: dict[str, str] = {}
+            for directory, name in candidates:
+                problem = self.connect(vm_id, name, directory, now)
+                if problem is None:
+                    break
+                problems[directory] = problem
+            else:
+                self.report_connect_problems(vm_id, name, problems)
 
-    def connect(self, vm_id: int, name: str, directory: str, now: float) -> None:
+    def connect(self, vm_id: int, name: str, directory: str, now: float) -> str | None:
+        """Connect to the channel socket in ``directory``; the problem if that fails."""
         path = os.path.join(directory, CHANNEL_NAME)
         long_path = len(os.fsencode(path)) >= UNIX_PATH_MAX
         if long_path and not self.long_path_ok:
-            self.connect_problem(vm_id, name, f"socket path longer than {UNIX_PATH_MAX - 1} "
-                                 f"bytes and {_PROC_FD} is not available; skipped", path)
-            return
+            return (f"socket path longer than {UNIX_PATH_MAX - 1} bytes and {_PROC_FD} "
+                    "is not available; skipped")
         sock = socket.socket(socket.AF_UNIX,
                              socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
@@ -260,13 +274,10 @@ class ChannelManager:
         except BlockingIOError:
             # The listener's backlog is full (or QEMU is busy): try again next scan.
             sock.close()
-            self.connect_problem(vm_id, name, "listener busy; will retry", path,
-                                 level=logging.DEBUG)
-            return
+            return "listener busy"
         except OSError as exc:
             sock.close()
-            self.connect_problem(vm_id, name, exc.strerror or str(exc), path)
-            return
+            return exc.strerror or str(exc)
         had_problem = self.connect_problems.pop(vm_id, None) is not None
         was_refused = vm_id in self.refused
         self.refused.discard(vm_id)
@@ -275,14 +286,17 @@ class ChannelManager:
         self.update_interest(channel)
         level = logging.INFO if (had_problem or was_refused) else logging.DEBUG
         log.log(level, "connected to the channel of %s", channel.describe())
+        return None
 
-    def connect_problem(self, vm_id: int, name: str, problem: str, path: str,
-                        level: int = logging.INFO) -> None:
-        if self.connect_problems.get(vm_id) == problem:
+    def report_connect_problems(self, vm_id: int, name: str, problems: dict[str, str]) -> None:
+        """Log why a VM's channel cannot be connected: once, and again when that changes."""
+        if self.connect_problems.get(vm_id) == problems:
             return
-        self.connect_problems[vm_id] = problem
-        log.log(level, "cannot connect to the channel of VM %d (%s) at %s: %s",
-                vm_id, loggable(name), loggable(path), problem)
+        self.connect_problems[vm_id] = problems
+        why = "; ".join(f"{loggable(directory)}: {problem}"
+                        for directory, problem in problems.items())
+        log.info("cannot connect to the channel of VM %d (%s): %s (will retry)",
+                 vm_id, loggable(name), why)
 
     def expire(self, now: float) -> None:
         for channel in list(self.channels.values()):
@@ -368,8 +382,11 @@ class ChannelManager:
                 del inbuf[:used]
             self.enqueue(channel, self.response_for(channel.vm_id)
                          if kind is Request.METRICS else INVALID_RESPONSE)
-        if self.flush(channel):
-            self.update_interest(channel)
+            # Write now: what the socket takes at once never counts against the queue.
+            # (With more than this response queued, the socket is full: wait for EVENT_WRITE.)
+            if len(channel.outq) == 1 and not self.flush(channel):
+                return
+        self.update_interest(channel)
 
     def throttle(self, channel: Channel) -> None:
         channel.resume_at = channel.next_token_at()
