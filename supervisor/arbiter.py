@@ -203,20 +203,31 @@ class Supervisor:
         self.install_signals()
         self.converge()
         while not self.stopping:
-            self.handle_signals()
-            if self.stopping:
-                break
-            self.handle_events()
-            now = time.monotonic()
-            if self.cycle is None and now >= self.next_cycle:
-                self.start_cycle(now)
-            self.dispatch()
-            if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
-                self.finish_cycle()
-            self.converge()
+            try:
+                self.step()
+            except Exception:
+                # A bug must not take every guest's metrics down with the
+                # supervisor: log it, drop the cycle, and go on.
+                log.exception("internal error in the supervisor loop; skipping this cycle")
+                self.cycle = None
+                self.pending.clear()
+                self.reanchor_clock(time.monotonic() + self.config.update_period)
             self.sleep()
         self.shutdown()
         return 0
+
+    def step(self) -> None:
+        self.handle_signals()
+        if self.stopping:
+            return
+        self.handle_events()
+        now = time.monotonic()
+        if self.cycle is None and now >= self.next_cycle:
+            self.start_cycle(now)
+        self.dispatch()
+        if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
+            self.finish_cycle()
+        self.converge()
 
     def sleep(self) -> None:
         now = time.monotonic()

@@ -222,6 +222,8 @@ class Child:
 
     def kill(self) -> None:
         """SIGKILL the child and any action process group it was running."""
+        if self.gone:
+            return
         group = self.action_groups[self.slot]
         if group > 0:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -232,7 +234,7 @@ class Child:
                 os.kill(self.pid, signal.SIGKILL)
 
     def terminate(self) -> None:
-        if self.process.is_alive():
+        if not self.gone and self.process.is_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
 
