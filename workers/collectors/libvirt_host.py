@@ -1,4 +1,9 @@
-"""The hypervisor product and version as libvirt reports it (`virsh version`)."""
+"""The hypervisor product and version as libvirt reports it (`virsh version`).
+
+Runs in the vm job (kind "vm") although its metric is a host metric: that job
+talks to libvirt anyway, and host jobs then never touch libvirt, so a hung
+libvirt cannot hold up the /proc metrics and fewer workers keep a connection.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ def collect(request: Request) -> Sample:
 
 SOURCE = Source(
     name="libvirt_host",
-    kind="host",
+    kind="vm",
     metrics=(
         MetricSpec("VirtProductInfo", "string", "host", None,
                    "libvirt virConnectGetType + virConnectGetVersion, e.g. 'QEMU 8.2.2' "
