@@ -8,8 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
+# libvirt-daemon: the fault tests start a private libvirtd (test driver only).
 APT_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-clients
-              socat procps util-linux)
+              libvirt-daemon socat procps util-linux)
 VENV=.venv
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -27,7 +28,8 @@ install_system_packages() {
     fi
     say "installing Debian packages: ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
 }
 
 install_python_env() {
