@@ -18,7 +18,7 @@ from vhostmd.mdisk import checksum_signed, pack_header
 
 CLI_SCRIPT = Path(sys.executable).parent / "vm-dump-metrics"
 CLI = [str(CLI_SCRIPT)] if CLI_SCRIPT.exists() else [sys.executable, "-m", "vhostmd.guest"]
-UPSTREAM_DISK = Path(__file__).parent / "data" / "upstream-1.2-disk-4k.img"
+UPSTREAM_DISK = Path(__file__).parent / "data" / "compat" / "upstream-1.2-disk-4k.img"
 UUID_7 = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 UUID_9 = "a70605c8-7d69-8c44-7e1a-5ecd092cb1e1"
 

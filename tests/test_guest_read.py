@@ -36,7 +36,7 @@ from vhostmd.mdisk import (
 )
 
 DATA = Path(__file__).parent / "data"
-UPSTREAM_DISK = DATA / "upstream-1.2-disk-4k.img"
+UPSTREAM_DISK = DATA / "compat" / "upstream-1.2-disk-4k.img"
 UUID_7 = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 UUID_9 = "a70605c8-7d69-8c44-7e1a-5ecd092cb1e1"
 
