@@ -436,8 +436,12 @@ class Supervisor:
         self.latest = rendered
         self.doc_seq += 1
         self.send_document()
+        self.send_fragments()
+
+    def send_fragments(self) -> None:
         virtio = self.children.get(VIRTIO_SLOT)
-        if virtio is not None and not virtio.gone:
+        rendered = self.latest
+        if virtio is not None and not virtio.gone and rendered is not None:
             virtio.send(("metrics", rendered.host_fragment, rendered.vm_fragments,
                          tuple(d.id for d in rendered.domains)))
 
@@ -547,6 +551,8 @@ class Supervisor:
         self.children[spec.slot] = child
         if spec.slot == DISK_SLOT:
             self.disk_acked = False  # until the new writer says it is ready
+        elif spec.slot == VIRTIO_SLOT:
+            self.send_fragments()  # a restarted virtio serves guests without waiting a cycle
         log.debug("started %s (pid %d)", spec.role, child.pid)
 
     def lost_child(self, child: Child, why: str) -> None:

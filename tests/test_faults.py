@@ -171,8 +171,8 @@ def test_sighup_with_a_new_disk_path_leaves_the_old_disk(tmp_path: Path) -> None
 def test_unusable_files_are_one_clear_line(tmp_path: Path) -> None:
     conf = tmp_path / "c.conf"
     conf.write_text(config_xml(tmp_path / "no-such-dir" / "vhostmd0", NANOS))
-    proc = subprocess.run([VHOSTMD, "-d", "-f", str(conf)], capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-p", str(tmp_path / "v.pid")],
+                          capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"vhostmd: cannot create metrics disk "
                                    f"{tmp_path / 'no-such-dir' / 'vhostmd0'}: "
