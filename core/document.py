@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from vhostmd.xmlsafe import has_entity_refs, safe_parser
+from vhostmd.xmlsafe import has_entity_refs, one_line, safe_parser
 
 INT_RANGES: dict[str, tuple[int, int]] = {
     "int32": (-(2**31), 2**31 - 1),
@@ -192,7 +192,7 @@ def parse_xml(data: bytes, *, where: str = "document") -> etree._Element:
     try:
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as exc:
-        raise DocumentError(f"{where}: invalid XML: {exc}") from None
+        raise DocumentError(f"{where}: invalid XML: {one_line(exc)}") from None
     tree = root.getroottree()
     if tree.docinfo.internalDTD is not None or has_entity_refs(root):
         raise DocumentError(f"{where}: DTDs and entity references are not allowed")

@@ -21,3 +21,8 @@ def safe_parser(*, remove_comments: bool = False) -> etree.XMLParser:
 def has_entity_refs(root: etree._Element) -> bool:
     """True when the tree keeps unexpanded entity references (which we refuse)."""
     return any(isinstance(node, etree._Entity) for node in root.iter())
+
+
+def one_line(text: object) -> str:
+    """libxml2 messages may span lines; errors we report are one line."""
+    return " ".join(str(text).split())

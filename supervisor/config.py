@@ -18,7 +18,7 @@ from lxml import etree
 from vhostmd import mdisk
 from vhostmd.document import METRIC_TYPES
 from vhostmd.etc import shipped
-from vhostmd.xmlsafe import has_entity_refs, safe_parser
+from vhostmd.xmlsafe import has_entity_refs, one_line, safe_parser
 
 DEFAULT_CONFIG = "/etc/vhostmd/vhostmd.conf"
 DEFAULT_DISK_PATH = "/dev/shm/vhostmd0"
@@ -142,14 +142,15 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
     except etree.XMLSyntaxError as exc:
         line = exc.lineno or (exc.position[0] if exc.position else None)
         where = f"{path}:{line}" if line else path
-        raise ConfigError(f"{where}: malformed XML: {exc.msg}") from None
+        raise ConfigError(f"{where}: malformed XML: {one_line(exc.msg)}") from None
     if has_entity_refs(root):
         raise ConfigError(f"{path}: entity references are not allowed in the config")
     dtd = _dtd()
     if not dtd.validate(root):
         err = dtd.error_log.filter_from_errors()[0] if dtd.error_log else None
         where = f"{path}:{err.line}" if err and err.line else path
-        raise ConfigError(f"{where}: {err.message if err else 'does not match vhostmd.dtd'}")
+        raise ConfigError(
+            f"{where}: {one_line(err.message) if err else 'does not match vhostmd.dtd'}")
 
     globals_ = root.find("globals")
     kwargs: dict[str, object] = {"path": path}

@@ -31,6 +31,7 @@ from vhostmd.document import (
 from vhostmd.etc import shipped
 from vhostmd.supervisor.config import MetricDef
 from vhostmd.workers.jobs import Domain
+from vhostmd.xmlsafe import one_line
 
 OUTPUT_LIMIT = 64 * 1024
 STDERR_LIMIT = 2048
@@ -214,7 +215,7 @@ def _xml_metrics(metric: MetricDef, text: str, vm_id: int | None, uuid: str | No
     dtd = _metric_dtd_cached()
     if not dtd.validate(root):
         first = dtd.error_log.filter_from_errors()[0]
-        raise ActionFailed(f"output does not match metric.dtd: {first.message}")
+        raise ActionFailed(f"output does not match metric.dtd: {one_line(first.message)}")
     try:
         found = parse_metric_elements(root, where="action output")
     except DocumentError as exc:
