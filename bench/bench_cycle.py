@@ -78,13 +78,17 @@ class Result:
     cycles: list[CycleRecord]
     cpu_seconds: float  # all vhostmd processes over the measured window
     cpu_by_role: dict[str, float]
-    pss_kib: int
+    pss_by_role: dict[str, int]
     single: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
     def walls(self) -> list[float]:
         return [c.seconds for c in self.cycles]
+
+    @property
+    def pss_kib(self) -> int:
+        return sum(self.pss_by_role.values())
 
     @property
     def cpu_per_cycle(self) -> float:
@@ -178,14 +182,15 @@ def cpu_by_role(root: int) -> dict[str, float]:
     return totals
 
 
-def pss_kib(root: int) -> int:
-    total = 0
-    for pid in vhostmd_processes(root):
+def pss_by_role(root: int) -> dict[str, int]:
+    """KiB of PSS per process role (workers summed)."""
+    totals: dict[str, int] = {}
+    for pid, role in vhostmd_processes(root).items():
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-    return total
+                    totals[role] = totals.get(role, 0) + int(line.split()[1])
+    return totals
 
 
 def disk_size_k(domains: int, mode: str) -> int:
@@ -236,7 +241,7 @@ def run_one(mode: str, domains: int, *, cycles: int, warmup: int, period: int,
             log.wait_cycles(warmup + cycles, 60 + period * (cycles + 2))
             measured = log.cycles[warmup:warmup + cycles]
         after = cpu_by_role(proc.pid)
-        pss = pss_kib(proc.pid)
+        pss = pss_by_role(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -346,10 +351,13 @@ def table(results: list[Result], idle_rate: float) -> list[str]:
 
 def role_table(results: list[Result]) -> list[str]:
     roles = sorted({role for r in results for role in r.cpu_by_role})
-    lines = ["| config | VMs | " + " | ".join(f"{role} ms/cycle" for role in roles) + " |",
-             "|---|---:|" + "---:|" * len(roles)]
+    lines = ["| config | VMs | "
+             + " | ".join(f"{role} CPU ms/cycle" for role in roles) + " | "
+             + " | ".join(f"{role} PSS MiB" for role in roles) + " |",
+             "|---|---:|" + "---:|" * 2 * len(roles)]
     for r in results:
         cells = [fmt_ms(r.cpu_by_role.get(role, 0.0) / max(1, len(r.cycles))) for role in roles]
+        cells += [f"{r.pss_by_role.get(role, 0) / 1024:.1f}" for role in roles]
         lines.append(f"| {r.mode} | {r.domains} | " + " | ".join(cells) + " |")
     return lines
 
@@ -399,7 +407,7 @@ def main() -> int:
            "'% of a core at 5 s period' = (CPU of a cycle - idle CPU of the measured "
            "period + idle CPU of 5 s) / 5 s. Cycle time: start of the cycle to its "
            "document rendered and handed to the disk-writer (the daemon's debug line).",
-           "", "CPU per cycle by process role:", "", *role_table(results)]
+           "", "By process role (workers summed):", "", *role_table(results)]
     print("\n".join(out))
     return 0
 
