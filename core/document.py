@@ -113,6 +113,12 @@ class Metric:
     vm_id: int | None = None
     uuid: str | None = None
 
+    def __reduce__(self) -> tuple[type[Metric], tuple]:
+        # Thousands cross a process boundary each cycle: a plain tuple pickles
+        # about twice as fast as the default for frozen slotted dataclasses.
+        return (Metric, (self.name, self.type, self.context, self.value, self.unit,
+                         self.vm_id, self.uuid))
+
     def typed_value(self) -> int | float | str:
         return parse_value(self.type, self.value)
 

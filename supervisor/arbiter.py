@@ -385,15 +385,24 @@ class Supervisor:
         self.pending.append(job)
 
     def dispatch(self) -> None:
+        """Hand pending jobs to idle workers, one job per worker at a time.
+
+        libvirt jobs prefer the lowest worker slots and the others the highest,
+        so the domain listing and the bulk VM stats of a cycle usually meet the
+        same worker and its open connection: fewer connections to libvirtd,
+        and one copy of whatever a libvirt client caches.
+        """
         if not self.pending:
             return
-        for slot in range(self.config.workers):
-            child = self.children.get(slot)
-            if child is None or child.gone or child.busy_with is not None:
-                continue
-            if not self.pending:
-                break
+        idle = [slot for slot in range(self.config.workers)
+                if (c := self.children.get(slot)) is not None and not c.gone
+                and c.busy_with is None]
+        while idle and self.pending:
             job = self.pending.popleft()
+            needs_libvirt = isinstance(job, ListDomains) or (
+                isinstance(job, Collect) and job.domains is not None)
+            slot = idle.pop(0) if needs_libvirt else idle.pop()
+            child = self.children[slot]
             child.busy_with = job
             child.send(job)
 

@@ -20,6 +20,9 @@ class Domain:
     name: str
     uuid: str
 
+    def __reduce__(self) -> tuple[type[Domain], tuple[int, str, str]]:
+        return (Domain, (self.id, self.name, self.uuid))  # fast pickling, as Metric
+
 
 @dataclass(frozen=True, slots=True)
 class ListDomains:
