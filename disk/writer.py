@@ -95,7 +95,7 @@ def disk_writer_main(ctx: ChildContext, path: str, size: int) -> None:
     ctx.send(("disk-ready", path))
     while not ctx.orphaned():
         ctx.beat()
-        message = ctx.receive(0.25)
+        message = ctx.receive(ctx.beat_interval)
         if message is None:
             continue
         seq, content = message

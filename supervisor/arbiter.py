@@ -90,7 +90,9 @@ class Supervisor:
         self.uri = uri
         self.config_path = config_path
         self.private_fds = list(private_fds)  # children close these (the pid file lock)
-        self.heartbeats = CTX.Array("d", SLOTS, lock=False)
+        # One slot per child, and a last one with the beat interval they follow.
+        self.heartbeats = CTX.Array("d", SLOTS + 1, lock=False)
+        self.heartbeats[SLOTS] = self.beat_interval
         self.action_groups = CTX.Array("i", SLOTS, lock=False)
         self.children: dict[int, Child] = {}
         self.slot_state: dict[int, SlotState] = {}
@@ -121,6 +123,12 @@ class Supervisor:
     @property
     def hang_timeout(self) -> float:
         return min(max(1.0, 1.5 * self.config.update_period), 30.0)
+
+    @property
+    def beat_interval(self) -> float:
+        # Several beats per hang timeout, but no more than needed: every wake-up
+        # of an idle daemon costs CPU on a host that runs VMs.
+        return min(1.0, max(0.25, self.hang_timeout / 6))
 
     def wanted(self) -> dict[int, ChildSpec]:
         from vhostmd.disk.writer import disk_writer_main
@@ -194,6 +202,7 @@ class Supervisor:
         self.config = new
         if new.update_period != old.update_period:
             self.reanchor_clock(time.monotonic())
+            self.heartbeats[SLOTS] = self.beat_interval
         log.info("reloaded %s: %d metrics, period %d s", self.config_path,
                  len(new.metrics), new.update_period)
 
@@ -232,7 +241,7 @@ class Supervisor:
     def sleep(self) -> None:
         now = time.monotonic()
         until = self.next_cycle if self.cycle is None else self.cycle.deadline
-        timeout = max(0.0, min(until - now, 0.25))
+        timeout = max(0.0, min(until - now, self.beat_interval))
         from multiprocessing.connection import wait
 
         waitables: list = [self.wake_r]

@@ -25,7 +25,7 @@ DEFAULT_DISK_PATH = "/dev/shm/vhostmd0"
 DEFAULT_PERIOD = 5
 DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin:/usr/share/vhostmd/scripts"
 DEFAULT_MAX_CHANNELS = 1024
-DEFAULT_WORKERS = 4
+DEFAULT_WORKERS = 2
 MAX_WORKERS = 64
 MAX_CHANNELS_LIMIT = 65536
 # Where libvirt puts per-domain channel directories: since 2024, and before.

@@ -69,7 +69,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vhostmd")
 
 SCAN_INTERVAL = 1.0  # seconds between directory scans (also: expiry checks)
-TICK = 0.25  # longest wait in the loop: the supervisor wants a heartbeat this often
 RATE_BURST = 10  # requests a channel may send back to back
 RATE_PER_SECOND = 5.0  # sustained requests per second per channel
 OUTPUT_LIMIT = 64 * 1024  # bytes queued per channel before responses are dropped
@@ -488,7 +487,7 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
                 ctx.send(("virtio-status", *status))
             if ctx.orphaned():
                 return
-            wake = min(next_scan, now + TICK)
+            wake = min(next_scan, now + ctx.beat_interval)
             throttled_until = manager.next_wakeup()
             if throttled_until is not None:
                 wake = min(wake, throttled_until)

@@ -76,7 +76,7 @@ def worker_main(ctx: ChildContext, index: int, uri: str | None) -> None:
     ctx.title(idle)
     while not ctx.orphaned():
         ctx.beat()
-        job = ctx.receive(0.25)
+        job = ctx.receive(ctx.beat_interval)
         if job is None:
             continue
         ctx.title(f"worker {index} {job.describe()}")
