@@ -25,7 +25,10 @@ DEFAULT_DISK_PATH = "/dev/shm/vhostmd0"
 DEFAULT_PERIOD = 5
 DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin:/usr/share/vhostmd/scripts"
 DEFAULT_MAX_CHANNELS = 1024
-DEFAULT_WORKERS = 2
+# Built-in collectors need few workers (a handful of jobs per cycle); shell
+# actions occupy a worker each while they run, and a hung one until its deadline.
+DEFAULT_WORKERS_BUILTIN_ONLY = 2
+DEFAULT_WORKERS = 4
 MAX_WORKERS = 64
 MAX_CHANNELS_LIMIT = 65536
 # Where libvirt puts per-domain channel directories: since 2024, and before.
@@ -214,6 +217,8 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
             builtins.append(_builtin(reader, elem))
     kwargs["metrics"] = tuple(metrics)
     kwargs["builtins"] = tuple(builtins)
+    if "workers" not in kwargs:
+        kwargs["workers"] = DEFAULT_WORKERS if metrics else DEFAULT_WORKERS_BUILTIN_ONLY
     kwargs["warnings"] = tuple(reader.warnings)
     return Config(**kwargs)  # type: ignore[arg-type]
 
