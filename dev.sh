@@ -56,8 +56,7 @@ demo() {
     mkdir -p run
     local conf=run/demo.conf disk="$PWD/run/vhostmd0"
     # The shipped default config, with the disk under the checkout.
-    sed -e "s#<path>/dev/shm/vhostmd0</path>#<path>$disk</path>#" \
-        -e "s#<transport>virtio</transport>##" etc/vhostmd.conf > "$conf"
+    sed -e "s#<path>/dev/shm/vhostmd0</path>#<path>$disk</path>#" etc/vhostmd.conf > "$conf"
     rm -f "$disk"
     say "starting vhostmd in the foreground (Ctrl-C stops it): config $conf, libvirt test:///default"
     "$VENV/bin/vhostmd" -d -f "$conf" -c test:///default -p run/vhostmd.pid &
