@@ -221,7 +221,8 @@ class Supervisor:
                 self.cycle = None
                 self.pending.clear()
                 self.reanchor_clock(time.monotonic() + self.config.update_period)
-            self.sleep()
+            if not self.stopping:
+                self.sleep()
         self.shutdown()
         return 0
 
