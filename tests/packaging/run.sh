@@ -1,0 +1,537 @@
+#!/usr/bin/env bash
+# Build the Debian packages vhostmd and vm-dump-metrics from a copy of this
+# checkout, check them, install them on this machine, run the installed
+# daemon and guest tool, drive the init script, then purge them.
+#
+#   tests/packaging/run.sh        (as root, on Debian 12 or later)
+#
+# Installs the build dependencies with apt-get when they are missing. Builds
+# in a temporary directory, so nothing is written next to the checkout. Always
+# cleans up, on failure too: daemons it started are killed, /etc/default/vhostmd
+# and policy-rc.d are restored, the packages purged.
+#
+# Exit status: 0 passed, 1 failed, 77 cannot run here (not root, not Debian,
+# the packages are installed already...): the pytest wrapper skips on 77.
+#
+# VHOSTMD_PKG_KEEP=1 keeps the temporary directory (build log, .deb files).
+
+set -eu -o pipefail
+
+REPO=$(cd "$(dirname "$(readlink -f "$0")")/../.." && pwd)
+# Debian's own tools and python3, never a virtualenv's or pyenv's.
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive
+unset PYTHONPATH PYTHONHOME VIRTUAL_ENV
+
+SKIP=77
+PACKAGES=(vhostmd vm-dump-metrics)
+BUILD_DEPS=(dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3 python3-setuptools
+            lintian)
+# Another apt-get may hold the lock (other jobs on the machine): wait for it.
+APT=(apt-get -y -q -o DPkg::Lock::Timeout=300)
+PRIVATE=usr/share/vhostmd/vhostmd
+DEFAULT_PIDFILE=/run/vhostmd.pid
+PIDFILE=$DEFAULT_PIDFILE
+SHM_DISK=/dev/shm/vhostmd0
+POLICY=/usr/sbin/policy-rc.d
+
+START_TIME=$(date +%s)
+WORK=""
+INSTALLED=0
+DEFAULT_BACKUP=""
+POLICY_BACKUP=""
+SHM_DISK_EXISTED=1
+SESSIONS=()   # session ids of every daemon this script started
+
+say() { printf '==> [%3ds] %s\n' "$(($(date +%s) - START_TIME))" "$*"; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+skip() { printf 'SKIP: %s\n' "$*" >&2; exit "$SKIP"; }
+
+# --- processes -------------------------------------------------------------
+
+# Live (not zombie) processes of session $1: the daemon and all its children.
+# This machine's pid 1 may not reap orphans, so zombies are not "left over".
+session_pids() {
+    ps -eo pid=,sid=,stat= | awk -v sid="$1" '$2 == sid && $3 !~ /^Z/ { print $1 }'
+}
+
+# Remember the session of the daemon with pid $1, for the checks and cleanup.
+# Only a session of its own: the daemon leads it (setsid) or its leader, the
+# daemon's first fork, is gone (or a zombie). Anything else is some other vhostmd that uses
+# the same pid file, whose session (a shell's, a test runner's...) this script
+# must never kill.
+track() {
+    local sid leader
+    sid=$(ps -o sid= -p "$1" | tr -d ' ') || fail "process $1 is gone"
+    # The first fork exits at once: gone, or a zombie where pid 1 reaps none.
+    leader=$(ps -o stat=,args= -p "$sid" || true)
+    case $leader in
+        ""|Z*|*" vhostmd: "*|*" /usr/sbin/vhostmd "*) SESSIONS+=("$sid") ;;
+        *) fail "pid $1 is not a vhostmd this test started (session of: $leader):" \
+                "another vhostmd uses the same pid file" ;;
+    esac
+}
+
+no_process_left() {
+    local sid left
+    for sid in ${SESSIONS[@]+"${SESSIONS[@]}"}; do
+        left=$(session_pids "$sid")
+        if [ -n "$left" ]; then
+            ps -o pid,stat,cmd -p "$(echo "$left" | paste -sd,)" >&2 || true
+            fail "$1: processes of the daemon (session $sid) are left"
+        fi
+    done
+}
+
+kill_sessions() {
+    local sid pids signal
+    for signal in TERM KILL; do
+        for sid in ${SESSIONS[@]+"${SESSIONS[@]}"}; do
+            pids=$(session_pids "$sid")
+            # shellcheck disable=SC2086 # a list of pids
+            [ -z "$pids" ] || kill -"$signal" $pids 2>/dev/null || true
+        done
+        [ "$signal" = KILL ] || sleep 1
+    done
+}
+
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    [ "$rc" -eq 0 ] || [ "$rc" -eq "$SKIP" ] || say "cleaning up after a failure"
+    kill_sessions
+    if [ -n "$DEFAULT_BACKUP" ] && [ -f "$DEFAULT_BACKUP" ] && [ -d /etc/default ]; then
+        cp -p "$DEFAULT_BACKUP" /etc/default/vhostmd
+    fi
+    if [ "$INSTALLED" -eq 1 ]; then
+        "${APT[@]}" purge "${PACKAGES[@]}" >"${WORK:-/tmp}/cleanup-purge.log" 2>&1 \
+            || echo "could not purge ${PACKAGES[*]}: see ${WORK:-/tmp}/cleanup-purge.log" >&2
+        kill_sessions
+    fi
+    if [ -n "$POLICY_BACKUP" ]; then
+        mv -f "$POLICY_BACKUP" "$POLICY"
+    fi
+    if [ "$SHM_DISK_EXISTED" -eq 0 ]; then
+        rm -f "$SHM_DISK"
+    fi
+    if [ -n "$WORK" ]; then
+        if [ "${VHOSTMD_PKG_KEEP:-0}" = 1 ]; then
+            echo "kept $WORK" >&2
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    if [ "$rc" -eq 0 ]; then
+        say "packaging test passed"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- helpers -----------------------------------------------------------------
+
+installed_state() {
+    dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | tr -d ' ' || true
+}
+
+# Run "$@" every 0.2 s until it succeeds, for at most $1 seconds.
+retry() {
+    local deadline=$(($(date +%s) + $1))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        [ "$(date +%s)" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+
+# The value of metric $2 (host context) on metrics disk $1.
+metric() {
+    /usr/sbin/vm-dump-metrics --disk "$1" --metric "$2"
+}
+
+metric_is() {
+    [ "$(metric "$1" "$2" 2>/dev/null)" = "$3" ]
+}
+
+# Run an init script command; fail unless it exits with status $1.
+init_script() {
+    local want=$1 rc=0
+    shift
+    /etc/init.d/vhostmd "$@" || rc=$?
+    [ "$rc" -eq "$want" ] || fail "/etc/init.d/vhostmd $*: exit status $rc, expected $want"
+}
+
+daemon_pid() {
+    [ -s "$PIDFILE" ] && head -n 1 "$PIDFILE"
+}
+
+# The pid file the init script uses now (VHOSTMD_PIDFILE).
+use_pid_file() {
+    PIDFILE=$1
+}
+
+# A test configuration: the installed one with the metrics disk at $2, a 1 s
+# period and one extra metric, PackagingTest, whose value is $3.
+write_config() {
+    local conf=$1 disk=$2 value=$3
+    sed -e "s#<path>$SHM_DISK</path>#<path>$disk</path>#" \
+        -e "s#<update_period>[0-9]*</update_period>#<update_period>1</update_period>#" \
+        -e "s#</metrics>#<metric type=\"string\" context=\"host\"><name>PackagingTest</name><action>echo $value</action></metric></metrics>#" \
+        /etc/vhostmd/vhostmd.conf >"$conf.new"
+    grep -q "<path>$disk</path>" "$conf.new" || fail "no <path>$SHM_DISK</path> in vhostmd.conf"
+    grep -q "<update_period>1</update_period>" "$conf.new" || fail "no <update_period> in vhostmd.conf"
+    grep -q "PackagingTest" "$conf.new" || fail "no </metrics> in vhostmd.conf"
+    mv "$conf.new" "$conf"
+}
+
+# --- can it run here? ----------------------------------------------------------
+
+[ "$(id -u)" -eq 0 ] || skip "needs root (installs packages)"
+if ! [ -r /etc/debian_version ] || ! command -v apt-get >/dev/null; then
+    skip "needs Debian (apt-get, dpkg)"
+fi
+for pkg in "${PACKAGES[@]}"; do
+    case $(installed_state "$pkg") in
+        ""|un|pn) ;;
+        *) skip "package $pkg is installed already; this test installs and purges it: purge it first" ;;
+    esac
+done
+# "9<" opens the file without creating it (flock FILE would).
+if [ -s "$PIDFILE" ] && ! flock -n -s 9 2>/dev/null 9<"$PIDFILE"; then
+    skip "a vhostmd runs already with the pid file $PIDFILE"
+fi
+[ -e "$SHM_DISK" ] || SHM_DISK_EXISTED=0
+if [ -d /run/systemd/system ]; then
+    say "systemd runs here: the init script commands go to vhostmd.service"
+fi
+
+# --- build dependencies ------------------------------------------------------------
+
+missing=()
+for pkg in "${BUILD_DEPS[@]}"; do
+    [ "$(installed_state "$pkg")" = ii ] || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing build dependencies: ${missing[*]}"
+    "${APT[@]}" update >/dev/null
+    "${APT[@]}" install --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- build from a copy -------------------------------------------------------------
+
+WORK=$(mktemp -d /tmp/vhostmd-packaging.XXXXXX)
+SRC=$WORK/src
+mkdir "$SRC" "$WORK/run"
+say "copying the checkout to $SRC"
+if [ -d "$REPO/.git" ] && command -v git >/dev/null; then
+    # What git knows of, with the working tree's content (uncommitted changes
+    # too), not what it ignores (.venv, build/, run/...).
+    git -C "$REPO" ls-files -z -co --exclude-standard \
+        | (cd "$REPO" && while IFS= read -r -d '' f; do
+               # Skip files deleted but not yet committed.
+               if [ -e "$f" ] || [ -L "$f" ]; then printf '%s\0' "$f"; fi
+           done) \
+        | tar -C "$REPO" --null -T - -cf - | tar -C "$SRC" -xf -
+else
+    tar -C "$REPO" --exclude=.git --exclude=.venv --exclude=run --exclude=build \
+        --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$SRC" -xf -
+fi
+
+VERSION=$(dpkg-parsechangelog -l "$SRC/debian/changelog" -S Version)
+CODE_VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$SRC/core/__init__.py")
+[ "$VERSION" = "$CODE_VERSION" ] \
+    || fail "debian/changelog says $VERSION, core/__init__.py says $CODE_VERSION: add a changelog entry"
+
+say "building $VERSION: dpkg-buildpackage -us -uc -b (log: $WORK/build.log)"
+if ! (cd "$SRC" && env -i PATH="$PATH" HOME="$WORK" LC_ALL=C.UTF-8 \
+        dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1; then
+    tail -n 40 "$WORK/build.log" >&2
+    fail "dpkg-buildpackage failed"
+fi
+DAEMON_DEB=$WORK/vhostmd_${VERSION}_all.deb
+GUEST_DEB=$WORK/vm-dump-metrics_${VERSION}_all.deb
+CHANGES=$(ls "$WORK"/vhostmd_"${VERSION}"_*.changes)
+if ! [ -f "$DAEMON_DEB" ] || ! [ -f "$GUEST_DEB" ]; then
+    fail "no .deb files in $WORK"
+fi
+
+# --- file lists ----------------------------------------------------------------------
+
+say "checking the file lists"
+# Files and symlinks (not directories), without the leading "./".
+deb_files() {
+    dpkg-deb -c "$1" | awk '$1 !~ /^d/ { sub(/^\.\//, "", $6); print $6 }' | sort
+}
+deb_files "$DAEMON_DEB" >"$WORK/vhostmd.files"
+deb_files "$GUEST_DEB" >"$WORK/vm-dump-metrics.files"
+
+expect_files() {
+    local list=$WORK/$1.files path
+    shift
+    for path in "$@"; do
+        grep -qxF "$path" "$list" || fail "package $1 lacks $path"
+    done
+}
+expect_files vhostmd \
+    usr/sbin/vhostmd usr/sbin/rcvhostmd \
+    etc/vhostmd/vhostmd.conf etc/vhostmd/vhostmd.dtd etc/vhostmd/metric.dtd \
+    etc/default/vhostmd etc/init.d/vhostmd \
+    usr/share/man/man8/vhostmd.8.gz usr/share/man/man8/rcvhostmd.8.gz \
+    usr/share/doc/vhostmd/copyright usr/share/doc/vhostmd/changelog.gz \
+    usr/share/doc/vhostmd/examples/vhostmd.conf \
+    "$PRIVATE/etc/vhostmd.dtd" "$PRIVATE/etc/metric.dtd"
+grep -qxE '(usr/)?lib/systemd/system/vhostmd\.service' "$WORK/vhostmd.files" \
+    || fail "package vhostmd lacks vhostmd.service"
+expect_files vm-dump-metrics \
+    usr/sbin/vm-dump-metrics usr/sbin/vm_dump_metrics \
+    usr/share/man/man1/vm-dump-metrics.1.gz usr/share/man/man1/vm_dump_metrics.1.gz \
+    usr/share/doc/vm-dump-metrics/copyright usr/share/doc/vm-dump-metrics/changelog.gz
+
+# Every module of the checkout is in exactly the package it belongs to.
+for pair in core: guest:guest supervisor:supervisor workers:workers disk:disk virtio:virtio etc:etc; do
+    folder=${pair%%:*}
+    sub=${pair#*:}
+    case $folder in core|guest) owner=vm-dump-metrics ;; *) owner=vhostmd ;; esac
+    while IFS= read -r module; do
+        rel=${module#"$SRC/$folder/"}
+        expect_files "$owner" "$PRIVATE/${sub:+$sub/}$rel"
+    done < <(find "$SRC/$folder" -name '*.py' -not -path '*/__pycache__/*')
+done
+
+both=$(comm -12 "$WORK/vhostmd.files" "$WORK/vm-dump-metrics.files")
+[ -z "$both" ] || fail "files in both packages: $both"
+if grep -hE '^usr/lib/python3|^usr/bin/|\.pyc$|__pycache__|\.dist-info/|\.egg-info/' \
+        "$WORK/vhostmd.files" "$WORK/vm-dump-metrics.files"; then
+    fail "public modules, bytecode, metadata or /usr/bin files in the packages (above)"
+fi
+if grep -E "^$PRIVATE/(supervisor|workers|disk|virtio|etc)/" "$WORK/vm-dump-metrics.files"; then
+    fail "host-side modules in vm-dump-metrics (above)"
+fi
+
+conffiles=$(dpkg-deb -I "$DAEMON_DEB" conffiles | sort | paste -sd' ')
+[ "$conffiles" = "/etc/default/vhostmd /etc/init.d/vhostmd /etc/vhostmd/vhostmd.conf" ] \
+    || fail "vhostmd conffiles: $conffiles"
+dpkg-deb --fsys-tarfile "$DAEMON_DEB" | tar -xOf - ./etc/vhostmd/vhostmd.conf \
+    | cmp -s - "$SRC/etc/vhostmd-pvc.conf" \
+    || fail "/etc/vhostmd/vhostmd.conf is not etc/vhostmd-pvc.conf"
+
+say "checking the dependencies"
+# Package names of a Depends field, one a line.
+depends() {
+    dpkg-deb -f "$1" Depends | tr ',' '\n' | sed -e 's/^ *//' -e 's/ *$//'
+}
+daemon_depends=$(depends "$DAEMON_DEB")
+guest_depends=$(depends "$GUEST_DEB")
+echo "vhostmd Depends: $(echo "$daemon_depends" | paste -sd,)"
+echo "vm-dump-metrics Depends: $(echo "$guest_depends" | paste -sd,)"
+for dep in python3-libvirt python3-lxml python3-psutil python3-setproctitle \
+           "vm-dump-metrics (= $VERSION)"; do
+    echo "$daemon_depends" | grep -qxF "$dep" || fail "vhostmd does not depend on $dep"
+done
+echo "$daemon_depends" | grep -qE '^python3(:any)? ' || fail "vhostmd does not depend on python3"
+echo "$guest_depends" | grep -qxF python3-lxml || fail "vm-dump-metrics does not depend on python3-lxml"
+echo "$guest_depends" | grep -qE '^python3(:any)? ' || fail "vm-dump-metrics does not depend on python3"
+if echo "$guest_depends" | grep -E 'libvirt|psutil|setproctitle|vhostmd'; then
+    fail "vm-dump-metrics depends on host-side packages (above)"
+fi
+for deb in "$DAEMON_DEB" "$GUEST_DEB"; do
+    [ "$(dpkg-deb -f "$deb" Architecture)" = all ] || fail "$deb is not Architecture: all"
+done
+
+# --- lintian -------------------------------------------------------------------------
+
+say "lintian (fails on errors)"
+lintian_rc=0
+lintian --fail-on error --display-level '>=warning' "$CHANGES" >"$WORK/lintian.log" 2>&1 \
+    || lintian_rc=$?
+grep -v 'running with root privileges' "$WORK/lintian.log" || true
+[ "$lintian_rc" -eq 0 ] || fail "lintian reports errors"
+
+# --- the guest package alone -------------------------------------------------------
+
+say "installing vm-dump-metrics alone"
+INSTALLED=1
+if ! "${APT[@]}" install --no-install-recommends "$GUEST_DEB" >"$WORK/install-guest.log" 2>&1; then
+    # Fresh machines have no package lists for python3-lxml.
+    "${APT[@]}" update >/dev/null
+    "${APT[@]}" install --no-install-recommends "$GUEST_DEB" >"$WORK/install-guest.log" 2>&1 \
+        || { tail -n 20 "$WORK/install-guest.log" >&2; fail "cannot install vm-dump-metrics"; }
+fi
+C_DISK=$SRC/tests/data/compat/upstream-1.2-disk-4k.img
+/usr/sbin/vm-dump-metrics --help >/dev/null || fail "vm-dump-metrics --help"
+/usr/sbin/vm-dump-metrics --disk "$C_DISK" | grep -q '<metrics>' \
+    || fail "vm-dump-metrics cannot read the C vhostmd's disk $C_DISK"
+/usr/sbin/vm_dump_metrics --disk "$C_DISK" --format json >/dev/null \
+    || fail "vm_dump_metrics (the C name) does not work"
+# The guest code must work without the host's libraries: make importing them
+# fail, and read the disk through the installed modules.
+python3 -I - "$C_DISK" <<'EOF' || fail "the guest tool needs libvirt, psutil or setproctitle"
+import sys
+for name in ("libvirt", "psutil", "setproctitle"):
+    sys.modules[name] = None  # "import name" raises ImportError
+sys.path.insert(0, "/usr/share/vhostmd")
+from vhostmd.guest.cli import main
+sys.exit(main(["--disk", sys.argv[1], "--dest", "/dev/null"]))
+EOF
+
+# --- install both: enabled and started ----------------------------------------------
+
+if [ -e "$POLICY" ]; then
+    # Containers deny every service start (exit 101). Let vhostmd's through,
+    # to see the postinst start it, and keep denying everything else.
+    POLICY_BACKUP=$WORK/policy-rc.d.orig
+    cp -p "$POLICY" "$POLICY_BACKUP"
+    cat >"$POLICY.vhostmd-test" <<'EOF'
+#!/bin/sh
+# Temporary, from vhostmd's tests/packaging/run.sh: allow vhostmd only.
+for arg; do [ "$arg" = vhostmd ] && exit 0; done
+exit 101
+EOF
+    chmod 755 "$POLICY.vhostmd-test"
+    mv -f "$POLICY.vhostmd-test" "$POLICY"
+fi
+
+say "installing both packages: apt-get install ./vhostmd_*.deb ./vm-dump-metrics_*.deb"
+(cd "$WORK" && "${APT[@]}" install --no-install-recommends "./${DAEMON_DEB##*/}" "./${GUEST_DEB##*/}") \
+    >"$WORK/install.log" 2>&1 || { tail -n 30 "$WORK/install.log" >&2; fail "apt-get install failed"; }
+for pkg in "${PACKAGES[@]}"; do
+    [ "$(installed_state "$pkg")" = ii ] || fail "$pkg is not installed"
+done
+ls /etc/rc2.d/S*vhostmd >/dev/null 2>&1 || fail "not enabled: no /etc/rc2.d/S*vhostmd"
+/usr/sbin/vhostmd --check -f /etc/vhostmd/vhostmd.conf || fail "the shipped configuration is invalid"
+if command -v systemd-analyze >/dev/null; then
+    for unit in /lib/systemd/system/vhostmd.service /usr/lib/systemd/system/vhostmd.service; do
+        [ -e "$unit" ] || continue
+        systemd-analyze verify --man=no "$unit" || fail "systemd-analyze verify $unit"
+        break
+    done
+fi
+
+say "the postinst started the daemon (VHOSTMD_URI=qemu:///system, metrics disk $SHM_DISK)"
+retry 10 daemon_pid || { cat "$WORK/install.log" >&2; fail "the daemon did not start on install"; }
+track "$(daemon_pid)"
+init_script 0 status
+retry 15 metric "$SHM_DISK" HostName || fail "no metrics on $SHM_DISK"
+init_script 0 stop
+no_process_left "after stop"
+
+# --- the daemon in the foreground ------------------------------------------------------
+
+say "vhostmd -d -f CONF -c test:///default, disk under $WORK/run"
+write_config "$WORK/fg.conf" "$WORK/run/fg-vhostmd0" first
+/usr/sbin/vhostmd --check -f "$WORK/fg.conf"
+# In its own session, to find all its processes afterwards.
+setsid /usr/sbin/vhostmd -d -f "$WORK/fg.conf" -c test:///default -p "$WORK/run/fg.pid" \
+    >"$WORK/fg.log" 2>&1 &
+fg_pid=$!
+track "$fg_pid"
+retry 20 metric_is "$WORK/run/fg-vhostmd0" PackagingTest first \
+    || { cat "$WORK/fg.log" >&2; fail "the foreground daemon publishes no metrics"; }
+/usr/sbin/vm-dump-metrics --disk "$WORK/run/fg-vhostmd0" >"$WORK/fg-metrics.xml"
+grep -q "<name>HostName</name>" "$WORK/fg-metrics.xml" || fail "no HostName metric"
+# test:///default runs one domain: vm metrics from libvirt must be there.
+retry 10 sh -c "/usr/sbin/vm-dump-metrics --disk '$WORK/run/fg-vhostmd0' | grep -q \"context='vm'\"" \
+    || fail "no vm metrics from test:///default"
+titles=$(ps -o args= --sid "$fg_pid")
+for title in "vhostmd: supervisor" "vhostmd: worker" "vhostmd: disk-writer"; do
+    echo "$titles" | grep -q "^$title" || fail "no process titled '$title': $titles"
+done
+kill -TERM "$fg_pid"
+fg_rc=0
+wait "$fg_pid" || fg_rc=$?
+[ "$fg_rc" -eq 0 ] || { cat "$WORK/fg.log" >&2; fail "vhostmd exited with status $fg_rc on SIGTERM"; }
+[ ! -e "$WORK/run/fg.pid" ] || fail "the pid file is left after SIGTERM"
+no_process_left "after SIGTERM"
+
+# --- the init script ---------------------------------------------------------------------
+
+say "/etc/init.d/vhostmd with URI test:///default and a disk under $WORK/run"
+DEFAULT_BACKUP=$WORK/default.orig
+cp -p /etc/default/vhostmd "$DEFAULT_BACKUP"
+INIT_DISK=$WORK/run/init-vhostmd0
+write_config "$WORK/init.conf" "$INIT_DISK" first
+cat >/etc/default/vhostmd <<EOF
+# Temporary, from vhostmd's tests/packaging/run.sh.
+VHOSTMD_CONFIG=$WORK/init.conf
+VHOSTMD_URI=test:///default
+VHOSTMD_PIDFILE=$WORK/run/init.pid
+VHOSTMD_OPTIONS="-v"
+EOF
+# The test's own pid file: no other vhostmd on this machine can be stopped
+# by mistake in this phase.
+use_pid_file "$WORK/run/init.pid"
+
+init_script 0 start
+pid=$(daemon_pid) || fail "no pid in $PIDFILE after start"
+track "$pid"
+init_script 0 status
+retry 15 metric_is "$INIT_DISK" PackagingTest first || fail "no metrics on $INIT_DISK"
+init_script 0 start
+[ "$(daemon_pid)" = "$pid" ] || fail "a second start replaced the daemon"
+
+write_config "$WORK/init.conf" "$INIT_DISK" second
+init_script 0 reload
+retry 10 metric_is "$INIT_DISK" PackagingTest second || fail "reload did not apply the new configuration"
+[ "$(daemon_pid)" = "$pid" ] || fail "reload replaced the daemon"
+
+cp "$WORK/init.conf" "$WORK/init.conf.good"
+echo "<broken" >>"$WORK/init.conf"
+rc=0
+out=$(/etc/init.d/vhostmd reload 2>&1) || rc=$?
+echo "$out"
+[ "$rc" -ne 0 ] || fail "reload with a broken configuration reported success"
+echo "$out" | grep -q "init.conf:[0-9]*: " || fail "reload does not say what is wrong in the configuration"
+init_script 0 status
+metric_is "$INIT_DISK" PackagingTest second || fail "the daemon lost its configuration on a broken reload"
+mv "$WORK/init.conf.good" "$WORK/init.conf"
+init_script 0 force-reload
+
+init_script 0 restart
+new_pid=$(daemon_pid) || fail "no pid in $PIDFILE after restart"
+[ "$new_pid" != "$pid" ] || fail "restart kept the same daemon"
+track "$new_pid"
+init_script 0 status
+/usr/sbin/rcvhostmd status >/dev/null || fail "rcvhostmd status"
+
+init_script 0 stop
+init_script 3 status
+[ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stop"
+no_process_left "after /etc/init.d/vhostmd stop"
+init_script 0 stop
+init_script 7 reload
+init_script 0 force-reload
+
+echo "<broken" >>"$WORK/init.conf"
+rc=0
+out=$(/etc/init.d/vhostmd start 2>&1) || rc=$?
+echo "$out"
+[ "$rc" -ne 0 ] || fail "start with a broken configuration reported success"
+echo "$out" | grep -q "init.conf:[0-9]*: " || fail "start does not say what is wrong in the configuration"
+init_script 3 status
+
+cp -p "$DEFAULT_BACKUP" /etc/default/vhostmd
+DEFAULT_BACKUP=""
+use_pid_file "$DEFAULT_PIDFILE"
+
+# --- removal ---------------------------------------------------------------------------
+
+say "purging the packages while the daemon runs"
+init_script 0 start
+retry 10 daemon_pid || fail "no pid in $PIDFILE after start"
+track "$(daemon_pid)"
+"${APT[@]}" purge "${PACKAGES[@]}" >"$WORK/purge.log" 2>&1 \
+    || { tail -n 20 "$WORK/purge.log" >&2; fail "apt-get purge failed"; }
+INSTALLED=0
+no_process_left "after purge"
+[ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after purge"
+for path in /etc/vhostmd /etc/default/vhostmd /etc/init.d/vhostmd /usr/share/vhostmd \
+            /usr/sbin/vhostmd /usr/sbin/rcvhostmd /usr/sbin/vm-dump-metrics /usr/sbin/vm_dump_metrics; do
+    if [ -e "$path" ] || [ -L "$path" ]; then
+        fail "$path is left after purge"
+    fi
+done
+if ls /etc/rc?.d/*vhostmd >/dev/null 2>&1; then
+    fail "init script links are left after purge"
+fi
