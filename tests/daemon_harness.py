@@ -7,9 +7,11 @@ poll a condition with a bound instead of sleeping a fixed time.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,17 @@ def config_xml(disk: Path | str, metrics: str = "", *, period: int = 1, size_k: 
 """
 
 
+def virtio_xml(channel_path: Path | str, *, max_channels: int | None = None,
+               expiration_time: int | None = None) -> str:
+    """A ``<virtio>`` block for ``config_xml(globals_extra=...)`` (unset values stay default)."""
+    options = [f"<channel_path>{channel_path}</channel_path>"]
+    if max_channels is not None:
+        options.append(f"<max_channels>{max_channels}</max_channels>")
+    if expiration_time is not None:
+        options.append(f"<expiration_time>{expiration_time}</expiration_time>")
+    return f"<virtio>{''.join(options)}</virtio>"
+
+
 def metric_xml(name: str, action: str, *, mtype: str = "string", context: str = "host",
                extra: str = "", attrs: str = "") -> str:
     return (f'<metric type="{mtype}" context="{context}"{attrs}><name>{name}</name>'
@@ -74,6 +87,29 @@ def read_disk(path: Path | str, timeout: float = 5.0) -> bytes:
 
 def disk_metrics(path: Path | str) -> list[Metric]:
     return parse_document(read_disk(path))
+
+
+class DiskReader(threading.Thread):
+    """Reads the disk as a guest would, as fast as it can, counting bad reads."""
+
+    def __init__(self, disk: Path) -> None:
+        super().__init__(daemon=True)
+        self.disk = disk
+        self.reads = 0
+        self.errors: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                parse_document(read_disk(self.disk, timeout=5))
+                self.reads += 1
+            except Exception as exc:  # any failure is a torn or stale-forever disk
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(10)
 
 
 def header(path: Path | str) -> mdisk.Header:
@@ -155,13 +191,23 @@ class Daemon:
     def wait_log(self, text: str, timeout: float = 10.0) -> str:
         return wait_for(lambda: text in self.log() and self.log(), timeout, f"log line {text!r}")
 
+    def wait_log_match(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """The first match of the regular expression ``pattern`` in the log, once there is one."""
+        return wait_for(lambda: re.search(pattern, self.log()), timeout, f"log {pattern!r}")
+
     def titles(self) -> dict[int, str]:
         return children_of(self.pid)
 
-    def child_pid(self, title_part: str, timeout: float = 10.0) -> int:
+    def title(self, title_part: str) -> str | None:
+        """The title of a child whose title contains ``title_part`` now, if there is one."""
+        return next((title for title in self.titles().values() if title_part in title), None)
+
+    def child_pid(self, title_part: str, timeout: float = 10.0, *,
+                  other_than: int | None = None) -> int:
+        """Wait for a child titled ``title_part`` (not ``other_than``, e.g. the one it replaces)."""
         def find() -> int | None:
             for pid, title in self.titles().items():
-                if title_part in title:
+                if title_part in title and pid != other_than:
                     return pid
             return None
 

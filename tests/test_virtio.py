@@ -4,6 +4,9 @@ For each libvirt test-driver domain the test creates the channel directory and
 the listening ``org.github.vhostmd.1`` socket (as QEMU would), accepts the
 daemon's connection and speaks the guest's side of the protocol on it.
 Every wait is a bounded poll on a condition.
+
+``FakeQemu``, ``Rig``/``running_rig`` and ``check_own_metrics`` also serve
+test_virtio_faults.py.
 """
 
 from __future__ import annotations
@@ -16,84 +19,35 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from vhostmd.protocol import CHANNEL_NAME, INVALID_RESPONSE, REQUEST, RESPONSE_END
 from vhostmd.virtio.channels import OUTPUT_LIMIT, RATE_BURST, RATE_PER_SECOND, UNIX_PATH_MAX
 
-BIN = Path(sys.executable).parent
-VHOSTMD = str(BIN / "vhostmd")
-VM_DUMP_METRICS = str(BIN / "vm-dump-metrics")
-T = TypeVar("T")
+import nodes
+from daemon_harness import VHOSTMD, Daemon, config_xml, metric_xml, virtio_xml, wait_for
+
+VM_DUMP_METRICS = str(Path(VHOSTMD).parent / "vm-dump-metrics")
 
 HOST_VALUE = "host-says-hello"
 # VM 5 of the main rig answers with a ~60 KB metric: the "never reads" guest
 # fills its socket and its output queue within a few requests.
 BIG_VM = 5
 BIG_VALUE_LEN = 60000
-METRICS = f"""
-    <metric type="string" context="host"><name>HostGreeting</name>
-      <action>echo {HOST_VALUE}</action></metric>
-    <metric type="uint32" context="vm"><name>VmId</name><action>echo VMID</action></metric>
-    <metric type="string" context="vm"><name>Padding</name>
-      <action>test VMID -eq {BIG_VM} &amp;&amp; printf '%0{BIG_VALUE_LEN}d' 0 || echo small</action>
-    </metric>
-"""
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition",
-             interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def node_xml(names: list[str]) -> str:
-    """A libvirt test-driver node with one running domain per name (ids 1, 2, ...)."""
-    domains = "".join(
-        f"<domain type='test'><name>{name}</name><uuid>{uuid.uuid4()}</uuid>"
-        f"<memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>\n"
-        for name in names
-    )
-    return (
-        "<node>\n<cpu><mhz>2000</mhz><model>i686</model><active>2</active><sockets>1</sockets>"
-        "<cores>2</cores><threads>1</threads></cpu>\n<memory>8388608</memory>\n"
-        f"{domains}</node>\n"
-    )
-
-
-def config_xml(channel_path: Path, *, max_channels: int, expiration: int = 3,
-               metrics: str = METRICS) -> str:
-    return f"""<?xml version="1.0"?>
-<vhostmd>
-  <globals>
-    <virtio>
-      <channel_path>{channel_path}</channel_path>
-      <max_channels>{max_channels}</max_channels>
-      <expiration_time>{expiration}</expiration_time>
-    </virtio>
-    <update_period>1</update_period>
-    <path>/usr/sbin:/usr/bin:/sbin:/bin</path>
-    <transport>virtio</transport>
-  </globals>
-  <metrics>{metrics}</metrics>
-</vhostmd>
-"""
+METRICS = "\n".join([
+    metric_xml("HostGreeting", f"echo {HOST_VALUE}"),
+    metric_xml("VmId", "echo VMID", mtype="uint32", context="vm"),
+    metric_xml("Padding", f"test VMID -eq {BIG_VM} &amp;&amp; printf '%0{BIG_VALUE_LEN}d' 0 "
+               "|| echo small", context="vm"),
+])
+UPDATE_PERIOD = 1
+EXPIRATION_TIME = 3
 
 
 def unix_address(path: Path) -> tuple[str, int | None]:
@@ -169,6 +123,14 @@ class FakeQemu:
                     return True
         return False
 
+    def accept_again(self, timeout: float = 10.0) -> socket.socket:
+        """Drop the current connection (the daemon's end is gone) and accept the next one."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        self.pending = b""
+        return self.accept(timeout)
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
@@ -176,66 +138,6 @@ class FakeQemu:
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-class Daemon:
-    """A real `vhostmd -d` serving virtio from ``channel_path`` for a test-driver node."""
-
-    def __init__(self, workdir: Path, channel_path: Path, names: list[str], *,
-                 max_channels: int = 16, metrics: str = METRICS) -> None:
-        self.workdir = workdir
-        self.node = workdir / "node.xml"
-        self.node.write_text(node_xml(names))
-        self.conf = workdir / "vhostmd.conf"
-        self.conf.write_text(config_xml(channel_path, max_channels=max_channels,
-                                        metrics=metrics))
-        self.log_path = workdir / "vhostmd.log"
-        self.log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            [VHOSTMD, "-d", "-v", "-f", str(self.conf), "-p", str(workdir / "vhostmd.pid"),
-             "-c", f"test://{self.node}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log_file,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_count(self, pattern: str) -> int:
-        return len(re.findall(pattern, self.log()))
-
-    def wait_log(self, pattern: str, timeout: float = 10.0) -> str:
-        match = wait_for(lambda: re.search(pattern, self.log()), timeout, f"log {pattern!r}")
-        return match.group(0)
-
-    def children(self) -> dict[int, str]:
-        """pid -> process title of the daemon's children."""
-        found = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                if ppid == self.process.pid:
-                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                    found[int(entry)] = cmdline.replace(b"\0", b" ").decode().strip()
-            except (OSError, IndexError, ValueError):
-                continue
-        return found
-
-    def virtio_title(self) -> str | None:
-        return next((t for t in self.children().values() if t.startswith("vhostmd: virtio")),
-                    None)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.log_file.close()
 
 
 def short_tmpdir() -> Path:
@@ -259,6 +161,68 @@ def check_own_metrics(response: bytes, vm_id: int) -> None:
     assert {m.findtext("name"): m.findtext("value") for m in vm}["VmId"] == str(vm_id)
 
 
+def stale_socket(directory: Path) -> None:
+    """A socket file nobody listens on (what a crashed QEMU leaves behind)."""
+    directory.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(directory / CHANNEL_NAME))
+
+
+class Rig:
+    """A test-driver node, a channel directory with a FakeQemu per channel, and a
+    daemon (not started yet) serving them at update_period 1."""
+
+    def __init__(self, root: Path, names: Sequence[str], dirs: dict[int, str], *,
+                 channels: Path | None = None, stale_dirs: Sequence[str] = (),
+                 max_channels: int = 16, transports: tuple[str, ...] = ("virtio",)) -> None:
+        self.root = root
+        self.channels = channels or root / "channels"
+        self.channels.mkdir(parents=True, exist_ok=True)
+        self.fakes: dict[int, FakeQemu] = {}
+        for vm_id, directory in dirs.items():
+            self.fakes[vm_id] = FakeQemu(self.channels / directory)
+        for directory in stale_dirs:
+            stale_socket(self.channels / directory)
+        self.node = root / "node.xml"
+        uri, _ = nodes.write_node(self.node, 0, names=names)
+        self.disk = root / "vhostmd0"  # used with the vbd transport only
+        config = config_xml(self.disk, METRICS, period=UPDATE_PERIOD, transports=transports,
+                            globals_extra=virtio_xml(self.channels, max_channels=max_channels,
+                                                     expiration_time=EXPIRATION_TIME))
+        self.daemon = Daemon(root, config, uri=uri)
+
+    def fake(self, vm_id: int) -> FakeQemu:
+        return self.fakes[vm_id]
+
+    def virtio_title(self) -> str | None:
+        return self.daemon.title("vhostmd: virtio")
+
+    def close_fakes(self) -> None:
+        for fake in self.fakes.values():
+            fake.close()
+
+
+@contextlib.contextmanager
+def running_rig(names: Sequence[str], dirs: dict[int, str], *, root: Path | None = None,
+                channels: Path | None = None, stale_dirs: Sequence[str] = (),
+                max_channels: int = 16,
+                transports: tuple[str, ...] = ("virtio",)) -> Iterator[Rig]:
+    """A started Rig; on the way out the daemon is stopped (with any child left),
+    the fake QEMUs closed and the root removed (unless the caller gave it)."""
+    workdir = root or short_tmpdir()
+    rig: Rig | None = None
+    try:
+        rig = Rig(workdir, names, dirs, channels=channels, stale_dirs=stale_dirs,
+                  max_channels=max_channels, transports=transports)
+        with rig.daemon:
+            yield rig
+    finally:
+        if rig is not None:
+            rig.close_fakes()
+        if root is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 # -- the main rig: one daemon, seven VMs, each test using its own -------------
 
 MAIN_NAMES = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
@@ -271,50 +235,24 @@ MAIN_DIRS = {
     6: "6-ze",  # libvirt truncates long names: matched by id only
 }
 SOCAT_VM = 7
-GHOST_DIR = "99-ghost"  # no running domain has id 99
+GHOST_VM = 99  # no running domain has this id
+GHOST_DIR = "99-ghost"
 STALE_DIR = "domain-3-gamma"  # a stale socket next to VM 3's live one
 
 
-def stale_socket(directory: Path) -> None:
-    """A socket file nobody listens on (what a crashed QEMU leaves behind)."""
-    directory.mkdir(parents=True)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.bind(str(directory / CHANNEL_NAME))
-
-
-class MainRig:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.channels = root / "channels"
-        self.channels.mkdir()
-        self.fakes = {vm_id: FakeQemu(self.channels / d) for vm_id, d in MAIN_DIRS.items()}
-        self.ghost = FakeQemu(self.channels / GHOST_DIR)
-        stale_socket(self.channels / STALE_DIR)
-        self.daemon = Daemon(root, self.channels, MAIN_NAMES)
-
-    def fake(self, vm_id: int) -> FakeQemu:
-        return self.fakes[vm_id]
-
-
 @pytest.fixture(scope="module")
-def rig() -> Iterator[MainRig]:
-    root = short_tmpdir()
-    main = MainRig(root)
-    try:
+def rig() -> Iterator[Rig]:
+    with running_rig(MAIN_NAMES, {**MAIN_DIRS, GHOST_VM: GHOST_DIR},
+                     stale_dirs=[STALE_DIR]) as main:
         yield main
-    finally:
-        main.daemon.stop()
-        for fake in [*main.fakes.values(), main.ghost]:
-            fake.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.parametrize("vm_id", [1, 2, 6])
-def test_each_guest_gets_host_and_own_metrics(rig: MainRig, vm_id: int) -> None:
+def test_each_guest_gets_host_and_own_metrics(rig: Rig, vm_id: int) -> None:
     check_own_metrics(rig.fake(vm_id).request(), vm_id)
 
 
-def test_request_one_byte_at_a_time(rig: MainRig) -> None:
+def test_request_one_byte_at_a_time(rig: Rig) -> None:
     fake = rig.fake(1)
     fake.request()  # connected and served before the fragments start
     for byte in REQUEST[:-1]:
@@ -324,19 +262,19 @@ def test_request_one_byte_at_a_time(rig: MainRig) -> None:
     check_own_metrics(fake.read_response(), 1)
 
 
-def test_crlf_request(rig: MainRig) -> None:
+def test_crlf_request(rig: Rig) -> None:
     check_own_metrics(rig.fake(1).request(b"GET /metrics/XML\r\n\r\n"), 1)
 
 
 @pytest.mark.parametrize("garbage", [b"hello\n\n", b"GET /metrics/JSON\n\n", b"\n\n",
                                      b"\x00\xff\x1b[2J;reboot\r\n\r\n"])
-def test_garbage_gets_invalid_and_channel_stays_usable(rig: MainRig, garbage: bytes) -> None:
+def test_garbage_gets_invalid_and_channel_stays_usable(rig: Rig, garbage: bytes) -> None:
     fake = rig.fake(2)
     assert fake.request(garbage) == INVALID_RESPONSE
     check_own_metrics(fake.request(), 2)
 
 
-def test_600_byte_request_is_invalid_once(rig: MainRig) -> None:
+def test_600_byte_request_is_invalid_once(rig: Rig) -> None:
     fake = rig.fake(6)
     fake.request()
     fake.send(b"GET /metrics/XML" + b"x" * 582 + b"\n\n")
@@ -347,7 +285,7 @@ def test_600_byte_request_is_invalid_once(rig: MainRig) -> None:
 
 
 @pytest.mark.parametrize("rest", [b"z" * 100 + b"\r\n\r\n", b"z" * 1500 + b"\n\n", b"\r\n"])
-def test_request_filling_the_buffer_is_invalid(rig: MainRig, rest: bytes) -> None:
+def test_request_filling_the_buffer_is_invalid(rig: Rig, rest: bytes) -> None:
     fake = rig.fake(6)
     fake.send(b"y" * 510 + b"\r\n")
     assert fake.read_response() == INVALID_RESPONSE
@@ -355,11 +293,11 @@ def test_request_filling_the_buffer_is_invalid(rig: MainRig, rest: bytes) -> Non
     check_own_metrics(fake.request(), 6)
 
 
-def test_stale_directory_does_not_hide_the_live_one(rig: MainRig) -> None:
+def test_stale_directory_does_not_hide_the_live_one(rig: Rig) -> None:
     check_own_metrics(rig.fake(3).request(), 3)
 
 
-def test_rate_limit_delays_a_looping_guest(rig: MainRig) -> None:
+def test_rate_limit_delays_a_looping_guest(rig: Rig) -> None:
     fake = rig.fake(3)
     check_own_metrics(fake.request(), 3)
     extra = 5
@@ -375,7 +313,7 @@ def test_rate_limit_delays_a_looping_guest(rig: MainRig) -> None:
     check_own_metrics(rig.fake(1).request(), 1)
 
 
-def test_guest_that_never_reads_is_bounded(rig: MainRig) -> None:
+def test_guest_that_never_reads_is_bounded(rig: Rig) -> None:
     daemon = rig.daemon
     fake = rig.fake(BIG_VM)
     first = fake.request()
@@ -384,7 +322,7 @@ def test_guest_that_never_reads_is_bounded(rig: MainRig) -> None:
     # Never read: the socket buffers fill, then the daemon's queue for this
     # channel (OUTPUT_LIMIT holds one of these responses), then responses are dropped.
     fake.send(REQUEST * RATE_BURST)
-    warning = r"VM 5 \('epsilon'\) does not read its channel"
+    warning = "VM 5 ('epsilon') does not read its channel"
     daemon.wait_log(warning)
     check_own_metrics(rig.fake(1).request(), 1)  # others are not held up
     # Now read: only whole responses arrive (dropped ones are dropped whole).
@@ -398,31 +336,32 @@ def test_guest_that_never_reads_is_bounded(rig: MainRig) -> None:
     assert responses.pop() == b""
     for response in responses:
         check_own_metrics(response + RESPONSE_END, BIG_VM)
-    again = daemon.wait_log(r"VM 5 \('epsilon'\) reads its channel again "
-                            r"\((\d+) responses were dropped\)")
-    dropped = int(re.search(r"\((\d+) responses", again).group(1))  # type: ignore[union-attr]
+    again = daemon.wait_log_match(r"VM 5 \('epsilon'\) reads its channel again "
+                                  r"\((\d+) responses were dropped\)")
+    dropped = int(again.group(1))
     assert dropped >= 2 and len(responses) + dropped == RATE_BURST
-    assert daemon.log_count(warning) == 1  # logged once, not per dropped response
+    assert daemon.log().count(warning) == 1  # logged once, not per dropped response
     check_own_metrics(fake.request(), BIG_VM)
 
 
-def test_socket_that_disappears_comes_back(rig: MainRig) -> None:
+def test_socket_that_disappears_comes_back(rig: Rig) -> None:
     fake = rig.fake(4)
     check_own_metrics(fake.request(), 4)
     directory = fake.path.parent
     fake.close()
-    rig.daemon.wait_log(r"channel of VM 4 \('delta'\) hung up; forgotten")
+    rig.daemon.wait_log("channel of VM 4 ('delta') hung up; forgotten")
     again = FakeQemu(directory)
     rig.fakes[4] = again
     check_own_metrics(again.request(), 4)
 
 
-def test_unknown_id_is_never_served(rig: MainRig) -> None:
+def test_unknown_id_is_never_served(rig: Rig) -> None:
     rig.fake(1).request()  # the daemon knows its VMs and has scanned at least once
-    assert not rig.ghost.connection_waiting(2.5), "connected to a channel of no running VM"
+    assert not rig.fake(GHOST_VM).connection_waiting(2.5), \
+        "connected to a channel of no running VM"
 
 
-def test_title_counts_connected_known_max(rig: MainRig) -> None:
+def test_title_counts_connected_known_max(rig: Rig) -> None:
     for vm_id in MAIN_DIRS:
         rig.fake(vm_id).accept()
     # Every channel of a running VM (the ghost is not one) connected, of 16 allowed;
@@ -430,13 +369,13 @@ def test_title_counts_connected_known_max(rig: MainRig) -> None:
 
     def counts() -> tuple[int, int] | None:
         match = re.fullmatch(r"vhostmd: virtio (\d+)/(\d+)/16 channels",
-                             rig.daemon.virtio_title() or "")
+                             rig.virtio_title() or "")
         return (int(match.group(1)), int(match.group(2))) if match else None
 
     wait_for(lambda: counts() in ((6, 6), (7, 7)), 5, "the virtio title")
 
 
-def test_socat_pty_with_guest_client(rig: MainRig, tmp_path: Path) -> None:
+def test_socat_pty_with_guest_client(rig: Rig, tmp_path: Path) -> None:
     if shutil.which("socat") is None:
         pytest.skip("socat is not installed")
     directory = rig.channels / f"{SOCAT_VM}-eta"
@@ -465,66 +404,44 @@ def test_socat_pty_with_guest_client(rig: MainRig, tmp_path: Path) -> None:
 
 
 def test_max_channels_plus_one_is_refused() -> None:
-    root = short_tmpdir()
-    channels = root / "channels"
-    fakes = {i: FakeQemu(channels / f"{i}-{name}")
-             for i, name in enumerate(["alpha", "beta", "gamma"], start=1)}
-    daemon = Daemon(root, channels, ["alpha", "beta", "gamma"], max_channels=2)
-    try:
-        check_own_metrics(fakes[1].request(), 1)
-        check_own_metrics(fakes[2].request(), 2)
-        refusal = r"max_channels \(2\) reached: refusing the channel of VM 3 \('gamma'\)"
-        daemon.wait_log(refusal)
-        wait_for(lambda: daemon.virtio_title() == "vhostmd: virtio 2/3/2 channels", 5, "title")
-        assert not fakes[3].connection_waiting(1.5)
-        assert daemon.log_count(refusal) == 1  # once, not every scan
+    names = ["alpha", "beta", "gamma"]
+    dirs = {vm_id: f"{vm_id}-{name}" for vm_id, name in enumerate(names, start=1)}
+    with running_rig(names, dirs, max_channels=2) as rig:
+        check_own_metrics(rig.fake(1).request(), 1)
+        check_own_metrics(rig.fake(2).request(), 2)
+        refusal = "max_channels (2) reached: refusing the channel of VM 3 ('gamma')"
+        rig.daemon.wait_log(refusal)
+        wait_for(lambda: rig.virtio_title() == "vhostmd: virtio 2/3/2 channels", 5, "title")
+        assert not rig.fake(3).connection_waiting(1.5)
+        assert rig.daemon.log().count(refusal) == 1  # once, not every scan
         # Room frees up when a channel goes away: the refused VM gets it.
-        fakes[1].close()
-        check_own_metrics(fakes[3].request(), 3)
-        check_own_metrics(fakes[2].request(), 2)
-    finally:
-        daemon.stop()
-        for fake in fakes.values():
-            fake.close()
-        shutil.rmtree(root, ignore_errors=True)
+        rig.fake(1).close()
+        check_own_metrics(rig.fake(3).request(), 3)
+        check_own_metrics(rig.fake(2).request(), 2)
 
 
 def test_channel_expires_after_vm_leaves_libvirt() -> None:
-    root = short_tmpdir()
-    channels = root / "channels"
-    fakes = {1: FakeQemu(channels / "1-stays"), 2: FakeQemu(channels / "2-leaves")}
-    daemon = Daemon(root, channels, ["stays", "leaves"])
-    try:
-        check_own_metrics(fakes[1].request(), 1)
-        check_own_metrics(fakes[2].request(), 2)
+    with running_rig(["stays", "leaves"], {1: "1-stays", 2: "2-leaves"}) as rig:
+        check_own_metrics(rig.fake(1).request(), 1)
+        check_own_metrics(rig.fake(2).request(), 2)
         # VM 2 leaves: the node no longer has it, and the workers' libvirt
         # connections (the test driver keeps its state per connection) are
         # renewed by killing the workers, which the supervisor replaces.
-        daemon.node.write_text(node_xml(["stays"]))
-        for pid, title in daemon.children().items():
+        nodes.write_node(rig.node, 0, names=["stays"])
+        for pid, title in rig.daemon.titles().items():
             if title.startswith("vhostmd: worker"):
                 os.kill(pid, signal.SIGKILL)
-        assert fakes[2].hung_up(10), "the channel of the VM that left was not closed"
-        daemon.wait_log(r"channel of VM 2 \('leaves'\) no metrics update for 3 s; closed")
-        assert not fakes[2].connection_waiting(2.5), "reconnected to a VM that is gone"
-        check_own_metrics(fakes[1].request(), 1)
-    finally:
-        daemon.stop()
-        for fake in fakes.values():
-            fake.close()
-        shutil.rmtree(root, ignore_errors=True)
+        assert rig.fake(2).hung_up(10), "the channel of the VM that left was not closed"
+        rig.daemon.wait_log("channel of VM 2 ('leaves') no metrics update for 3 s; closed")
+        assert not rig.fake(2).connection_waiting(2.5), "reconnected to a VM that is gone"
+        check_own_metrics(rig.fake(1).request(), 1)
 
 
 def test_long_socket_path(tmp_path: Path) -> None:
     channels = tmp_path / ("c" * max(1, 120 - len(str(tmp_path))))
-    fake = FakeQemu(channels / "1-alpha")
-    assert len(os.fsencode(str(fake.path))) >= UNIX_PATH_MAX
-    daemon = Daemon(tmp_path, channels, ["alpha"])
-    try:
-        check_own_metrics(fake.request(), 1)
-    finally:
-        daemon.stop()
-        fake.close()
+    with running_rig(["alpha"], {1: "1-alpha"}, root=tmp_path, channels=channels) as rig:
+        assert len(os.fsencode(str(rig.fake(1).path))) >= UNIX_PATH_MAX
+        check_own_metrics(rig.fake(1).request(), 1)
 
 
 def test_output_limit_is_documented() -> None:
