@@ -8,23 +8,20 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from vhostmd.document import parse_document
-
 from daemon_harness import (
     VHOSTMD,
     Daemon,
+    DiskReader,
     alive,
     config_xml,
     disk_metrics,
     header,
     metric_xml,
-    read_disk,
     wait_for,
 )
 
@@ -50,29 +47,6 @@ def nanos(disk: Path) -> str | None:
 def updates_resume(disk: Path, timeout: float = 5.0) -> None:
     first = wait_for(lambda: nanos(disk), timeout, "a document")
     wait_for(lambda: (n := nanos(disk)) is not None and n != first, timeout, "a newer document")
-
-
-class DiskReader(threading.Thread):
-    """Reads the disk as a guest would, as fast as it can, counting bad reads."""
-
-    def __init__(self, disk: Path) -> None:
-        super().__init__(daemon=True)
-        self.disk = disk
-        self.reads = 0
-        self.errors: list[str] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            try:
-                parse_document(read_disk(self.disk, timeout=5))
-                self.reads += 1
-            except Exception as exc:  # any failure is a torn or stale-forever disk
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(10)
 
 
 def replaced(daemon: Daemon, title: str, old_pid: int, timeout: float) -> int:

@@ -20,13 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from test_virtio import UPDATE_PERIOD, FakeQemu, Rig, check_own_metrics, running_rig
 
 from vhostmd.document import parse_document
 from vhostmd.protocol import INVALID_RESPONSE, RESPONSE_END
 from vhostmd.virtio.channels import RATE_BURST, RATE_PER_SECOND
 
 from daemon_harness import DiskReader, alive, read_disk, wait_for
+from test_virtio import UPDATE_PERIOD, FakeQemu, Rig, check_own_metrics, running_rig
 
 NAMES = ["alpha", "beta"]
 DIRS = {1: "1-alpha", 2: "2-beta"}
