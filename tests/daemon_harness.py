@@ -85,6 +85,20 @@ def read_disk(path: Path | str, timeout: float = 5.0) -> bytes:
         return mdisk.read_document(read_at, size, timeout=timeout, where=str(path))
 
 
+def write_disk_image(path: Path, content: bytes, *, size: int = 64 * 1024, busy: int = 0,
+                     checksum: int | None = None, length: int | None = None) -> Path:
+    """A metrics disk laid out as the project's writer does (header, content, zero fill);
+    checksum/length/busy override what the header says, to build broken disks."""
+    header = mdisk.pack_header(
+        busy,
+        mdisk.checksum_signed(content) if checksum is None else checksum,
+        len(content) if length is None else length,
+    )
+    image = header + content
+    path.write_bytes(image + b"\0" * (size - len(image)))
+    return path
+
+
 def disk_metrics(path: Path | str) -> list[Metric]:
     return parse_document(read_disk(path))
 

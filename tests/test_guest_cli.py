@@ -16,6 +16,8 @@ import pytest
 from vhostmd.document import Metric, render_document
 from vhostmd.mdisk import checksum_signed, pack_header
 
+from daemon_harness import write_disk_image
+
 CLI_SCRIPT = Path(sys.executable).parent / "vm-dump-metrics"
 CLI = [str(CLI_SCRIPT)] if CLI_SCRIPT.exists() else [sys.executable, "-m", "vhostmd.guest"]
 UPSTREAM_DISK = Path(__file__).parent / "data" / "compat" / "upstream-1.2-disk-4k.img"
@@ -33,24 +35,6 @@ METRICS = [
 DOCUMENT = render_document(METRICS).encode()
 
 
-def write_disk(
-    path: Path,
-    content: bytes,
-    *,
-    size: int = 64 * 1024,
-    busy: int = 0,
-    checksum: int | None = None,
-    length: int | None = None,
-) -> Path:
-    """A metrics disk as the project's writer lays it out (header, content, zero fill)."""
-    header = pack_header(
-        busy,
-        checksum_signed(content) if checksum is None else checksum,
-        len(content) if length is None else length,
-    )
-    image = header + content
-    path.write_bytes(image + b"\0" * (size - len(image)))
-    return path
 
 
 def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[bytes]:
@@ -69,7 +53,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[bytes], status: in
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Path:
-    return write_disk(tmp_path / "vhostmd0", DOCUMENT)
+    return write_disk_image(tmp_path / "vhostmd0", DOCUMENT)
 
 
 def test_xml_output_is_the_document_byte_for_byte(disk: Path) -> None:
@@ -145,15 +129,15 @@ def test_bad_disks_fail_with_one_line(tmp_path: Path, kind: str, reason: str) ->
     if kind == "bad signature":
         path.write_bytes(b"\0" * 4096)
     elif kind == "length past end":
-        write_disk(path, DOCUMENT, size=4096, length=1 << 20)
+        write_disk_image(path, DOCUMENT, size=4096, length=1 << 20)
     elif kind == "checksum mismatch":
-        write_disk(path, DOCUMENT, checksum=0xBAD)
+        write_disk_image(path, DOCUMENT, checksum=0xBAD)
     elif kind == "invalid XML":
-        write_disk(path, DOCUMENT[:-20])
+        write_disk_image(path, DOCUMENT[:-20])
     elif kind == "bad typed value":
-        write_disk(path, DOCUMENT.replace(b"<value>16</value>", b"<value>16 cpus</value>"))
+        write_disk_image(path, DOCUMENT.replace(b"<value>16</value>", b"<value>16 cpus</value>"))
     elif kind == "busy forever":
-        write_disk(path, DOCUMENT, busy=1)
+        write_disk_image(path, DOCUMENT, busy=1)
     started = time.monotonic()
     result = run_cli("-b", "--disk", str(path), "--timeout", "0.3")
     assert time.monotonic() - started < 10
@@ -207,7 +191,7 @@ def loop_disk(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         pytest.skip("attaching a loop device needs root")
     if shutil.which("losetup") is None:
         pytest.skip("losetup is not installed")
-    backing = write_disk(tmp_path / "vhostmd0", DOCUMENT)
+    backing = write_disk_image(tmp_path / "vhostmd0", DOCUMENT)
     attach = subprocess.run(
         ["losetup", "-r", "-f", "--show", str(backing)],
         capture_output=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from pathlib import Path
@@ -32,8 +33,9 @@ from vhostmd.mdisk import (
     DiskFormatError,
     checksum_signed,
     checksum_unsigned,
-    pack_header,
 )
+
+from daemon_harness import write_disk_image
 
 DATA = Path(__file__).parent / "data"
 UPSTREAM_DISK = DATA / "compat" / "upstream-1.2-disk-4k.img"
@@ -59,26 +61,9 @@ VM_METRICS = [
     Metric("TotalCPUTime", "real64", "vm", "69.25", "s", 9, UUID_9),
 ]
 DOCUMENT = render_document(HOST_METRICS + VM_METRICS).encode()
+write_disk = functools.partial(write_disk_image, size=8192)
 
 
-def write_disk(
-    path: Path,
-    content: bytes,
-    *,
-    size: int = 8192,
-    busy: int = 0,
-    checksum: int | None = None,
-    length: int | None = None,
-) -> Path:
-    """A metrics disk as the project's writer lays it out (header, content, zero fill)."""
-    header = pack_header(
-        busy,
-        checksum_signed(content) if checksum is None else checksum,
-        len(content) if length is None else length,
-    )
-    image = header + content
-    path.write_bytes(image + b"\0" * (size - len(image)))
-    return path
 
 
 @pytest.fixture
