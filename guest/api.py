@@ -203,7 +203,8 @@ class MemoryMetrics:
     """The original libmetrics memory group; None where the host does not publish it.
 
     Units are those the host's config gives (the default config: MiB for
-    total/used/free, KiB for paged in/out, pages per second for the rates).
+    total/used/free, KiB for paged in/out, KiB per second for PageInRate and faults per
+    second for PageFaultRate).
     """
 
     total: Number | None
