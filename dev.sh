@@ -8,9 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
-# libvirt-daemon: the fault tests start a private libvirtd (test driver only).
+# libvirt-daemon: the fault tests start a private libvirtd (test driver only);
+# dpkg-dev ... lintian: the packaging test builds and checks the .deb files.
 APT_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-clients
-              libvirt-daemon socat procps util-linux)
+              libvirt-daemon socat procps util-linux
+              dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-setuptools lintian)
 VENV=.venv
 
 say() { printf '==> %s\n' "$*" >&2; }

@@ -273,7 +273,8 @@ def idle_cpu_rate(workdir: Path) -> float:
     uri, _ = nodes.write_node(run_dir / "node.xml", 10)
     conf = run_dir / "vhostmd.conf"
     conf.write_text(builtin_config(run_dir / "vhostmd0", 3600, 256))
-    proc = subprocess.Popen([VHOSTMD, "-d", "-v", "-f", str(conf), "-c", uri],
+    proc = subprocess.Popen([VHOSTMD, "-d", "-v", "-f", str(conf), "-p", str(run_dir / "pid"),
+                             "-c", uri],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, cwd=run_dir)
     log = DaemonLog(proc)
