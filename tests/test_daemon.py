@@ -359,3 +359,35 @@ def test_user_option_refuses_root_and_drops_privileges(tmp_path: Path) -> None:
             assert daemon.stop() == 0
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_action_output_is_bounded(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    conf = config_xml(disk, metric_xml("Flood", "yes | head -c 1000000")
+                      + metric_xml("Fine", "echo 1", mtype="uint32"), size_k=1024)
+    with Daemon(tmp_path, conf) as daemon:
+        wait_for(lambda: published(disk), 5, "the first document")
+        assert values(disk) == {("host", "Fine", None): "1"}
+        daemon.wait_log("host metric Flood left out: output exceeds 65536 bytes")
+        assert daemon.stop() == 0
+
+
+def test_crash_looping_child_is_backed_off_not_spun(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    with Daemon(tmp_path, config_xml(disk, metric_xml("Nanos", "date +%s%N",
+                                                      mtype="uint64"))) as daemon:
+        wait_for(lambda: published(disk), 5, "the first document")
+        writer = daemon.child_pid("disk-writer")
+        disk.unlink()
+        disk.mkdir()  # every new disk-writer now fails to open its disk
+        os.kill(writer, signal.SIGKILL)
+        daemon.wait_log("(crash loop)")
+        assert "Is a directory" in daemon.log()
+        looped_at = daemon.log().count("disk-writer (pid")
+        disk.rmdir()
+        # After the back-off a new writer starts, re-creates the disk and updates resume.
+        wait_for(lambda: published(disk), 15, "the disk back after the back-off")
+        first = values(disk)[("host", "Nanos", None)]
+        wait_for(lambda: values(disk)[("host", "Nanos", None)] != first, 5, "updates")
+        assert daemon.log().count("disk-writer (pid") <= looped_at + 1  # no spinning
+        assert daemon.stop() == 0
