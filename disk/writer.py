@@ -90,7 +90,8 @@ def disk_writer_main(ctx: ChildContext, path: str, size: int) -> None:
     try:
         disk = MetricsDisk(path, size)
     except (OSError, DiskTooSmall) as exc:
-        ctx.send(("disk-failed", f"cannot open metrics disk {path}: {exc}"))
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        ctx.send(("disk-failed", f"cannot open metrics disk {path}: {reason}"))
         raise SystemExit(1) from None
     ctx.send(("disk-ready", path))
     while not ctx.orphaned():
