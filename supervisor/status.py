@@ -63,6 +63,26 @@ def _ago(wall: float | None, now: float) -> str:
     return f"{max(0.0, now - wall):.1f} s ago"
 
 
+def process_usage(pid: object) -> tuple[str, str]:
+    """CPU time and resident memory of one of the daemon's processes, for the table.
+
+    Read here, in the `vhostmd --status` process: the supervisor itself never
+    reads /proc.
+    """
+    import psutil
+
+    if not isinstance(pid, int) or pid <= 0:
+        return "-", "-"
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            times = proc.cpu_times()
+            rss = proc.memory_info().rss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "-", "-"
+    return f"{times.user + times.system:.2f} s", f"{rss / 2**20:.1f} MiB"
+
+
 def format_status(status: dict[str, Any], pid: int) -> str:
     now = time.time()
     lines = [
@@ -72,13 +92,17 @@ def format_status(status: dict[str, Any], pid: int) -> str:
         f"last cycle: {_ago(status.get('last_cycle_at'), now)}, took "
         f"{status.get('last_cycle_seconds', 0.0):.3f} s; {status.get('published', 0)} metrics "
         f"published, {status.get('left_out', 0)} left out; {status.get('cycles', 0)} cycles",
-        f"{'CHILD':<14} {'PID':>7} {'RESTARTS':>8} {'HEARTBEAT':>10}  STATE",
+        f"{'CHILD':<14} {'PID':>7} {'RESTARTS':>8} {'HEARTBEAT':>10} {'CPU':>9} {'RSS':>9}  STATE",
     ]
-    for child in status.get("children", []):
+    rows = [{"role": "supervisor", "pid": pid, "restarts": "-", "state": "running"},
+            *status.get("children", [])]
+    for child in rows:
         beat = child.get("heartbeat_age")
         beat_text = f"{beat:.1f} s" if isinstance(beat, int | float) else "-"
+        cpu, rss = process_usage(child.get("pid"))
         lines.append(f"{child.get('role', '?'):<14} {child.get('pid') or '-':>7} "
-                     f"{child.get('restarts', 0):>8} {beat_text:>10}  {child.get('state', '?')}")
+                     f"{child.get('restarts', 0):>8} {beat_text:>10} {cpu:>9} {rss:>9}  "
+                     f"{child.get('state', '?')}")
     virtio = status.get("virtio")
     if virtio:
         lines.append(f"virtio channels: {virtio.get('connected', 0)} connected, "
