@@ -14,7 +14,7 @@ import os
 import stat
 
 from vhostmd import mdisk
-from vhostmd.supervisor.children import ChildContext
+from vhostmd.supervisor.children import ChildContext, release_free_memory
 
 log = logging.getLogger("vhostmd")
 
@@ -107,4 +107,5 @@ def disk_writer_main(ctx: ChildContext, path: str, size: int) -> None:
             ctx.send(("disk-written", seq, str(exc)))
         else:
             ctx.send(("disk-written", seq, None))
+        release_free_memory()
         ctx.title(f"disk-writer {path}")

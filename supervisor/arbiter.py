@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vhostmd.supervisor.children import CTX, Child, ChildContext
+from vhostmd.supervisor.children import CTX, Child, ChildContext, release_free_memory
 from vhostmd.supervisor.config import MAX_WORKERS, Config, ConfigError, load_config
 from vhostmd.supervisor.cycle import (
     DOMAIN_LIST_FAILURE,
@@ -442,6 +442,7 @@ class Supervisor:
                           published=rendered.published, left_out=rendered.left_out)
         self.last_cycle_wall = time.time()
         self.write_status()
+        release_free_memory()
         log.debug("cycle %d: %d metrics, %d left out, %.3f s", cycle.number,
                   rendered.published, rendered.left_out, took)
         self.clock_k += 1

@@ -62,6 +62,7 @@ from vhostmd.protocol import (
     build_response,
     parse_request,
 )
+from vhostmd.supervisor.children import release_free_memory
 
 if TYPE_CHECKING:
     from vhostmd.supervisor.children import ChildContext
@@ -517,5 +518,6 @@ def receive_messages(ctx: ChildContext, manager: ChannelManager, now: float) -> 
         if isinstance(message, tuple) and len(message) == 4 and message[0] == "metrics":
             _, host_fragment, vm_fragments, domain_ids = message
             manager.update_metrics(host_fragment, vm_fragments, domain_ids, now)
+            release_free_memory()
         else:
             log.debug("ignoring an unknown message from the supervisor")

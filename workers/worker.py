@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from vhostmd.supervisor.children import ChildContext
+from vhostmd.supervisor.children import ChildContext, release_free_memory
 from vhostmd.workers.actions import (
     ActionFailed,
     action_env,
@@ -81,4 +81,5 @@ def worker_main(ctx: ChildContext, index: int, uri: str | None) -> None:
             continue
         ctx.title(f"worker {index} {job.describe()}")
         ctx.send(worker.run(job))
+        release_free_memory()
         ctx.title(idle)
