@@ -26,6 +26,11 @@ class DiskTooSmall(ValueError):
     pass
 
 
+TOO_LARGE_PLACEHOLDER = (
+    b"<metrics>\n  <!-- the metrics document is larger than this disk -->\n</metrics>\n"
+)
+
+
 class MetricsDisk:
     """A metrics disk file (or block device) mapped for writing."""
 
@@ -51,6 +56,7 @@ class MetricsDisk:
         finally:
             os.close(fd)
         self.capacity = size - mdisk.HEADER_SIZE
+        self.published = False
         self._reset()
 
     def _reset(self) -> None:
@@ -64,6 +70,10 @@ class MetricsDisk:
     def write(self, content: bytes) -> None:
         """Publish one document; raises DiskTooSmall (keeping the old one) if it does not fit."""
         if len(content) > self.capacity:
+            if not self.published:
+                # Nothing to keep yet: publish a valid, empty document rather than
+                # leave guests facing busy=1 until a document fits.
+                self.write(TOO_LARGE_PLACEHOLDER)
             raise DiskTooSmall(
                 f"document of {len(content)} bytes does not fit the {self.size}-byte disk "
                 f"{self.path}; keeping the previous one"
@@ -79,6 +89,7 @@ class MetricsDisk:
         m.flush()
         m[4:8] = _IDLE
         m.flush()
+        self.published = True
 
     def close(self) -> None:
         self._map.close()
@@ -103,9 +114,11 @@ def disk_writer_main(ctx: ChildContext, path: str, size: int) -> None:
         ctx.title(f"disk-writer {path} writing")
         try:
             disk.write(content)
-        except (DiskTooSmall, OSError) as exc:
-            ctx.send(("disk-written", seq, str(exc)))
+        except DiskTooSmall as exc:
+            ctx.send(("disk-written", seq, "too-large", str(exc)))
+        except OSError as exc:
+            ctx.send(("disk-written", seq, f"os-error {exc.errno}", str(exc)))
         else:
-            ctx.send(("disk-written", seq, None))
+            ctx.send(("disk-written", seq, None, None))
         release_free_memory()
         ctx.title(f"disk-writer {path}")

@@ -72,6 +72,7 @@ class ChildSpec:
 @dataclass
 class SlotState:
     restarts: int = 0
+    loops: int = 0  # back-offs in a row, without a long enough run in between
     recent: deque[float] | None = None
     not_before: float = 0.0
 
@@ -95,6 +96,7 @@ class Supervisor:
         self.heartbeats[SLOTS] = self.beat_interval
         self.action_groups = CTX.Array("i", SLOTS, lock=False)
         self.children: dict[int, Child] = {}
+        self.dying: list[Child] = []  # killed, not reaped yet
         self.slot_state: dict[int, SlotState] = {}
         self.events: queue.SimpleQueue[tuple[Child, object]] = queue.SimpleQueue()
         self.signal_queue: deque[int] = deque()
@@ -112,6 +114,7 @@ class Supervisor:
         self.disk_acked = True
         self.disk_sent_seq = 0
         self.disk_error: str | None = None
+        self.disk_error_kind: str | None = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.collector_state: dict[tuple[str, str], object] = {}
         self._plans: list[CollectorPlan] = []
@@ -147,16 +150,12 @@ class Supervisor:
                 ("disk", cfg.disk_path, cfg.disk_size),
             )
         if cfg.virtio:
-            spec = self.virtio_spec()
-            if spec is not None:
-                specs[VIRTIO_SLOT] = spec
+            specs[VIRTIO_SLOT] = self.virtio_spec()
         return specs
 
-    def virtio_spec(self) -> ChildSpec | None:
-        try:
-            from vhostmd.virtio.channels import virtio_main
-        except ImportError:
-            return None
+    def virtio_spec(self) -> ChildSpec:
+        from vhostmd.virtio.channels import virtio_main
+
         cfg = self.config
         return ChildSpec(
             "virtio", VIRTIO_SLOT,
@@ -210,7 +209,6 @@ class Supervisor:
 
     def run(self) -> int:
         self.install_signals()
-        self.converge()
         while not self.stopping:
             try:
                 self.step()
@@ -260,7 +258,8 @@ class Supervisor:
             os.write(self.wake_w, b"m")
 
     def handle_events(self) -> None:
-        while True:
+        # Only what is queued now: a chatty child must not keep the loop here.
+        for _ in range(self.events.qsize()):
             try:
                 child, message = self.events.get_nowait()
             except queue.Empty:
@@ -293,14 +292,17 @@ class Supervisor:
             self.disk_sent_seq = 0
             self.send_document()
         elif kind == "disk-written":
-            _, _seq, error = message
+            _, _seq, error_kind, error = message
             self.disk_acked = True
-            if error != self.disk_error:
+            # Logged once per kind of problem: a too-large document changes
+            # size (and so message) nearly every cycle.
+            if error_kind != self.disk_error_kind:
                 if error:
                     log.error("metrics disk: %s", error)
-                elif self.disk_error:
+                elif self.disk_error_kind:
                     log.info("metrics disk written again")
-                self.disk_error = error
+                self.disk_error_kind = error_kind
+            self.disk_error = error
             self.send_document()
         elif kind == "disk-failed":
             log.error("%s", message[1])
@@ -392,6 +394,11 @@ class Supervisor:
         # Unique per plan: a host job and the vm job may share a <builtin> line.
         cycle.expect((plan.order, -1 - self.collector_plans().index(plan)), job)
         cycle.attempted.add((plan.context, f"builtin {plan.collector}", None, None))
+        # Built-ins report failures per metric (and per VM): recoveries are
+        # noticed only if those keys count as tried.
+        for name in plan.metric_names:
+            cycle.attempted.add(("host", name, None, None))
+            cycle.attempted.update(("vm", name, d.id, d.name) for d in domains or ())
         self.pending.append(job)
 
     def dispatch(self) -> None:
@@ -534,6 +541,8 @@ class Supervisor:
         """Reap the dead, kill the hung, replace what is missing or outdated."""
         wanted = self.wanted()
         now = time.monotonic()
+        # Killed children are reaped here, a loop later, never waited for.
+        self.dying = [c for c in self.dying if c.collect() is None]
         for slot, child in list(self.children.items()):
             how = child.collect()
             if how is not None:
@@ -541,10 +550,8 @@ class Supervisor:
                 continue
             spec = wanted.get(slot)
             if spec is None or spec.key != child.spec_key:
-                child.terminate()
-                child.collect(0.5)
-                child.kill()
-                child.collect(1.0)
+                child.kill()  # outdated by a reload: nothing in it worth waiting for
+                self.dying.append(child)
                 del self.children[slot]
                 continue
             age = child.heartbeat_age()
@@ -553,7 +560,7 @@ class Supervisor:
                 doing = f" while running {job.describe()}" if isinstance(
                     job, (RunAction, ListDomains, Collect)) else ""
                 child.kill()
-                child.collect(1.0)
+                self.dying.append(child)
                 self.lost_child(child, f"stopped responding for {age:.1f} s{doing}; killed")
         for slot, spec in wanted.items():
             if slot in self.children:
@@ -595,17 +602,20 @@ class Supervisor:
         now = time.monotonic()
         state.restarts += 1
         assert state.recent is not None
+        if now - child.started > CRASH_WINDOW:
+            state.loops = 0  # it had been running fine: a new problem, not the same loop
         state.recent.append(now)
         backoff = 0.0
         if len(state.recent) == CRASH_LIMIT and now - state.recent[0] < CRASH_WINDOW:
-            backoff = min(MAX_BACKOFF, 2.0 ** min(state.restarts - CRASH_LIMIT + 1, 5))
+            state.loops += 1
+            backoff = min(MAX_BACKOFF, 2.0 ** state.loops)
             state.not_before = now + backoff
         log.error("%s (pid %d) %s; %s", child.role, child.pid, why,
                   f"restarting in {math.ceil(backoff)} s (crash loop)" if backoff
                   else "restarting")
 
     def shutdown(self) -> None:
-        children = list(self.children.values())
+        children = list(self.children.values()) + self.dying
         for child in children:
             child.terminate()
         deadline = time.monotonic() + STOP_GRACE

@@ -160,8 +160,12 @@ def _child_bootstrap(
     if ctx.orphaned():  # the supervisor died between fork and prctl
         os._exit(1)
     # Shutdown is the supervisor's job: it tells us (SIGTERM) in its own order.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Our own process group keeps a terminal's Ctrl-C (or a hang-up) for the
+    # supervisor alone, without ignoring signals that actions would inherit.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)

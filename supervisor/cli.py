@@ -19,7 +19,7 @@ from vhostmd.supervisor.daemon import (
     lookup_user,
     setup_logging,
 )
-from vhostmd.supervisor.status import status_path_for
+from vhostmd.supervisor.status import prepare_status_file, status_path_for
 
 log = logging.getLogger("vhostmd")
 DEFAULT_PID_FILE = "/var/run/vhostmd.pid"
@@ -74,6 +74,11 @@ def prepare_disk(config: Config, owner: tuple[int, int] | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The daemon changes to / when it daemonizes and re-reads its config on
+    # SIGHUP: keep the paths it was given meaning what they meant here.
+    args.config = os.path.abspath(args.config)
+    if args.pid_file:
+        args.pid_file = os.path.abspath(args.pid_file)
     if args.list_builtins:
         from vhostmd.workers.collectors import describe_builtins
 
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             pid_file.write(os.getpid())
             if run_as is not None:
                 pid_file.chown(run_as.uid, run_as.gid)
+                prepare_status_file(status_path_for(pid_file.path), run_as.uid, run_as.gid)
         if run_as is not None:
             drop_privileges(run_as)
     except StartupError as exc:

@@ -163,7 +163,7 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
         if (name := reader.single(disk, "name")) is not None:
             kwargs["disk_name"] = reader.text(name)
         if (dpath := reader.single(disk, "path")) is not None:
-            kwargs["disk_path"] = reader.text(dpath)
+            kwargs["disk_path"] = _absolute(reader.text(dpath), path)
         if (size := reader.single(disk, "size")) is not None:
             kwargs["disk_size"] = _disk_size(reader, size)
 
@@ -194,7 +194,7 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
     virtio = reader.single(globals_, "virtio")
     if virtio is not None:
         if (cpath := reader.single(virtio, "channel_path")) is not None:
-            kwargs["channel_paths"] = (reader.text(cpath),)
+            kwargs["channel_paths"] = (_absolute(reader.text(cpath), path),)
         if (maxc := reader.single(virtio, "max_channels")) is not None:
             kwargs["max_channels"] = reader.integer(maxc, 1, MAX_CHANNELS_LIMIT)
         if (exp := reader.single(virtio, "expiration_time")) is not None:
@@ -278,6 +278,14 @@ def _builtin(reader: _Reader, elem: etree._Element) -> BuiltinRef:
     if problem is not None:
         raise reader.error(elem, problem)
     return ref
+
+
+def _absolute(value: str, config_path: str) -> str:
+    """A relative path in the config is relative to the config file's directory
+    (the daemon runs in / once daemonized, so the working directory means nothing)."""
+    if os.path.isabs(value) or config_path.startswith("<"):
+        return value
+    return os.path.join(os.path.dirname(os.path.abspath(config_path)), value)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

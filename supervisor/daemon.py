@@ -32,7 +32,8 @@ class PidFile:
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644)
         except OSError as exc:
             raise StartupError(f"cannot open pid file {self.path}: {exc.strerror}") from None
         try:

@@ -26,12 +26,42 @@ def status_path_for(pid_path: str) -> str:
 
 
 def write_status(path: str, status: dict[str, Any]) -> None:
-    """Replace the status file atomically; raises OSError."""
+    """Replace the status file atomically; raises OSError.
+
+    After dropping privileges (-u) the directory (/var/run) may not be
+    writable: then the file created for us before the drop is rewritten in
+    place. Symlinks are never followed.
+    """
+    data = (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(status, f, indent=1, sort_keys=True)
-        f.write("\n")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+    except PermissionError:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+        return
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+
+
+def prepare_status_file(path: str, uid: int, gid: int) -> None:
+    """Before dropping privileges: a status file the unprivileged daemon may rewrite."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.fchown(fd, uid, gid)
+        finally:
+            os.close(fd)
 
 
 def remove_status(path: str) -> None:

@@ -248,7 +248,9 @@ class Daemon:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             descendants = list(self.titles())
-            self.stop()
-            for pid in descendants:  # never leave a process behind, even on failure
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+            try:
+                self.stop()
+            finally:
+                for pid in descendants:  # never leave a process behind, even on failure
+                    if alive(pid):
+                        os.kill(pid, signal.SIGKILL)

@@ -88,8 +88,8 @@ def test_broken_config_is_one_clear_line(tmp_path: Path, case: str) -> None:
     text, expected = BROKEN[case]
     conf = tmp_path / "broken.conf"
     conf.write_text(text)
-    proc = subprocess.run([VHOSTMD, "-d", "-f", str(conf)], capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-p", str(tmp_path / "pid")],
+                          capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -106,7 +106,8 @@ def test_broken_config_names_the_line(tmp_path: Path) -> None:
 
 
 def test_missing_config_file_is_clear(tmp_path: Path) -> None:
-    proc = subprocess.run([VHOSTMD, "-d", "-f", str(tmp_path / "nope.conf")],
+    proc = subprocess.run([VHOSTMD, "-d", "-f", str(tmp_path / "nope.conf"), "-p",
+                           str(tmp_path / "pid")],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert proc.stderr.strip() == (f"vhostmd: {tmp_path / 'nope.conf'}: cannot read config: "
@@ -116,6 +117,7 @@ def test_missing_config_file_is_clear(tmp_path: Path) -> None:
 def test_check_option_validates(tmp_path: Path) -> None:
     conf = tmp_path / "ok.conf"
     conf.write_text(config_xml(tmp_path / "disk", GOOD_METRIC))
-    proc = subprocess.run([VHOSTMD, "--check", "-f", str(conf)], capture_output=True,
+    proc = subprocess.run([VHOSTMD, "--check", "-f", str(conf), "-p", str(tmp_path / "pid")],
+                          capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 0 and "OK" in proc.stdout

@@ -282,6 +282,10 @@ def test_document_too_large_keeps_the_previous_one(tmp_path: Path) -> None:
         size_file.write_text("2000")
         daemon.wait_log("does not fit")
         assert values(disk)[("host", "Blob", None)] == "x" * 10
+        # Another size, still too large: the same problem, not logged again.
+        size_file.write_text("2100")
+        cycles = daemon.log().count("cycle ")
+        wait_for(lambda: daemon.log().count("cycle ") >= cycles + 2, 5, "two more cycles")
         size_file.write_text("20")
         wait_for(lambda: values(disk)[("host", "Blob", None)] == "x" * 20, 5, "a smaller one")
         assert daemon.log().count("does not fit") == 1
@@ -356,6 +360,11 @@ def test_user_option_refuses_root_and_drops_privileges(tmp_path: Path) -> None:
                 status = Path(f"/proc/{pid}/status").read_text()
                 uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
                 assert set(uid_line.split()[1:]) == {str(nobody.pw_uid)}, (pid, uid_line)
+            status = subprocess.run([VHOSTMD, "--status", "-p", str(daemon.pid_file)],
+                                    capture_output=True, text=True, timeout=30)
+            assert status.returncode == 0, status.stdout
+            assert "running as nobody" not in status.stdout  # sanity: it is the table
+            assert f"running, pid {daemon.pid}" in status.stdout
             assert daemon.stop() == 0
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
@@ -391,3 +400,22 @@ def test_crash_looping_child_is_backed_off_not_spun(tmp_path: Path) -> None:
         wait_for(lambda: values(disk)[("host", "Nanos", None)] != first, 5, "updates")
         assert daemon.log().count("disk-writer (pid") <= looped_at + 1  # no spinning
         assert daemon.stop() == 0
+
+
+def test_relative_paths_keep_their_meaning_after_daemonizing(tmp_path: Path) -> None:
+    # A relative disk path is relative to the config file; -f and -p to the caller.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "r.conf").write_text(
+        config_xml("vhostmd0", metric_xml("A", "echo 1", mtype="uint32")))
+    cmd = [VHOSTMD, "-f", "etc/r.conf", "-p", "r.pid", "-c", "test:///default"]
+    started = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    pid_file = tmp_path / "r.pid"
+    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 5, "pid"))
+    try:
+        wait_for(lambda: published(tmp_path / "etc" / "vhostmd0"), 5, "the disk next to r.conf")
+        assert (tmp_path / "r.status").exists()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not alive(pid), 10, "the daemon to exit")
+    assert not pid_file.exists() and not (tmp_path / "r.status").exists()

@@ -449,3 +449,18 @@ def test_output_limit_is_documented() -> None:
 
     doc = channels.__doc__ or ""
     assert f"{OUTPUT_LIMIT // 1024} KiB" in doc and f"= {RATE_BURST} requests" in doc
+
+
+def test_vm_without_metrics_of_its_own_gets_none_not_not_yet() -> None:
+    """"Not available yet" is for before the first cycle only (DESIGN.md section 5)."""
+    from vhostmd.protocol import NOT_YET_HOST, NOT_YET_VM, build_response
+    from vhostmd.virtio.channels import ChannelManager
+
+    manager = ChannelManager((), 4, 15.0)
+    assert manager.response_for(7) == build_response(None, None)
+    host = b"  <metric type='uint32' context='host'>\n    <name>A</name>\n" \
+           b"    <value>1</value>\n  </metric>\n"
+    manager.update_metrics(host, {}, (7,), 0.0)
+    response = manager.response_for(7)
+    assert NOT_YET_VM not in response and NOT_YET_HOST not in response
+    assert response == b"<metrics>\n" + host + b"</metrics>\n\n"

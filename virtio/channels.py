@@ -179,7 +179,12 @@ class ChannelManager:
     def response_for(self, vm_id: int) -> bytes:
         response = self.responses.get(vm_id)
         if response is None:
-            response = build_response(self.host_fragment, self.vm_fragments.get(vm_id))
+            # After the first metrics message a VM without metrics of its own
+            # (none configured, or all left out) gets none, not "not yet".
+            vm_fragment = self.vm_fragments.get(vm_id)
+            if vm_fragment is None and self.host_fragment is not None:
+                vm_fragment = b""
+            response = build_response(self.host_fragment, vm_fragment)
             self.responses[vm_id] = response
         return response
 
