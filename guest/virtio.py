@@ -109,8 +109,10 @@ def _write_request(fd: int, port: str, deadline: float, timeout: float) -> None:
 
 def _read_response(fd: int, port: str, deadline: float, timeout: float) -> bytes:
     received = bytearray()
+    searched = 0  # the blank line cannot end before here: search only new bytes
     while True:
-        end = received.find(RESPONSE_END)
+        end = received.find(RESPONSE_END, max(0, searched - len(RESPONSE_END) + 1))
+        searched = len(received)
         if end >= 0:
             # Rendered values never hold a raw newline: the first blank line ends it.
             return bytes(received[: end + len(RESPONSE_END)])
