@@ -119,7 +119,7 @@ def test_hung_action_times_out_without_delaying_other_metrics(tmp_path: Path) ->
         started = time.monotonic()
         wait_for(lambda: published(disk), 5, "the first document")
         # The first document comes at the cycle deadline (0.8 x period), not later.
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 4.0  # far below what the hung action would cost
         assert values(disk)[("host", "Quick", None)] == "3"
         assert ("host", "Hung", None) not in values(disk)
         daemon.wait_log("host metric Hung left out: timed out")

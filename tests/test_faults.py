@@ -90,7 +90,7 @@ def test_stopped_worker_is_detected_and_replaced(tmp_path: Path) -> None:
         stopped_at = time.monotonic()
         os.kill(worker, signal.SIGSTOP)
         replaced(daemon, "worker 1 ", worker, 4.0)
-        assert time.monotonic() - stopped_at <= 2 * 1 + 0.5  # within 2 x update_period
+        assert time.monotonic() - stopped_at <= 2 * 1 + 1.0  # 2 x update_period, plus polling slack
         wait_for(lambda: not alive(worker), 3, "the stopped worker to be killed and reaped")
         daemon.wait_log("stopped responding")
         updates_resume(disk)
