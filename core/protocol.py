@@ -25,7 +25,8 @@ RESPONSE_END = b"\n\n"
 NOT_YET_HOST = b"  <!-- host metrics not available yet -->\n"
 NOT_YET_VM = b"  <!-- metrics of this VM not available yet -->\n"
 
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+# The end of a request (and of a response): the first blank line.
+BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 
 class Request(enum.Enum):
@@ -38,7 +39,7 @@ def parse_request(buf: bytes | bytearray) -> tuple[Request | None, int]:
 
     ``(None, 0)`` means the request is not complete yet: wait for more bytes.
     """
-    match = _BLANK_LINE.search(buf, 0, MAX_REQUEST)
+    match = BLANK_LINE.search(buf, 0, MAX_REQUEST)
     if match is None:
         if len(buf) >= MAX_REQUEST:
             return Request.INVALID, MAX_REQUEST

@@ -55,6 +55,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from vhostmd.protocol import (
+    BLANK_LINE,
     CHANNEL_NAME,
     INVALID_RESPONSE,
     MAX_REQUEST,
@@ -81,7 +82,6 @@ _SKIP_KEEP = 3
 _LOG_NAME_MAX = 64
 CHANNEL_DIR = re.compile(r"(?:domain-)?(\d{1,9})-(.+)\Z", re.DOTALL)
 _PROC_FD = "/proc/self/fd"
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")  # as vhostmd.protocol frames requests
 
 
 def loggable(name: str) -> str:
@@ -370,7 +370,7 @@ class ChannelManager:
             if kind is None:
                 break  # a partial request: wait for more bytes
             # parse_request also reports a full buffer without a blank line as complete.
-            ended = used < MAX_REQUEST or _BLANK_LINE.search(inbuf, 0, used) is not None
+            ended = used < MAX_REQUEST or BLANK_LINE.search(inbuf, 0, used) is not None
             if channel.skipping and ended:
                 del inbuf[:used]  # the end of an oversized request, already answered
                 channel.skipping = False
