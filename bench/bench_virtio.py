@@ -40,7 +40,7 @@ import uuid
 from pathlib import Path
 
 from vhostmd.protocol import CHANNEL_NAME, REQUEST, RESPONSE_END
-from vhostmd.virtio.channels import RATE_BURST, RATE_PER_SECOND
+from vhostmd.virtio.channel import RATE_BURST, RATE_PER_SECOND
 
 VHOSTMD = str(Path(sys.executable).parent / "vhostmd")
 UPDATE_PERIOD = 30

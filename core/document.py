@@ -20,6 +20,7 @@ value is written as ``&#10;`` so no response carries an early blank line.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -89,7 +90,12 @@ def _show(value: str, limit: int = 40) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
+_NEEDS_ESCAPE = re.compile("[&<>'\"\r\n]")
+
+
 def escape(text: str) -> str:
+    if not _NEEDS_ESCAPE.search(text):
+        return text  # nearly every value is a plain number: skip six replaces
     return (
         text.replace("&", "&amp;")
         .replace("<", "&lt;")
@@ -99,6 +105,36 @@ def escape(text: str) -> str:
         .replace("\r", "&#13;")
         .replace("\n", "&#10;")
     )
+
+
+# A metric's type, context, name and unit are the same every cycle: their
+# escaped text is built once, not once per value.
+@functools.lru_cache(maxsize=8192)
+def _head(mtype: str, context: str) -> str:
+    return f"  <metric type='{escape(mtype)}' context='{escape(context)}'"
+
+
+@functools.lru_cache(maxsize=8192)
+def _tail(name: str, unit: str | None) -> str:
+    unit_attr = f" unit='{escape(unit)}'" if unit else ""
+    return f"{unit_attr}>\n    <name>{escape(name)}</name>\n    <value>"
+
+
+_END = "</value>\n  </metric>\n"
+
+
+def vm_attributes(vm_id: int | None, uuid: str | None) -> str:
+    """The ``id`` and ``uuid`` attributes of a vm metric (empty for host metrics)."""
+    attrs = "" if vm_id is None else f" id='{vm_id}'"
+    if uuid is not None:
+        attrs += f" uuid='{escape(uuid)}'"
+    return attrs
+
+
+def render_metric(name: str, mtype: str, context: str, value: str, unit: str | None = None,
+                  vm_attrs: str = "") -> str:
+    """One ``<metric>`` element in the exact layout guests parse (the only renderer)."""
+    return f"{_head(mtype, context)}{vm_attrs}{_tail(name, unit)}{escape(value)}{_END}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,41 +149,31 @@ class Metric:
     vm_id: int | None = None
     uuid: str | None = None
 
-    def __reduce__(self) -> tuple[type[Metric], tuple]:
-        # Thousands cross a process boundary each cycle: a plain tuple pickles
-        # about twice as fast as the default for frozen slotted dataclasses.
-        return (Metric, (self.name, self.type, self.context, self.value, self.unit,
-                         self.vm_id, self.uuid))
-
     def typed_value(self) -> int | float | str:
         return parse_value(self.type, self.value)
 
     def render(self) -> str:
-        attrs = f"type='{escape(self.type)}' context='{escape(self.context)}'"
-        if self.vm_id is not None:
-            attrs += f" id='{self.vm_id}'"
-        if self.uuid is not None:
-            attrs += f" uuid='{escape(self.uuid)}'"
-        if self.unit:
-            attrs += f" unit='{escape(self.unit)}'"
-        return (
-            f"  <metric {attrs}>\n"
-            f"    <name>{escape(self.name)}</name>\n"
-            f"    <value>{escape(self.value)}</value>\n"
-            "  </metric>\n"
-        )
+        return render_metric(self.name, self.type, self.context, self.value, self.unit,
+                             vm_attributes(self.vm_id, self.uuid))
 
 
 DOCUMENT_OPEN = "<metrics>\n"
 DOCUMENT_CLOSE = "</metrics>\n"
+_OPEN = DOCUMENT_OPEN.encode()
+_CLOSE = DOCUMENT_CLOSE.encode()
 
 
 def render_fragment(metrics: Iterable[Metric]) -> str:
     return "".join(m.render() for m in metrics)
 
 
+def assemble(fragments: Iterable[bytes]) -> bytes:
+    """The whole document from rendered fragments (host first, then each VM's)."""
+    return b"".join((_OPEN, *fragments, _CLOSE))
+
+
 def render_document(metrics: Iterable[Metric]) -> str:
-    return DOCUMENT_OPEN + render_fragment(metrics) + DOCUMENT_CLOSE
+    return assemble([render_fragment(metrics).encode()]).decode()
 
 
 class DocumentError(ValueError):

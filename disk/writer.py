@@ -1,6 +1,6 @@
 """The disk-writer process: owns an mmap of the metrics disk.
 
-Write protocol (DESIGN.md section 3): busy=1 -> header (checksum, length) ->
+Write protocol: busy=1 -> header (checksum, length) ->
 content -> busy=0, with an msync between steps so readers that bypass the
 page cache (O_DIRECT guests) see the steps in order too. A document that does
 not fit is refused and the previous one stays.
@@ -14,7 +14,7 @@ import os
 import stat
 
 from vhostmd import mdisk
-from vhostmd.supervisor.children import ChildContext, release_free_memory
+from vhostmd.runtime.child import ChildContext, serve
 
 log = logging.getLogger("vhostmd")
 
@@ -105,13 +105,11 @@ def disk_writer_main(ctx: ChildContext, path: str, size: int) -> None:
         ctx.send(("disk-failed", f"cannot open metrics disk {path}: {reason}"))
         raise SystemExit(1) from None
     ctx.send(("disk-ready", path))
-    while not ctx.orphaned():
-        ctx.beat()
-        message = ctx.receive(ctx.beat_interval)
-        if message is None:
-            continue
+    idle = f"disk-writer {path}"
+
+    def handle(message: tuple[int, bytes]) -> None:
         seq, content = message
-        ctx.title(f"disk-writer {path} writing")
+        ctx.title(f"{idle} writing")
         try:
             disk.write(content)
         except DiskTooSmall as exc:
@@ -120,5 +118,5 @@ def disk_writer_main(ctx: ChildContext, path: str, size: int) -> None:
             ctx.send(("disk-written", seq, f"os-error {exc.errno}", str(exc)))
         else:
             ctx.send(("disk-written", seq, None, None))
-        release_free_memory()
-        ctx.title(f"disk-writer {path}")
+
+    serve(ctx, handle, idle)

@@ -1,169 +1,88 @@
-"""The supervisor: cycle clock, fan-out, rendering, and a pool of children it keeps alive.
+"""The supervisor's main loop: signals, the cycle clock, and its children.
 
 Modelled on gunicorn's arbiter: signal handlers only queue the signal and
-wake the main loop through a self-pipe; the loop handles signals
-(handle_term, handle_hup, ...), reads children's messages, runs the cycle,
-and converges the running children on the wanted set (reap, kill hung ones,
-respawn with backoff). The supervisor itself never calls libvirt, a shell or
-/proc: everything external runs in a worker under a deadline.
+wake the loop through a self-pipe; the loop handles signals (handle_term,
+handle_hup), takes the children's messages, runs the cycle (plan, dispatch,
+gather, publish), and lets the pool converge on the wanted children. The
+supervisor itself never calls libvirt, a shell or /proc, and never imports
+what its children run: everything external runs in a child under a deadline.
+
+The parts live beside it: ``pool`` (children), ``planning`` (which jobs),
+``cycle`` (gathering one cycle's results), ``publisher`` (to the disk-writer
+and virtio), ``status`` (the status file).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import math
 import os
 import queue
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from multiprocessing.connection import wait
 
-from vhostmd.supervisor.children import CTX, Child, ChildContext, release_free_memory
-from vhostmd.supervisor.config import MAX_WORKERS, Config, ConfigError, load_config
-from vhostmd.supervisor.cycle import (
-    DOMAIN_LIST_FAILURE,
-    Cycle,
-    FailureLog,
-    Rendered,
-    domain_list_failure,
-    failure_key,
+from vhostmd.supervisor import planning
+from vhostmd.supervisor.children import (
+    DISK_SLOT,
+    VIRTIO_SLOT,
+    beat_interval,
+    hang_timeout,
+    wanted_children,
 )
-from vhostmd.supervisor.status import remove_status, write_status
-from vhostmd.workers.actions import is_plain_name
+from vhostmd.supervisor.config import Config, ConfigError, load_config
+from vhostmd.supervisor.cycle import DOMAIN_LIST_FAILURE, Cycle, FailureLog, failure_key
+from vhostmd.supervisor.cycle import domain_list_failure as list_failure
+from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
+from vhostmd.supervisor.publisher import Publisher
+from vhostmd.supervisor.status import build_status, remove_status, write_status
+from vhostmd.wire import Failure, Job, JobResult, ListDomains, RunAction, needs_libvirt
 from vhostmd.workers.collectors import CollectorPlan
 from vhostmd.workers.collectors import plan as plan_collectors
-from vhostmd.workers.jobs import (
-    Collect,
-    Domain,
-    Failure,
-    Job,
-    JobResult,
-    ListDomains,
-    RunAction,
-)
 
 log = logging.getLogger("vhostmd")
 
-DISK_SLOT = MAX_WORKERS
-VIRTIO_SLOT = MAX_WORKERS + 1
-SLOTS = MAX_WORKERS + 2
 STOP_GRACE = 3.0
-# A child restarted this often within CRASH_WINDOW seconds is crash-looping:
-# wait before the next start instead of spinning on it.
-CRASH_LIMIT = 5
-CRASH_WINDOW = 30.0
-MAX_BACKOFF = 30.0
-
-
-@dataclass
-class ChildSpec:
-    """A child the supervisor wants running."""
-
-    role: str
-    slot: int
-    target: Callable[[ChildContext], None]
-    key: tuple  # when the key changes (reload), the running child is replaced
-
-
-@dataclass
-class SlotState:
-    restarts: int = 0
-    loops: int = 0  # back-offs in a row, without a long enough run in between
-    recent: deque[float] | None = None
-    not_before: float = 0.0
 
 
 class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
     def __init__(self, config: Config, *, uri: str | None, config_path: str,
-                 private_fds: tuple[int, ...] = (), status_path: str | None = None) -> None:
+                 status_path: str | None = None, log_level: int = logging.INFO,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.uri = uri
+        self.config_path = config_path
         self.status_path = status_path
         self.status_error: str | None = None
+        self.clock = clock
         self.started_wall = time.time()
         self.last_cycle_wall = 0.0
         self.virtio_status: tuple[int, int, int] | None = None
-        self.uri = uri
-        self.config_path = config_path
-        self.private_fds = list(private_fds)  # children close these (the pid file lock)
-        # One slot per child, and a last one with the beat interval they follow.
-        self.heartbeats = CTX.Array("d", SLOTS + 1, lock=False)
-        self.heartbeats[SLOTS] = self.beat_interval
-        self.action_groups = CTX.Array("i", SLOTS, lock=False)
-        self.children: dict[int, Child] = {}
-        self.dying: list[Child] = []  # killed, not reaped yet
-        self.slot_state: dict[int, SlotState] = {}
         self.events: queue.SimpleQueue[tuple[Child, object]] = queue.SimpleQueue()
         self.signal_queue: deque[int] = deque()
         self.stopping = False
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pool = ChildPool(level=log_level, beat_interval=beat_interval(config.update_period),
+                              on_message=self.on_message, on_lost=self.on_lost,
+                              on_started=self.on_started, clock=clock)
+        self.publisher = Publisher(lambda: self.pool.get(DISK_SLOT),
+                                   lambda: self.pool.get(VIRTIO_SLOT))
+        self.failures = FailureLog()
         self.cycle: Cycle | None = None
         self.cycle_number = 0
-        self.job_counter = 0
+        self.new_job_id = planning.job_ids().__next__
         self.pending: deque[Job] = deque()
-        self.failures = FailureLog()
-        self.clock_base = time.monotonic()
-        self.clock_k = 0
-        self.next_cycle = self.clock_base
-        self.latest: Rendered | None = None
-        self.doc_seq = 0
-        self.disk_acked = True
-        self.disk_sent_seq = 0
-        self.disk_error: str | None = None
-        self.disk_error_kind: str | None = None
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.collector_state: dict[tuple[str, str], object] = {}
         self._plans: list[CollectorPlan] = []
         self._plans_for: Config | None = None
+        self.clock_base = clock()
+        self.clock_k = 0
+        self.next_cycle = self.clock_base
         self.stats = {"cycles": 0, "last_cycle_seconds": 0.0, "published": 0, "left_out": 0}
-
-    # -- wanted state -------------------------------------------------------
-
-    @property
-    def hang_timeout(self) -> float:
-        return min(max(1.0, 1.5 * self.config.update_period), 30.0)
-
-    @property
-    def beat_interval(self) -> float:
-        # Several beats per hang timeout, but no more than needed: every wake-up
-        # of an idle daemon costs CPU on a host that runs VMs.
-        return min(1.0, max(0.25, self.hang_timeout / 6))
-
-    def wanted(self) -> dict[int, ChildSpec]:
-        from vhostmd.disk.writer import disk_writer_main
-        from vhostmd.workers.worker import worker_main
-
-        cfg = self.config
-        specs = {
-            i: ChildSpec(f"worker {i + 1}", i,
-                         functools.partial(worker_main, index=i + 1, uri=self.uri), ("worker",))
-            for i in range(cfg.workers)
-        }
-        if cfg.vbd:
-            specs[DISK_SLOT] = ChildSpec(
-                "disk-writer", DISK_SLOT,
-                functools.partial(disk_writer_main, path=cfg.disk_path, size=cfg.disk_size),
-                ("disk", cfg.disk_path, cfg.disk_size),
-            )
-        if cfg.virtio:
-            specs[VIRTIO_SLOT] = self.virtio_spec()
-        return specs
-
-    def virtio_spec(self) -> ChildSpec:
-        from vhostmd.virtio.channels import virtio_main
-
-        cfg = self.config
-        return ChildSpec(
-            "virtio", VIRTIO_SLOT,
-            functools.partial(virtio_main, channel_paths=cfg.channel_paths,
-                              max_channels=cfg.max_channels,
-                              expiration_time=cfg.expiration_time),
-            ("virtio", cfg.channel_paths, cfg.max_channels, cfg.expiration_time),
-        )
 
     # -- signals -------------------------------------------------------------
 
@@ -200,56 +119,79 @@ class Supervisor:
         old = self.config
         self.config = new
         if new.update_period != old.update_period:
-            self.reanchor_clock(time.monotonic())
-            self.heartbeats[SLOTS] = self.beat_interval
+            self.reanchor_clock(self.clock())
+            self.pool.beat_interval = beat_interval(new.update_period)
         log.info("reloaded %s: %d metrics, period %d s", self.config_path,
-                 len(new.metrics), new.update_period)
+                 len(new.metrics) + sum(len(p.metric_names) for p in self.collector_plans()),
+                 new.update_period)
 
     # -- main loop -------------------------------------------------------------
 
     def run(self) -> int:
         self.install_signals()
+        self.start_children()
         while not self.stopping:
             try:
                 self.step()
             except Exception:
-                # A bug must not take every guest's metrics down with the
-                # supervisor: log it, drop the cycle, and go on.
-                log.exception("internal error in the supervisor loop; skipping this cycle")
-                self.cycle = None
-                self.pending.clear()
-                self.reanchor_clock(time.monotonic() + self.config.update_period)
+                self.recover()
             if not self.stopping:
                 self.sleep()
         self.shutdown()
         return 0
+
+    def start_children(self, timeout: float = 10.0) -> None:
+        """Start the children and give the workers time to be ready for the first cycle.
+
+        A child's first start waits for the forkserver to import everything
+        (about a second on a slow machine); a first cycle started before would
+        miss its deadline for nothing.
+        """
+        self.pool.converge(wanted_children(self.config, self.uri),
+                           hang_timeout(self.config.update_period))
+        until = self.clock() + timeout
+        workers = list(range(self.config.workers))
+        while not self.stopping and not self.pool.all_ready(workers) and self.clock() < until:
+            self.handle_signals()
+            self.handle_events()
+            self.sleep_until(until)
+        self.reanchor_clock(self.clock())
+
+    def recover(self) -> None:
+        # A bug must not take every guest's metrics down with the supervisor:
+        # log it, drop the cycle, and go on.
+        log.exception("internal error in the supervisor loop; skipping this cycle")
+        self.cycle = None
+        self.pending.clear()
+        self.reanchor_clock(self.clock() + self.config.update_period)
 
     def step(self) -> None:
         self.handle_signals()
         if self.stopping:
             return
         self.handle_events()
-        now = time.monotonic()
+        now = self.clock()
         if self.cycle is None and now >= self.next_cycle:
             self.start_cycle(now)
         self.dispatch()
         if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
             self.finish_cycle()
-        self.converge()
+        self.pool.converge(wanted_children(self.config, self.uri),
+                           hang_timeout(self.config.update_period))
 
     def sleep(self) -> None:
-        now = time.monotonic()
-        until = self.next_cycle if self.cycle is None else self.cycle.deadline
-        timeout = max(0.0, min(until - now, self.beat_interval))
-        from multiprocessing.connection import wait
+        self.sleep_until(self.next_cycle if self.cycle is None else self.cycle.deadline)
 
-        waitables: list = [self.wake_r]
-        waitables.extend(c.sentinel for c in self.children.values() if not c.gone)
+    def sleep_until(self, until: float) -> None:
+        """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
+        timeout = max(0.0, min(until - self.clock(), self.pool.beat_interval))
         if self.events.empty():
-            wait(waitables, timeout)
+            wait([self.wake_r, *self.pool.sentinels()], timeout)
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_r, 4096):
                 pass
+
+    # -- children's messages -------------------------------------------------
 
     def on_message(self, child: Child, message: object) -> None:
         """Called in a reader thread: queue for the main loop and wake it."""
@@ -264,50 +206,68 @@ class Supervisor:
                 child, message = self.events.get_nowait()
             except queue.Empty:
                 return
-            if self.children.get(child.slot) is not child:
-                # From a child already reaped: only its last words still matter.
+            if isinstance(message, logging.LogRecord):
+                log.handle(message)  # a child's log line, written where ours go
+            elif not self.pool.is_current(child):
+                # From a child already replaced: only its last words still matter.
                 if isinstance(message, tuple) and message and message[0] == "disk-failed":
                     log.error("%s", message[1])
-                continue
-            if isinstance(message, JobResult):
-                self.handle_result(child, message)
+            elif isinstance(message, Unreadable):
+                self.pool.replace(child, f"sent an unreadable message ({message.why}); killed")
+            elif isinstance(message, JobResult):
+                child.busy_with = None
+                self.handle_result(message)
             elif isinstance(message, tuple) and message:
                 self.handle_child_message(child, message)
 
-    def handle_result(self, child: Child, result: JobResult) -> None:
-        child.busy_with = None
+    def handle_result(self, result: JobResult) -> None:
         if self.cycle is None:
             return
         job = self.cycle.accept(result)
-        if isinstance(job, Collect) and result.state is not None:
-            context = "host" if job.domains is None else "vm"
-            self.collector_state[(job.collector, context)] = result.state
-        if job is not None and isinstance(job, ListDomains):
-            self.fan_out_vms()
+        if job is None:
+            return
+        if result.state is not None and hasattr(job, "collector"):
+            self.collector_state[(job.collector, job.context)] = result.state
+        if isinstance(job, ListDomains):
+            self.pending.extend(planning.plan_vms(self.cycle, self.config,
+                                                  self.collector_plans(), self.new_job_id,
+                                                  self.collector_state))
+            if self.cycle.domains_error is not None:
+                self.cycle.failures.append(list_failure(self.cycle.domains_error))
 
     def handle_child_message(self, child: Child, message: tuple) -> None:
         kind = message[0]
-        if kind == "disk-ready":
-            self.disk_acked = True
-            self.disk_sent_seq = 0
-            self.send_document()
+        if kind == "ready":
+            child.ready = True
+        elif kind == "disk-ready":
+            self.publisher.writer_ready()
         elif kind == "disk-written":
             _, _seq, error_kind, error = message
-            self.disk_acked = True
-            # Logged once per kind of problem: a too-large document changes
-            # size (and so message) nearly every cycle.
-            if error_kind != self.disk_error_kind:
-                if error:
-                    log.error("metrics disk: %s", error)
-                elif self.disk_error_kind:
-                    log.info("metrics disk written again")
-                self.disk_error_kind = error_kind
-            self.disk_error = error
-            self.send_document()
+            self.publisher.written(error_kind, error)
         elif kind == "disk-failed":
             log.error("%s", message[1])
         elif kind == "virtio-status":
             self.virtio_status = tuple(message[1:4])  # type: ignore[assignment]
+
+    def on_started(self, child: Child) -> None:
+        if child.slot == DISK_SLOT:
+            self.publisher.writer_started()
+        elif child.slot == VIRTIO_SLOT:
+            # A restarted virtio process serves guests without waiting a cycle.
+            self.publisher.send_fragments()
+
+    def on_lost(self, child: Child, why: str) -> None:
+        job = child.busy_with
+        child.busy_with = None
+        if self.cycle is None or job is None:
+            return
+        # Its result will never come: leave it out of this cycle now.
+        reason = f"{child.role} {why}"
+        if isinstance(job, RunAction):
+            failure = Failure(job.metric.name, job.metric.context, job.domain, reason)
+            self.handle_result(JobResult(job.job_id, failures=(failure,)))
+        else:
+            self.handle_result(JobResult(job.job_id, error=reason))
 
     # -- cycles --------------------------------------------------------------
 
@@ -316,90 +276,27 @@ class Supervisor:
         self.clock_k = 0
         self.next_cycle = now if self.cycle is None else now + self.config.update_period
 
-    def new_job_id(self) -> int:
-        self.job_counter += 1
-        return self.job_counter
-
-    def start_cycle(self, now: float) -> None:
-        cfg = self.config
-        self.cycle_number += 1
-        deadline = now + max(0.5, 0.8 * cfg.update_period)
-        cycle = Cycle(self.cycle_number, now, deadline)
-        # Jobs end a little before the cycle does, so a timed-out action is
-        # reported as such instead of as a missing result.
-        job_deadline = deadline - max(0.05, min(0.25, 0.05 * cfg.update_period))
-        cycle.job_deadline = job_deadline
-        self.cycle = cycle
-        cycle.domains_job = self.new_job_id()
-        cycle.attempted.add(failure_key(DOMAIN_LIST_FAILURE))
-        if any(isinstance(c.busy_with, ListDomains) for c in self.children.values()):
-            # libvirt has not answered the last listing: asking again would only
-            # tie up another worker until the hung one is replaced.
-            cycle.domains_error = "libvirt did not answer the previous domain listing"
-            cycle.failures.append(domain_list_failure(cycle.domains_error))
-        else:
-            listing = ListDomains(cycle.domains_job, job_deadline)
-            cycle.expect((-1, -1), listing)
-            self.pending.append(listing)
-        for index, metric in enumerate(cfg.metrics):
-            if metric.context == "host":
-                job = RunAction(self.new_job_id(), job_deadline, metric, None, cfg.exec_path)
-                cycle.expect((metric.line, index), job)
-                self.pending.append(job)
-        for plan in self.collector_plans():
-            if plan.context == "host":
-                self.expect_collect(cycle, plan, None)
-        cycle.attempted.update(
-            (m.context, m.name, None, None) for m in cfg.metrics if m.context == "host")
-
-    def fan_out_vms(self) -> None:
-        cycle = self.cycle
-        assert cycle is not None
-        cfg = self.config
-        if cycle.domains_error is not None:
-            cycle.failures.append(domain_list_failure(cycle.domains_error))
-            return
-
-        for plan in self.collector_plans():
-            if plan.context == "vm":  # also with no VMs: it computes host totals too
-                self.expect_collect(cycle, plan, cycle.domains)
-        vm_metrics = [(i, m) for i, m in enumerate(cfg.metrics) if m.context == "vm"]
-        if not vm_metrics:
-            return
-        for domain in cycle.domains or ():
-            if not is_plain_name(domain.name):
-                # One warning per VM (not per metric): its name never reaches a shell.
-                cycle.attempted.add(("vm", "shell metrics", domain.id, domain.name))
-                cycle.failures.append(Failure(
-                    "shell metrics", "vm", domain,
-                    "VM name is not plain ([A-Za-z0-9._+:@-]), so no shell action runs for it"))
-                continue
-            for index, metric in vm_metrics:
-                cycle.attempted.add(("vm", metric.name, domain.id, domain.name))
-                job = RunAction(self.new_job_id(), cycle.job_deadline, metric, domain,
-                                cfg.exec_path)
-                cycle.expect((metric.line, index), job)
-                self.pending.append(job)
-
     def collector_plans(self) -> list[CollectorPlan]:
         if self._plans_for is not self.config:
             self._plans = plan_collectors(self.config.builtins)
             self._plans_for = self.config
         return self._plans
 
-    def expect_collect(self, cycle: Cycle, plan: CollectorPlan,
-                       domains: tuple[Domain, ...] | None) -> None:
-        job = Collect(self.new_job_id(), cycle.job_deadline, plan.collector, plan.metric_names,
-                      domains, self.collector_state.get((plan.collector, plan.context)))
-        # Unique per plan: a host job and the vm job may share a <builtin> line.
-        cycle.expect((plan.order, -1 - self.collector_plans().index(plan)), job)
-        cycle.attempted.add((plan.context, f"builtin {plan.collector}", None, None))
-        # Built-ins report failures per metric (and per VM): recoveries are
-        # noticed only if those keys count as tried.
-        for name in plan.metric_names:
-            cycle.attempted.add(("host", name, None, None))
-            cycle.attempted.update(("vm", name, d.id, d.name) for d in domains or ())
-        self.pending.append(job)
+    def start_cycle(self, now: float) -> None:
+        period = self.config.update_period
+        self.cycle_number += 1
+        deadline = now + max(0.5, 0.8 * period)
+        cycle = Cycle(self.cycle_number, now, deadline)
+        # Jobs end a little before the cycle does, so a timed-out action is
+        # reported as such instead of as a missing result.
+        cycle.job_deadline = deadline - max(0.05, min(0.25, 0.05 * period))
+        cycle.attempted.add(failure_key(DOMAIN_LIST_FAILURE))
+        self.cycle = cycle
+        listing_pending = any(isinstance(self.pool.children[s].busy_with, ListDomains)
+                              for s in self.pool.children)
+        self.pending.extend(planning.plan_start(cycle, self.config, self.collector_plans(),
+                                                self.new_job_id, self.collector_state,
+                                                listing_pending))
 
     def dispatch(self) -> None:
         """Hand pending jobs to idle workers, one job per worker at a time.
@@ -412,14 +309,11 @@ class Supervisor:
         if not self.pending:
             return
         idle = [slot for slot in range(self.config.workers)
-                if (c := self.children.get(slot)) is not None and not c.gone
-                and c.busy_with is None]
+                if (c := self.pool.get(slot)) is not None and c.busy_with is None]
         while idle and self.pending:
             job = self.pending.popleft()
-            needs_libvirt = isinstance(job, ListDomains) or (
-                isinstance(job, Collect) and job.domains is not None)
-            slot = idle.pop(0) if needs_libvirt else idle.pop()
-            child = self.children[slot]
+            slot = idle.pop(0) if needs_libvirt(job) else idle.pop()
+            child = self.pool.children[slot]
             child.busy_with = job
             child.send(job)
 
@@ -430,26 +324,23 @@ class Supervisor:
         self.pending.clear()
         for job in cycle.abandon():
             if isinstance(job, RunAction):
-                cycle.failures.append(Failure(
-                    job.metric.name, job.metric.context, job.domain,
-                    "no result before the cycle deadline"))
+                cycle.failures.append(Failure(job.metric.name, job.metric.context, job.domain,
+                                              "no result before the cycle deadline"))
             elif isinstance(job, ListDomains):
                 cycle.domains_error = "listing domains did not finish before the cycle deadline"
-                cycle.failures.append(domain_list_failure(cycle.domains_error))
+                cycle.failures.append(list_failure(cycle.domains_error))
             else:
-                context = "vm" if getattr(job, "domains", None) else "host"
-                cycle.failures.append(Failure(job.describe(), context, None,
+                cycle.failures.append(Failure(job.describe(), job.context, None,
                                               "no result before the cycle deadline"))
         rendered = cycle.render()
         self.failures.update(cycle.failures, cycle.attempted)
-        self.publish(rendered)
-        now = time.monotonic()
+        self.publisher.publish(rendered)
+        now = self.clock()
         took = now - cycle.started
         self.stats.update(cycles=self.stats["cycles"] + 1, last_cycle_seconds=took,
                           published=rendered.published, left_out=rendered.left_out)
         self.last_cycle_wall = time.time()
         self.write_status()
-        release_free_memory()
         log.debug("cycle %d: %d metrics, %d left out, %.3f s", cycle.number,
                   rendered.published, rendered.left_out, took)
         self.clock_k += 1
@@ -459,75 +350,13 @@ class Supervisor:
                         cycle.number, self.config.update_period, now - self.next_cycle)
             self.reanchor_clock(now)
 
-    def publish(self, rendered: Rendered) -> None:
-        self.latest = rendered
-        self.doc_seq += 1
-        self.send_document()
-        self.send_fragments()
-
-    def send_fragments(self) -> None:
-        virtio = self.children.get(VIRTIO_SLOT)
-        rendered = self.latest
-        if virtio is not None and not virtio.gone and rendered is not None:
-            virtio.send(("metrics", rendered.host_fragment, rendered.vm_fragments,
-                         tuple(d.id for d in rendered.domains)))
-
-    def send_document(self) -> None:
-        """At most one document in flight to the disk-writer: always the newest."""
-        writer = self.children.get(DISK_SLOT)
-        if (writer is None or writer.gone or not self.disk_acked or self.latest is None
-                or self.disk_sent_seq == self.doc_seq):
-            return
-        self.disk_acked = False
-        self.disk_sent_seq = self.doc_seq
-        writer.send((self.doc_seq, self.latest.document))
-
-    # -- status ----------------------------------------------------------------
-
-    def child_state(self, slot: int, child: Child | None) -> str:
-        if child is None:
-            state = self.slot_state.get(slot)
-            if state is not None and state.not_before > time.monotonic():
-                return "waiting to restart (crash loop)"
-            return "starting"
-        job = child.busy_with
-        if isinstance(job, (RunAction, ListDomains, Collect)):
-            return f"busy: {job.describe()}"
-        if slot == DISK_SLOT:
-            return f"error: {self.disk_error}" if self.disk_error else "ok"
-        return "idle" if slot < MAX_WORKERS else "running"
-
-    def status(self) -> dict:
-        from vhostmd import __version__
-
-        children = []
-        for slot, spec in sorted(self.wanted().items()):
-            child = self.children.get(slot)
-            children.append({
-                "role": spec.role,
-                "pid": child.pid if child is not None else None,
-                "state": self.child_state(slot, child),
-                "restarts": self.slot_state.get(slot, SlotState()).restarts,
-                "heartbeat_age": round(child.heartbeat_age(), 3) if child is not None else None,
-            })
-        virtio = None
-        if self.virtio_status is not None:
-            connected, known, maximum = self.virtio_status
-            virtio = {"connected": connected, "known": known, "max": maximum}
-        return {
-            "version": __version__, "pid": os.getpid(), "config": self.config_path,
-            "update_period": self.config.update_period, "started": self.started_wall,
-            "updated": time.time(), "last_cycle_at": self.last_cycle_wall,
-            "last_cycle_seconds": round(self.stats["last_cycle_seconds"], 4),
-            "cycles": self.stats["cycles"], "published": self.stats["published"],
-            "left_out": self.stats["left_out"], "children": children, "virtio": virtio,
-        }
+    # -- status and shutdown -----------------------------------------------------
 
     def write_status(self) -> None:
         if self.status_path is None:
             return
         try:
-            write_status(self.status_path, self.status())
+            write_status(self.status_path, build_status(self))
         except OSError as exc:
             if self.status_error != exc.strerror:
                 log.warning("cannot write status file %s: %s", self.status_path, exc.strerror)
@@ -535,99 +364,8 @@ class Supervisor:
         else:
             self.status_error = None
 
-    # -- children ------------------------------------------------------------
-
-    def converge(self) -> None:
-        """Reap the dead, kill the hung, replace what is missing or outdated."""
-        wanted = self.wanted()
-        now = time.monotonic()
-        # Killed children are reaped here, a loop later, never waited for.
-        self.dying = [c for c in self.dying if c.collect() is None]
-        for slot, child in list(self.children.items()):
-            how = child.collect()
-            if how is not None:
-                self.lost_child(child, f"died ({how})")
-                continue
-            spec = wanted.get(slot)
-            if spec is None or spec.key != child.spec_key:
-                child.kill()  # outdated by a reload: nothing in it worth waiting for
-                self.dying.append(child)
-                del self.children[slot]
-                continue
-            age = child.heartbeat_age()
-            if age > self.hang_timeout:
-                job = child.busy_with
-                doing = f" while running {job.describe()}" if isinstance(
-                    job, (RunAction, ListDomains, Collect)) else ""
-                child.kill()
-                self.dying.append(child)
-                self.lost_child(child, f"stopped responding for {age:.1f} s{doing}; killed")
-        for slot, spec in wanted.items():
-            if slot in self.children:
-                continue
-            state = self.slot_state.setdefault(slot, SlotState(recent=deque(maxlen=CRASH_LIMIT)))
-            if now < state.not_before:
-                continue
-            self.spawn(spec)
-
-    def spawn(self, spec: ChildSpec) -> None:
-        private = [self.wake_r, self.wake_w, *self.private_fds]
-        child = Child(spec.role, spec.slot, spec.target, self.heartbeats, self.action_groups,
-                      self.on_message, private)
-        child.spec_key = spec.key
-        self.children[spec.slot] = child
-        if spec.slot == DISK_SLOT:
-            self.disk_acked = False  # until the new writer says it is ready
-        elif spec.slot == VIRTIO_SLOT:
-            self.send_fragments()  # a restarted virtio serves guests without waiting a cycle
-        log.debug("started %s (pid %d)", spec.role, child.pid)
-
-    def lost_child(self, child: Child, why: str) -> None:
-        del self.children[child.slot]
-        job = child.busy_with
-        if self.cycle is not None and isinstance(job, (RunAction, ListDomains, Collect)):
-            # Its result will never come: leave it out of this cycle now.
-            reason = f"{child.role} {why}"
-            if isinstance(job, RunAction):
-                metric = job.metric
-                result = JobResult(job.job_id,
-                                   failures=(Failure(metric.name, metric.context, job.domain,
-                                                     reason),))
-            else:
-                result = JobResult(job.job_id, error=reason)
-            self.handle_result(child, result)
-        if self.stopping:
-            return
-        state = self.slot_state.setdefault(child.slot, SlotState(recent=deque(maxlen=CRASH_LIMIT)))
-        now = time.monotonic()
-        state.restarts += 1
-        assert state.recent is not None
-        if now - child.started > CRASH_WINDOW:
-            state.loops = 0  # it had been running fine: a new problem, not the same loop
-        state.recent.append(now)
-        backoff = 0.0
-        if len(state.recent) == CRASH_LIMIT and now - state.recent[0] < CRASH_WINDOW:
-            state.loops += 1
-            backoff = min(MAX_BACKOFF, 2.0 ** state.loops)
-            state.not_before = now + backoff
-        log.error("%s (pid %d) %s; %s", child.role, child.pid, why,
-                  f"restarting in {math.ceil(backoff)} s (crash loop)" if backoff
-                  else "restarting")
-
     def shutdown(self) -> None:
-        children = list(self.children.values()) + self.dying
-        for child in children:
-            child.terminate()
-        deadline = time.monotonic() + STOP_GRACE
-        for child in children:
-            child.collect(max(0.0, deadline - time.monotonic()))
-        for child in children:
-            if not child.gone:
-                log.warning("%s (pid %d) did not stop in %g s; killing it", child.role,
-                            child.pid, STOP_GRACE)
-                child.kill()
-                child.collect(2.0)
-        self.children.clear()
+        self.pool.shutdown(STOP_GRACE)
         if self.status_path is not None:
             remove_status(self.status_path)
         log.info("stopped")

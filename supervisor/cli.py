@@ -10,6 +10,8 @@ import sys
 import setproctitle
 
 from vhostmd import __version__
+from vhostmd.runtime.child import start_forkserver
+from vhostmd.supervisor.arbiter import Supervisor
 from vhostmd.supervisor.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from vhostmd.supervisor.daemon import (
     PidFile,
@@ -134,15 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     for warning in config.warnings:
         log.warning("%s", warning)
     setproctitle.setproctitle("vhostmd: supervisor")
-    from vhostmd.supervisor.arbiter import Supervisor
-
+    # Children are forked from the forkserver, started now: as the user we
+    # run as, before the supervisor starts any thread.
+    start_forkserver()
     log.info("vhostmd %s starting: config %s, period %d s, transports %s, %d workers",
              __version__, args.config, config.update_period, ", ".join(config.transports),
              config.workers)
-    private = (pid_file.fd,) if pid_file is not None else ()
     supervisor = Supervisor(config, uri=args.connect, config_path=args.config,
-                            private_fds=private,
-                            status_path=status_path_for(pid_path) if pid_path else None)
+                            status_path=status_path_for(pid_path) if pid_path else None,
+                            log_level=logging.DEBUG if args.verbose else logging.INFO)
     try:
         status = supervisor.run()
     finally:

@@ -18,6 +18,8 @@ from lxml import etree
 from vhostmd import mdisk
 from vhostmd.document import METRIC_TYPES
 from vhostmd.etc import shipped
+from vhostmd.wire import BuiltinRef, MetricDef, Variable
+from vhostmd.workers.collectors import validate_ref
 from vhostmd.xmlsafe import has_entity_refs, one_line, safe_parser
 
 DEFAULT_CONFIG = "/etc/vhostmd/vhostmd.conf"
@@ -39,36 +41,6 @@ UNITS = {"k": 1024, "m": 1024 * 1024}
 
 class ConfigError(Exception):
     """A config that cannot be used; str() is one line: file:line: problem."""
-
-
-@dataclass(frozen=True, slots=True)
-class Variable:
-    name: str
-    type: str
-
-
-@dataclass(frozen=True, slots=True)
-class MetricDef:
-    """A shell-action metric as configured."""
-
-    name: str
-    type: str
-    context: str
-    action: str
-    unit: str | None = None
-    variables: tuple[Variable, ...] = ()
-    timeout: float | None = None
-    line: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class BuiltinRef:
-    """A <builtin> element: a whole set, or one metric (optionally one context)."""
-
-    set: str | None
-    name: str | None
-    context: str | None
-    line: int = 0
 
 
 @dataclass(frozen=True)
@@ -269,8 +241,6 @@ def _metric(reader: _Reader, elem: etree._Element) -> MetricDef:
 
 
 def _builtin(reader: _Reader, elem: etree._Element) -> BuiltinRef:
-    from vhostmd.workers.collectors import validate_ref
-
     ref = BuiltinRef(elem.get("set"), elem.get("name"), elem.get("context"), elem.sourceline or 0)
     if (ref.set is None) == (ref.name is None):
         raise reader.error(elem, "<builtin> needs exactly one of set= or name=")

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from vhostmd.document import DOCUMENT_CLOSE, DOCUMENT_OPEN, Metric
-from vhostmd.workers.jobs import Domain, Failure, Job, JobResult
+from vhostmd.document import assemble
+from vhostmd.wire import Domain, Failure, Job, JobResult
 
 log = logging.getLogger("vhostmd")
 
@@ -42,8 +42,9 @@ class Cycle:
     deadline: float
     job_deadline: float = 0.0
     outstanding: dict[int, tuple[Order, Job]] = field(default_factory=dict)
-    host: dict[Order, tuple[Metric, ...]] = field(default_factory=dict)
-    vms: dict[int, dict[Order, tuple[Metric, ...]]] = field(default_factory=dict)
+    host: dict[Order, bytes] = field(default_factory=dict)
+    vms: dict[int, dict[Order, bytes]] = field(default_factory=dict)
+    published: int = 0
     failures: list[Failure] = field(default_factory=list)
     domains: tuple[Domain, ...] | None = None
     domains_job: int | None = None
@@ -72,19 +73,12 @@ class Cycle:
             return job
         self.failures.extend(result.failures)
         if result.error is not None:
-            context = "vm" if getattr(job, "domains", None) else "host"
-            self.failures.append(Failure(job.describe(), context, None, result.error))
-        host: list[Metric] = []
-        by_vm: dict[int, list[Metric]] = {}
-        for metric in result.metrics:
-            if metric.vm_id is None:
-                host.append(metric)
-            else:
-                by_vm.setdefault(metric.vm_id, []).append(metric)
-        if host:
-            self.host[order] = tuple(host)
-        for vm_id, metrics in by_vm.items():
-            self.vms.setdefault(vm_id, {})[order] = tuple(metrics)
+            self.failures.append(Failure(job.describe(), job.context, None, result.error))
+        if result.host:
+            self.host[order] = result.host
+        for vm_id, fragment in result.vms:
+            self.vms.setdefault(vm_id, {})[order] = fragment
+        self.published += result.count
         return job
 
     def abandon(self) -> Iterator[Job]:
@@ -94,27 +88,20 @@ class Cycle:
         self.outstanding.clear()
 
     def render(self) -> Rendered:
-        host_fragment = "".join(m.render() for _, ms in sorted(self.host.items()) for m in ms)
+        """Join the fragments in document order (the workers rendered them)."""
+        host_fragment = b"".join(fragment for _, fragment in sorted(self.host.items()))
         domains = self.domains or ()
         live = {d.id for d in domains}
         vm_fragments: dict[int, bytes] = {}
-        published = sum(len(ms) for ms in self.host.values())
-        parts = [DOCUMENT_OPEN, host_fragment]
         for vm_id in sorted(self.vms):
-            if vm_id not in live:  # a stale result for a VM that is gone
-                continue
-            metrics = [m for _, ms in sorted(self.vms[vm_id].items()) for m in ms]
-            published += len(metrics)
-            text = "".join(m.render() for m in metrics)
-            parts.append(text)
-            vm_fragments[vm_id] = text.encode()
-        parts.append(DOCUMENT_CLOSE)
+            if vm_id in live:  # else a stale result for a VM that is gone
+                vm_fragments[vm_id] = b"".join(f for _, f in sorted(self.vms[vm_id].items()))
         return Rendered(
-            document="".join(parts).encode(),
-            host_fragment=host_fragment.encode(),
+            document=assemble([host_fragment, *vm_fragments.values()]),
+            host_fragment=host_fragment,
             vm_fragments=vm_fragments,
             domains=domains,
-            published=published,
+            published=self.published,
             left_out=len(self.failures),
         )
 

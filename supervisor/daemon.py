@@ -132,8 +132,9 @@ class _ProcessNameFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         import multiprocessing
 
-        name = multiprocessing.current_process().name
-        record.role = "supervisor" if name == "MainProcess" else name
+        if not hasattr(record, "role"):  # set by a child whose record we write
+            name = multiprocessing.current_process().name
+            record.role = "supervisor" if name == "MainProcess" else name
         return True
 
 

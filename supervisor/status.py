@@ -15,6 +15,9 @@ import os
 import time
 from typing import Any
 
+from vhostmd import __version__
+from vhostmd.supervisor.children import DISK_SLOT, wanted_children
+
 STATUS_VERSION = 1
 # LSB init-script status codes: running, dead with pid file, not running, unknown.
 RUNNING, DEAD_PID_FILE, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4
@@ -62,6 +65,45 @@ def prepare_status_file(path: str, uid: int, gid: int) -> None:
             os.fchown(fd, uid, gid)
         finally:
             os.close(fd)
+
+
+def child_state(supervisor: Any, slot: int, child: Any) -> str:
+    if child is None:
+        return "waiting to restart (crash loop)" if supervisor.pool.waiting(slot) else "starting"
+    job = child.busy_with
+    if job is not None and hasattr(job, "describe"):
+        return f"busy: {job.describe()}"
+    if slot == DISK_SLOT:
+        error = supervisor.publisher.error
+        return f"error: {error}" if error else "ok"
+    return "idle" if slot < DISK_SLOT else "running"
+
+
+def build_status(supervisor: Any) -> dict[str, Any]:
+    """What the status file holds, from the running supervisor."""
+    children = []
+    for slot, spec in sorted(wanted_children(supervisor.config, supervisor.uri).items()):
+        child = supervisor.pool.get(slot)
+        children.append({
+            "role": spec.role,
+            "pid": child.pid if child is not None else None,
+            "state": child_state(supervisor, slot, child),
+            "restarts": supervisor.pool.restarts(slot),
+            "heartbeat_age": round(child.heartbeat_age(), 3) if child is not None else None,
+        })
+    virtio = None
+    if supervisor.virtio_status is not None:
+        connected, known, maximum = supervisor.virtio_status
+        virtio = {"connected": connected, "known": known, "max": maximum}
+    stats = supervisor.stats
+    return {
+        "version": __version__, "pid": os.getpid(), "config": supervisor.config_path,
+        "update_period": supervisor.config.update_period, "started": supervisor.started_wall,
+        "updated": time.time(), "last_cycle_at": supervisor.last_cycle_wall,
+        "last_cycle_seconds": round(stats["last_cycle_seconds"], 4),
+        "cycles": stats["cycles"], "published": stats["published"],
+        "left_out": stats["left_out"], "children": children, "virtio": virtio,
+    }
 
 
 def remove_status(path: str) -> None:

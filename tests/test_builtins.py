@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from vhostmd.document import Metric, check_value
+from vhostmd.document import Metric, assemble, check_value, parse_document
 from vhostmd.etc import shipped
 from vhostmd.supervisor.config import BuiltinRef, ConfigError, load_config, parse_config_bytes
+from vhostmd.wire import Collect, Domain, JobResult
 from vhostmd.workers import collectors
-from vhostmd.workers.jobs import Collect, Domain, JobResult
 from vhostmd.workers.libvirt_conn import LibvirtConnection
 
 import nodes
@@ -105,8 +105,13 @@ def run(names: tuple[str, ...], domains: tuple[Domain, ...] | None, uri: str = D
     return collectors.run_collector(job, connection or LibvirtConnection(uri))
 
 
+def metrics_of(result: JobResult) -> list[Metric]:
+    """The metrics a worker's result carries, read back from its rendered fragments."""
+    return parse_document(assemble([result.host, *(f for _, f in result.vms)]))
+
+
 def by_name(result: JobResult) -> dict[str, Metric]:
-    return {m.name: m for m in result.metrics if m.vm_id is None}
+    return {m.name: m for m in metrics_of(result) if m.vm_id is None}
 
 
 def host_names(set_name: str) -> tuple[str, ...]:
@@ -294,7 +299,7 @@ def check_vms_against_virsh(uri: str, domains: tuple[Domain, ...]) -> None:
     result = run(VM_NAMES, domains, uri)
     assert result.failures == ()
     vms: dict[int, dict[str, Metric]] = {}
-    for m in result.metrics:
+    for m in metrics_of(result):
         if m.vm_id is not None:
             assert m.context == "vm"
             vms.setdefault(m.vm_id, {})[m.name] = m
@@ -340,7 +345,7 @@ def test_vms_not_listed_or_restarted_are_skipped(node: tuple[str, list]) -> None
     restarted = Domain(listed[1].id + 100, listed[1].name, listed[1].uuid)
     result = run(VM_NAMES, (listed[0], gone, restarted), uri)
     assert result.failures == ()
-    assert {m.vm_id for m in result.metrics} == {listed[0].id, None}
+    assert {m.vm_id for m in metrics_of(result)} == {listed[0].id, None}
     # The host total still counts every running VM.
     allocated = by_name(result)["MemoryAllocatedToVirtualServers"].typed_value()
     assert allocated == sum(kib(virsh_fields(uri, "dominfo", d.uuid)["Used memory"])
@@ -350,14 +355,14 @@ def test_vms_not_listed_or_restarted_are_skipped(node: tuple[str, list]) -> None
 def test_no_domains_means_nothing_allocated() -> None:
     result = run(VM_NAMES, ())
     assert result.failures == ()
-    assert [(m.name, m.value) for m in result.metrics] == [
+    assert [(m.name, m.value) for m in metrics_of(result)] == [
         ("MemoryAllocatedToVirtualServers", "0"), ("VirtProductInfo", "TEST 0.0.2")]
 
 
 def test_libvirt_down_leaves_only_libvirt_metrics_out(tmp_path: Path) -> None:
     uri = f"test://{tmp_path}/missing.xml"
     vm = run(VM_NAMES, (TEST_DOMAIN,), uri)
-    assert vm.metrics == () and vm.error is None
+    assert metrics_of(vm) == [] and vm.error is None
     assert {f.metric for f in vm.failures} == set(VM_NAMES)
     assert all("cannot connect to libvirt" in f.reason for f in vm.failures)
     host = run(("HostName", "TotalCPUTime"), None, uri)  # host jobs never ask libvirt
@@ -367,7 +372,7 @@ def test_libvirt_down_leaves_only_libvirt_metrics_out(tmp_path: Path) -> None:
 def test_values_are_checked_text() -> None:
     result = run(tuple(dict.fromkeys(host_names("sap") + host_names("vhostmd"))), None)
     result_vm = run(VM_NAMES, (TEST_DOMAIN,))
-    for m in result.metrics + result_vm.metrics:
+    for m in metrics_of(result) + metrics_of(result_vm):
         assert check_value(m.type, m.value) == m.value
 
 

@@ -128,7 +128,8 @@ def test_hung_action_times_out_without_delaying_other_metrics(tmp_path: Path) ->
     sleepers = [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
                 if "sleep 1000." in cmdline(p)]
     assert sleepers == []
-    assert not any(alive(p) for p in descendants)
+    # The forkserver and resource tracker end when they see the supervisor gone.
+    wait_for(lambda: not any(alive(p) for p in descendants), 5, "every descendant to exit")
 
 
 def test_process_titles_and_clean_stop(tmp_path: Path) -> None:
@@ -154,7 +155,7 @@ def test_process_titles_and_clean_stop(tmp_path: Path) -> None:
         code = daemon.stop()
     assert code == 0
     assert not daemon.pid_file.exists()
-    assert [p for p in descendants if alive(p)] == []
+    wait_for(lambda: not any(alive(p) for p in descendants), 5, "every descendant to exit")
     assert "stopped" in daemon.log()
 
 
@@ -167,7 +168,7 @@ def test_other_stop_signals(tmp_path: Path, sig: signal.Signals) -> None:
         assert d.proc is not None
         d.proc.send_signal(sig)
         assert d.proc.wait(10) == 0
-        assert [p for p in descendants if alive(p)] == []
+        wait_for(lambda: not any(alive(p) for p in descendants), 5, "every descendant to exit")
 
 
 def test_killed_disk_writer_is_replaced_and_repairs_a_busy_disk(tmp_path: Path) -> None:

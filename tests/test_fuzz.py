@@ -15,8 +15,8 @@ from vhostmd.guest.api import parse_metrics
 from vhostmd.guest.vbd import read_disk
 from vhostmd.protocol import MAX_REQUEST, Request, parse_request
 from vhostmd.supervisor.config import ConfigError, MetricDef, Variable, parse_config_bytes
+from vhostmd.wire import Domain
 from vhostmd.workers.actions import ActionFailed, metrics_from_output
-from vhostmd.workers.jobs import Domain
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from vhostmd.protocol import CHANNEL_NAME, INVALID_RESPONSE, REQUEST, RESPONSE_END
-from vhostmd.virtio.channels import OUTPUT_LIMIT, RATE_BURST, RATE_PER_SECOND, UNIX_PATH_MAX
+from vhostmd.virtio.channel import RATE_BURST, RATE_PER_SECOND
+from vhostmd.virtio.manager import UNIX_PATH_MAX
 
 import nodes
 from daemon_harness import VHOSTMD, Daemon, config_xml, metric_xml, virtio_xml, wait_for
@@ -444,17 +445,10 @@ def test_long_socket_path(tmp_path: Path) -> None:
         check_own_metrics(rig.fake(1).request(), 1)
 
 
-def test_output_limit_is_documented() -> None:
-    from vhostmd.virtio import channels
-
-    doc = channels.__doc__ or ""
-    assert f"{OUTPUT_LIMIT // 1024} KiB" in doc and f"= {RATE_BURST} requests" in doc
-
-
 def test_vm_without_metrics_of_its_own_gets_none_not_not_yet() -> None:
     """"Not available yet" is for before the first cycle only (DESIGN.md section 5)."""
     from vhostmd.protocol import NOT_YET_HOST, NOT_YET_VM, build_response
-    from vhostmd.virtio.channels import ChannelManager
+    from vhostmd.virtio.manager import ChannelManager
 
     manager = ChannelManager((), 4, 15.0)
     assert manager.response_for(7) == build_response(None, None)

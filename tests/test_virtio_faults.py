@@ -23,7 +23,7 @@ import pytest
 
 from vhostmd.document import parse_document
 from vhostmd.protocol import INVALID_RESPONSE, RESPONSE_END
-from vhostmd.virtio.channels import RATE_BURST, RATE_PER_SECOND
+from vhostmd.virtio.channel import RATE_BURST, RATE_PER_SECOND
 
 from daemon_harness import DiskReader, alive, read_disk, wait_for
 from test_virtio import UPDATE_PERIOD, FakeQemu, Rig, check_own_metrics, running_rig

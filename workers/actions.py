@@ -29,8 +29,7 @@ from vhostmd.document import (
     parse_xml,
 )
 from vhostmd.etc import shipped
-from vhostmd.supervisor.config import MetricDef
-from vhostmd.workers.jobs import Domain
+from vhostmd.wire import Domain, MetricDef
 from vhostmd.xmlsafe import one_line
 
 OUTPUT_LIMIT = 64 * 1024

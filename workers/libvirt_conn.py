@@ -11,7 +11,7 @@ import time
 
 import libvirt
 
-from vhostmd.workers.jobs import Domain
+from vhostmd.wire import Domain
 
 log = logging.getLogger("vhostmd")
 
@@ -59,7 +59,7 @@ class LibvirtConnection:
             self._failures += 1
             self._retry_at = now + min(MAX_RETRY, FIRST_RETRY * 2 ** (self._failures - 1))
             self._last_error = (f"cannot connect to libvirt {self.uri or '(default)'}: "
-                                f"{_message(exc)}")
+                                f"{error_message(exc)}")
             raise LibvirtUnavailable(self._last_error) from None
         self._failures = 0
         self._retry_at = 0.0
@@ -78,10 +78,12 @@ class LibvirtConnection:
             domains = [Domain(d.ID(), d.name(), d.UUIDString()) for d in found]
         except libvirt.libvirtError as exc:
             self.reset()
-            raise LibvirtUnavailable(f"listing domains failed: {_message(exc)}") from None
+            raise LibvirtUnavailable(f"listing domains failed: {error_message(exc)}") from None
         return tuple(sorted(domains, key=lambda d: d.id))
 
 
-def _message(exc: libvirt.libvirtError) -> str:
-    text = exc.get_error_message() or str(exc)
+def error_message(exc: Exception) -> str:
+    """A libvirt error (or any exception) as one line, for logs and failures."""
+    get = getattr(exc, "get_error_message", None)
+    text = (get() if get else None) or str(exc)
     return " ".join(text.split())

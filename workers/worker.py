@@ -2,7 +2,7 @@
 
 The worker beats its heartbeat while it waits for work and while an action
 runs; a call that hangs (libvirt) stops the beat, and the supervisor replaces
-the worker.
+the worker (after asking it for its stacks, see ``vhostmd.supervisor.pool``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
-from vhostmd.supervisor.children import ChildContext, release_free_memory
+from vhostmd.runtime.child import ChildContext, serve
+from vhostmd.wire import Collect, Failure, Job, JobResult, ListDomains, RunAction
 from vhostmd.workers.actions import (
     ActionFailed,
     action_env,
@@ -18,8 +19,9 @@ from vhostmd.workers.actions import (
     run_shell,
     substitute,
 )
-from vhostmd.workers.jobs import Collect, Failure, Job, JobResult, ListDomains, RunAction
+from vhostmd.workers.collectors import run_collector
 from vhostmd.workers.libvirt_conn import LibvirtConnection, LibvirtUnavailable
+from vhostmd.workers.results import Fragments
 
 log = logging.getLogger("vhostmd")
 
@@ -31,10 +33,6 @@ class Worker:
         self.uri = uri
         self.libvirt = LibvirtConnection(uri)
 
-    def _set_group(self, pgid: int) -> None:
-        # The supervisor kills this group if it has to kill us mid-action.
-        self.ctx.action_groups[self.ctx.slot] = pgid
-
     def run(self, job: Job) -> JobResult:
         if isinstance(job, RunAction):
             return self.run_action(job)
@@ -44,8 +42,6 @@ class Worker:
             except LibvirtUnavailable as exc:
                 return JobResult(job.job_id, error=str(exc))
         if isinstance(job, Collect):
-            from vhostmd.workers.collectors import run_collector
-
             return run_collector(job, self.libvirt)
         return JobResult(getattr(job, "job_id", -1), error=f"unknown job {job!r}")
 
@@ -60,26 +56,24 @@ class Worker:
                 command,
                 action_env(job.exec_path, self.uri, job.domain),
                 deadline,
-                on_start=self._set_group,
+                on_start=self.ctx.set_action_group,
                 beat=self.ctx.beat,
             )
             metrics = metrics_from_output(metric, output, job.domain)
         except ActionFailed as exc:
             failure = Failure(metric.name, metric.context, job.domain, str(exc))
             return JobResult(job.job_id, failures=(failure,))
-        return JobResult(job.job_id, metrics=tuple(metrics))
+        out = Fragments()
+        for m in metrics:
+            out.add(m)
+        return out.result(job.job_id)
 
 
 def worker_main(ctx: ChildContext, index: int, uri: str | None) -> None:
     worker = Worker(ctx, index, uri)
-    idle = f"worker {index} idle"
-    ctx.title(idle)
-    while not ctx.orphaned():
-        ctx.beat()
-        job = ctx.receive(ctx.beat_interval)
-        if job is None:
-            continue
+
+    def handle(job: Job) -> None:
         ctx.title(f"worker {index} {job.describe()}")
         ctx.send(worker.run(job))
-        release_free_memory()
-        ctx.title(idle)
+
+    serve(ctx, handle, f"worker {index} idle")

@@ -27,11 +27,13 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+import time
 from dataclasses import dataclass
 
-from vhostmd.document import InvalidValue, Metric, check_value
+from vhostmd.document import InvalidValue, check_value
+from vhostmd.wire import Collect, Domain, Failure, JobResult
 from vhostmd.workers.collectors.source import MetricSpec, Request, Source, SourceFailed
-from vhostmd.workers.jobs import Collect, Domain, Failure, JobResult
+from vhostmd.workers.results import Fragments
 
 log = logging.getLogger("vhostmd")
 
@@ -132,7 +134,7 @@ def plan(refs: tuple) -> list[CollectorPlan]:
 
 def run_collector(job: Collect, libvirt: object) -> JobResult:
     """Run every source this job needs; never raises (problems become failures)."""
-    kind = "host" if job.domains is None else "vm"
+    kind = job.context
     known = BY_KIND[kind]
     failures: list[Failure] = []
     wanted: dict[str, list[str]] = {}  # source name -> metric names
@@ -150,6 +152,10 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
     vm_values: dict[int, tuple[Domain, dict[str, str]]] = {}
     for source_name, names in wanted.items():
         source = sources[source_name]
+        if time.monotonic() >= job.deadline:
+            failures.extend(Failure(n, known[n][1].context, None, "no time left in this cycle")
+                            for n in names)
+            continue
         request = Request(frozenset(names), job.domains, old_state.get(source_name), libvirt,
                           job.deadline)
         try:
@@ -173,7 +179,7 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
             vm_values.setdefault(domain.id, (domain, {}))[1].update(values)
         failures.extend(Failure(n, known[n][1].context if n in known else kind, d, why)
                         for n, d, why in sample.failures)
-    metrics: list[Metric] = []
+    out = Fragments()
     # Document order: the plan's order (config, then set order), whatever the sources.
     for name in job.metric_names:
         spec = known[name][1] if name in known else None
@@ -184,7 +190,7 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
         except InvalidValue as exc:
             failures.append(Failure(name, "host", None, str(exc)))
             continue
-        metrics.append(Metric(name, spec.type, "host", value, spec.unit))
+        out.add_host(name, spec.type, value, spec.unit)
     vm_specs = [known[n][1] for n in job.metric_names if n in known
                 and known[n][1].context == "vm"]
     for vm_id in sorted(vm_values):
@@ -198,10 +204,8 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
             except InvalidValue as exc:
                 failures.append(Failure(spec.name, "vm", domain, str(exc)))
                 continue
-            metrics.append(Metric(spec.name, spec.type, "vm", value, spec.unit,
-                                  domain.id, domain.uuid))
-    return JobResult(job.job_id, metrics=tuple(metrics), failures=tuple(failures),
-                     state=new_state or None)
+            out.add_vm(domain, spec.name, spec.type, value, spec.unit)
+    return out.result(job.job_id, tuple(failures), new_state or None)
 
 
 def describe_builtins() -> str:

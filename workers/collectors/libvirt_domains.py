@@ -13,8 +13,10 @@ same records, so it costs no extra call.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from vhostmd.wire import Domain
 from vhostmd.workers.collectors.source import (
     MetricSpec,
     Request,
@@ -23,7 +25,6 @@ from vhostmd.workers.collectors.source import (
     SourceFailed,
     seconds_from_ns,
 )
-from vhostmd.workers.jobs import Domain
 
 log = logging.getLogger("vhostmd")
 
@@ -40,12 +41,6 @@ BALLOON_CURRENT = VM_VALUES["PhysicalMemoryAllocatedToVirtualSystem"]
 
 def _format(name: str, raw: int) -> str:
     return seconds_from_ns(raw) if name == "TotalCPUTime" else str(int(raw))
-
-
-def _message(exc: Exception) -> str:
-    get = getattr(exc, "get_error_message", None)
-    text = (get() if get else None) or str(exc)
-    return " ".join(text.split())
 
 
 def bulk_stats(conn: Any, groups: int) -> list[tuple[Any, dict[str, Any]]] | None:
@@ -72,7 +67,7 @@ def bulk_stats(conn: Any, groups: int) -> list[tuple[Any, dict[str, Any]]] | Non
 def collect(request: Request) -> Sample:
     import libvirt
 
-    from vhostmd.workers.libvirt_conn import LibvirtUnavailable
+    from vhostmd.workers.libvirt_conn import LibvirtUnavailable, error_message
 
     sample = Sample()
     wanted_vm = [name for name in VM_VALUES if name in request.wanted]
@@ -99,21 +94,26 @@ def collect(request: Request) -> Sample:
         raise SourceFailed(str(exc)) from None
     except libvirt.libvirtError as exc:
         request.libvirt.reset()
-        raise SourceFailed(f"libvirt domain stats failed: {_message(exc)}") from None
+        raise SourceFailed(f"libvirt domain stats failed: {error_message(exc)}") from None
 
-    by_uuid = {d.uuid: d for d in domains}
+    # libvirt ids only grow while libvirtd runs: a VM restarted since the
+    # cycle listed it has a new id, so matching by id alone is exact.
+    by_id = {d.id: d for d in domains}
+    keys = {key for key, _g, _i in needed}
     allocated = 0
     for dom, stats in records:
-        domain: Domain | None = by_uuid.get(dom.UUIDString())
-        if domain is not None and dom.ID() != domain.id:
-            domain = None  # restarted since the cycle listed it: next cycle has it
+        domain: Domain | None = by_id.get(dom.ID())
         if domain is None and not want_allocated:
             continue
-        raw: dict[str, int] = {}
-        for key, _group, _index in needed:
-            if key in stats:
-                raw[key] = stats[key]
-        if len(raw) < len({key for key, _g, _i in needed}):
+        raw: dict[str, int] = {key: stats[key] for key in keys if key in stats}
+        if len(raw) < len(keys):
+            if time.monotonic() >= request.deadline:
+                # The per-domain fallback costs a call per VM: stop at the deadline.
+                if domain is not None:
+                    sample.failures.extend(
+                        (name, domain, "no time left in this cycle for libvirt domain info")
+                        for name in wanted_vm if VM_VALUES[name][0] not in raw)
+                continue
             try:
                 info = dom.info()  # [state, maxMem, memory, nrVirtCpu, cpuTime]
             except libvirt.libvirtError as exc:
@@ -121,7 +121,7 @@ def collect(request: Request) -> Sample:
                                             libvirt.VIR_ERR_OPERATION_INVALID):
                     continue  # it stopped during the cycle
                 if domain is not None:
-                    reason = f"libvirt domain info failed: {_message(exc)}"
+                    reason = f"libvirt domain info failed: {error_message(exc)}"
                     for name in wanted_vm:
                         if VM_VALUES[name][0] not in raw:
                             sample.failures.append((name, domain, reason))

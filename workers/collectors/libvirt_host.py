@@ -18,7 +18,7 @@ def version_text(number: int) -> str:
 def collect(request: Request) -> Sample:
     import libvirt
 
-    from vhostmd.workers.libvirt_conn import LibvirtUnavailable
+    from vhostmd.workers.libvirt_conn import LibvirtUnavailable, error_message
 
     try:
         conn = request.libvirt.get()
@@ -31,7 +31,7 @@ def collect(request: Request) -> Sample:
         raise SourceFailed(str(exc)) from None
     except libvirt.libvirtError as exc:
         request.libvirt.reset()
-        raise SourceFailed(f"libvirt: {exc.get_error_message() or exc}") from None
+        raise SourceFailed(f"libvirt: {error_message(exc)}") from None
     return Sample(host={"VirtProductInfo": f"{hypervisor} {version}".strip()})
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vhostmd.workers.jobs import Domain
+from vhostmd.wire import Domain
 
 
 @dataclass(frozen=True, slots=True)

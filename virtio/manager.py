@@ -17,27 +17,7 @@ expires. A channel that hangs up (or errs) is forgotten; the directory scan
 again when its socket is back. At most ``max_channels`` channels are open; a
 VM beyond that is refused with one log line and admitted once room frees up.
 
-What one guest can cost (so that it cannot hurt the others):
-
-- Input: at most ``MAX_REQUEST`` (512) bytes buffered per channel, and only
-  read while the buffer is not full. A request that fills the buffer without a
-  blank line is invalid; the rest of it, up to its blank line, is skipped, so
-  the guest gets exactly one ``INVALID REQUEST`` and the channel stays usable.
-- Rate: a token bucket per channel, ``RATE_BURST`` = 10 requests, refilled at
-  ``RATE_PER_SECOND`` = 5 requests per second (each skipped 512-byte chunk
-  of an oversized request costs a token too). A guest over its rate is not
-  answered with an error: its channel simply is not read until a token is
-  back, so its later requests wait in its own buffers (and QEMU's) while the
-  loop serves everyone else.
-- Output: non-blocking writes from a per-channel queue holding at most
-  ``OUTPUT_LIMIT`` = 64 KiB (or a single response, if one response is larger).
-  A response that would go beyond that is dropped whole (the stream stays
-  framed), logged once per episode, and the guest gets responses again when it
-  has read what is queued. Responses are built once per VM per cycle and
-  shared, so queued copies of the same response cost no extra memory.
-
-Nothing that comes from a VM reaches a shell; names taken from channel
-directories only appear in log lines, ``repr``-escaped and truncated.
+Serving one channel (buffers, rate limit, framing) is ``vhostmd.virtio.channel``.
 """
 
 from __future__ import annotations
@@ -51,97 +31,18 @@ import resource
 import selectors
 import socket
 import time
-from collections import deque
-from typing import TYPE_CHECKING
 
-from vhostmd.protocol import (
-    BLANK_LINE,
-    CHANNEL_NAME,
-    INVALID_RESPONSE,
-    MAX_REQUEST,
-    Request,
-    build_response,
-    parse_request,
-)
-from vhostmd.supervisor.children import release_free_memory
-
-if TYPE_CHECKING:
-    from vhostmd.supervisor.children import ChildContext
+from vhostmd.protocol import CHANNEL_NAME, build_response
+from vhostmd.runtime.child import ChildContext, release_free_memory
+from vhostmd.virtio.channel import THROTTLED, Channel, ChannelClosed, loggable
 
 log = logging.getLogger("vhostmd")
 
 SCAN_INTERVAL = 1.0  # seconds between directory scans (also: expiry checks)
-RATE_BURST = 10  # requests a channel may send back to back
-RATE_PER_SECOND = 5.0  # sustained requests per second per channel
-OUTPUT_LIMIT = 64 * 1024  # bytes queued per channel before responses are dropped
 # sun_path holds 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 108
-# A blank line is at most 4 bytes (\r\n\r\n): keep 3 when skipping, so one that
-# straddles two reads is still seen.
-_SKIP_KEEP = 3
-_LOG_NAME_MAX = 64
 CHANNEL_DIR = re.compile(r"(?:domain-)?(\d{1,9})-(.+)\Z", re.DOTALL)
 _PROC_FD = "/proc/self/fd"
-
-
-def loggable(name: str) -> str:
-    """A VM name as it may appear in a log line: escaped, bounded."""
-    if len(name) > _LOG_NAME_MAX:
-        name = name[:_LOG_NAME_MAX] + "..."
-    return repr(name)
-
-
-class Channel:
-    """One connected VM channel: its socket, buffers and rate-limit state."""
-
-    __slots__ = (
-        "directory",
-        "dropped",
-        "fd",
-        "inbuf",
-        "mask",
-        "name",
-        "out_bytes",
-        "outq",
-        "refilled",
-        "resume_at",
-        "skipping",
-        "sock",
-        "tokens",
-        "vm_id",
-    )
-
-    def __init__(self, vm_id: int, name: str, directory: str, sock: socket.socket,
-                 now: float) -> None:
-        self.vm_id = vm_id
-        self.name = name
-        self.directory = directory
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.inbuf = bytearray()
-        self.outq: deque[memoryview] = deque()
-        self.out_bytes = 0
-        self.tokens = float(RATE_BURST)
-        self.refilled = now
-        self.resume_at: float | None = None  # set while throttled by the rate limit
-        self.skipping = False  # inside the tail of an oversized request
-        self.dropped = 0  # responses dropped in the current "does not read" episode
-        self.mask = 0  # events registered with the selector (0: not registered)
-
-    def describe(self) -> str:
-        return f"VM {self.vm_id} ({loggable(self.name)})"
-
-    def take_token(self, now: float) -> bool:
-        self.tokens = min(float(RATE_BURST),
-                          self.tokens + (now - self.refilled) * RATE_PER_SECOND)
-        self.refilled = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def next_token_at(self) -> float:
-        return self.refilled + (1.0 - self.tokens) / RATE_PER_SECOND
 
 
 class ChannelManager:
@@ -319,8 +220,7 @@ class ChannelManager:
         if channel.mask:
             self.selector.unregister(channel.fd)
             channel.mask = 0
-        channel.sock.close()
-        channel.outq.clear()
+        channel.close()
         log.log(level, "channel of %s %s", channel.describe(), why)
 
     def close_all(self) -> None:
@@ -330,12 +230,7 @@ class ChannelManager:
     # -- serving ----------------------------------------------------------------
 
     def update_interest(self, channel: Channel) -> None:
-        """Register for what the channel needs now: reading unless throttled, writing if queued."""
-        mask = 0
-        if channel.resume_at is None:
-            mask |= selectors.EVENT_READ
-        if channel.outq:
-            mask |= selectors.EVENT_WRITE
+        mask = channel.wanted_mask()
         if mask == channel.mask:
             return
         if channel.mask == 0:
@@ -346,104 +241,35 @@ class ChannelManager:
             self.selector.modify(channel.fd, mask, channel)
         channel.mask = mask
 
-    def on_readable(self, channel: Channel, now: float) -> None:
-        room = MAX_REQUEST - len(channel.inbuf)
-        if room > 0:
-            try:
-                data = channel.sock.recv(room)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.close(channel, f"failed ({exc.strerror or exc}); forgotten")
-                return
-            if not data:
-                self.close(channel, "hung up; forgotten", logging.INFO)
-                return
-            channel.inbuf += data
-        self.serve(channel, now)
-
-    def serve(self, channel: Channel, now: float) -> None:
-        """Answer every complete request in the input buffer the rate limit allows."""
-        inbuf = channel.inbuf
-        while inbuf:
-            kind, used = parse_request(inbuf)
-            if kind is None:
-                break  # a partial request: wait for more bytes
-            # parse_request also reports a full buffer without a blank line as complete.
-            ended = used < MAX_REQUEST or BLANK_LINE.search(inbuf, 0, used) is not None
-            if channel.skipping and ended:
-                del inbuf[:used]  # the end of an oversized request, already answered
-                channel.skipping = False
-                continue
-            if not channel.take_token(now):
-                self.throttle(channel)
-                break
-            if not ended:
-                del inbuf[: MAX_REQUEST - _SKIP_KEEP]
-                if channel.skipping:
-                    continue  # one more chunk of the same oversized request
-                channel.skipping = True  # answer it once; skip the rest up to its end
-            else:
-                del inbuf[:used]
-            self.enqueue(channel, self.response_for(channel.vm_id)
-                         if kind is Request.METRICS else INVALID_RESPONSE)
-            # Write now: what the socket takes at once never counts against the queue.
-            # (With more than this response queued, the socket is full: wait for EVENT_WRITE.)
-            if len(channel.outq) == 1 and not self.flush(channel):
-                return
+    def serve(self, channel: Channel, now: float, *, read: bool) -> None:
+        """Read (if asked) and answer a channel; close it if it failed."""
+        try:
+            if read:
+                channel.read()
+            if channel.serve(now, self.response_for) == THROTTLED:
+                self.throttled[channel.vm_id] = channel
+        except ChannelClosed as exc:
+            self.close(channel, str(exc), exc.level)
+            return
         self.update_interest(channel)
-
-    def throttle(self, channel: Channel) -> None:
-        channel.resume_at = channel.next_token_at()
-        self.throttled[channel.vm_id] = channel
 
     def resume_throttled(self, now: float) -> None:
         due = [c for c in self.throttled.values() if c.resume_at is None or c.resume_at <= now]
         for channel in due:
             del self.throttled[channel.vm_id]
             channel.resume_at = None
-            self.serve(channel, now)
-
-    def enqueue(self, channel: Channel, response: bytes) -> None:
-        if channel.outq and channel.out_bytes + len(response) > OUTPUT_LIMIT:
-            if channel.dropped == 0:
-                log.warning("%s does not read its channel: %d bytes queued; dropping "
-                            "responses until it does", channel.describe(), channel.out_bytes)
-            channel.dropped += 1
-            return
-        channel.outq.append(memoryview(response))
-        channel.out_bytes += len(response)
-
-    def flush(self, channel: Channel) -> bool:
-        """Write what the socket takes now. False if the channel was closed."""
-        outq = channel.outq
-        while outq:
-            view = outq[0]
-            try:
-                sent = channel.sock.send(view, socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                self.close(channel, f"failed ({exc.strerror or exc}); forgotten")
-                return False
-            channel.out_bytes -= sent
-            if sent < len(view):
-                outq[0] = view[sent:]
-                break
-            outq.popleft()
-        if not outq and channel.dropped:
-            log.info("%s reads its channel again (%d responses were dropped)",
-                     channel.describe(), channel.dropped)
-            channel.dropped = 0
-        return True
+            self.serve(channel, now, read=False)
 
     def on_event(self, channel: Channel, mask: int, now: float) -> None:
         if mask & selectors.EVENT_WRITE:
-            if not self.flush(channel):
+            try:
+                channel.flush()
+            except ChannelClosed as exc:
+                self.close(channel, str(exc), exc.level)
                 return
             self.update_interest(channel)
         if mask & selectors.EVENT_READ and channel.mask & selectors.EVENT_READ:
-            self.on_readable(channel, now)
+            self.serve(channel, now, read=True)
 
     def next_wakeup(self) -> float | None:
         if not self.throttled:
@@ -474,8 +300,8 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
     """Entry point of the virtio child process (started by the supervisor)."""
     raise_fd_limit(max_channels)
     manager = ChannelManager(channel_paths, max_channels, float(expiration_time))
-    inbox_fd = ctx.link.inbox._reader.fileno()  # type: ignore[attr-defined]
-    manager.selector.register(inbox_fd, selectors.EVENT_READ, None)
+    # The supervisor rings the doorbell after each message it sends us.
+    manager.selector.register(ctx.doorbell.fd, selectors.EVENT_READ, None)
     shown: tuple[int, int, int] | None = None
     next_scan = time.monotonic()
     try:
@@ -512,14 +338,19 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
 
 def receive_messages(ctx: ChildContext, manager: ChannelManager, now: float) -> bool:
     """Take every waiting message from the supervisor. False once it is gone."""
+    ctx.drain_doorbell()
+    # The bell can ring before the queue's feeder thread has written the
+    # message: wait a moment for the first one.
+    timeout = 0.2
     while True:
         try:
-            message = ctx.receive(0)
+            message = ctx.receive(timeout)
         except (EOFError, OSError):
             log.debug("the supervisor is gone; stopping")
             return False
         if message is None:
             return True
+        timeout = 0.0
         if isinstance(message, tuple) and len(message) == 4 and message[0] == "metrics":
             _, host_fragment, vm_fragments, domain_ids = message
             manager.update_metrics(host_fragment, vm_fragments, domain_ids, now)

@@ -1,0 +1,148 @@
+"""The supervisor <-> worker contract: plain data, like ``protocol`` is for virtio.
+
+The supervisor plans jobs from metric definitions and the domains libvirt
+listed; a worker runs one job and answers with one result. A result carries
+its metrics already rendered (bytes in the document's exact layout, see
+``vhostmd.document``): the supervisor only joins fragments, it never builds or
+unpickles one object per metric.
+
+Deadlines are CLOCK_MONOTONIC readings, which are the same in every process of
+the machine. Nothing here imports libvirt, psutil or a process module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One value of a ``group`` metric."""
+
+    name: str
+    type: str
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDef:
+    """A shell-action metric as configured."""
+
+    name: str
+    type: str
+    context: str
+    action: str
+    unit: str | None = None
+    variables: tuple[Variable, ...] = ()
+    timeout: float | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinRef:
+    """A <builtin> element: a whole set, or one metric (optionally one context)."""
+
+    set: str | None
+    name: str | None
+    context: str | None
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """A running libvirt domain, as listed at the start of a cycle."""
+
+    id: int
+    name: str
+    uuid: str
+
+    def __reduce__(self) -> tuple[type[Domain], tuple[int, str, str]]:
+        return (Domain, (self.id, self.name, self.uuid))  # a plain tuple pickles fastest
+
+
+@dataclass(frozen=True, slots=True)
+class ListDomains:
+    job_id: int
+    deadline: float
+    context = "libvirt"
+
+    def describe(self) -> str:
+        return "list-domains"
+
+
+@dataclass(frozen=True, slots=True)
+class RunAction:
+    """Run one shell-action metric, for the host or for one domain."""
+
+    job_id: int
+    deadline: float
+    metric: MetricDef
+    domain: Domain | None
+    exec_path: str
+
+    @property
+    def context(self) -> str:
+        return self.metric.context
+
+    def describe(self) -> str:
+        if self.domain is None:
+            return f"action {self.metric.name}"
+        return f"action {self.metric.name} vm {self.domain.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Collect:
+    """Run one built-in collector: a host job, or the vm job for all the cycle's domains."""
+
+    job_id: int
+    deadline: float
+    collector: str
+    metric_names: tuple[str, ...]
+    # The one place that says what kind of job this is: a vm job carries the
+    # cycle's domain list (possibly empty), a host job carries None.
+    domains: tuple[Domain, ...] | None
+    # Whatever the collector returned as `state` last cycle (e.g. counters for
+    # rates): workers stay stateless, any worker can take the next sample.
+    state: object = None
+
+    @property
+    def context(self) -> str:
+        return "host" if self.domains is None else "vm"
+
+    def describe(self) -> str:
+        return f"builtin {self.collector}"
+
+
+Job = ListDomains | RunAction | Collect
+
+
+def needs_libvirt(job: Job) -> bool:
+    return isinstance(job, ListDomains) or (isinstance(job, Collect) and job.domains is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why one metric (or a whole job) is left out of this cycle."""
+
+    metric: str
+    context: str
+    domain: Domain | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """A worker's answer to one job.
+
+    ``host`` is the rendered host-context metrics of the job, ``vms`` the
+    rendered metrics of each VM (by domain id), both in document order;
+    ``count`` is how many metrics they hold.
+    """
+
+    job_id: int
+    host: bytes = b""
+    vms: tuple[tuple[int, bytes], ...] = ()
+    count: int = 0
+    failures: tuple[Failure, ...] = ()
+    domains: tuple[Domain, ...] | None = None
+    error: str | None = None
+    state: object = None  # a collector's state for its next Collect job

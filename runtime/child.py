@@ -1,0 +1,261 @@
+"""What a child process of the supervisor gets and runs on.
+
+Children are started by multiprocessing's *forkserver*: a single-threaded
+process, started by the supervisor before it runs any thread, with the
+daemon's modules (libvirt and lxml included) already imported. The
+supervisor itself runs threads (queue feeders, one outbox reader per child),
+and forking a threaded process can leave a lock held for ever in the child;
+the forkserver never has that problem, and its children share its imported
+pages. Everything a child needs therefore travels by pickling: its queues,
+its shared-memory cell and descriptors wrapped in ``InheritedFd``.
+
+Each child gets:
+
+- its own pair of queues (``inbox`` from the supervisor, ``outbox`` to it): a
+  child killed mid-message only spoils its own pair;
+- its own *cell*, two doubles in shared memory: the heartbeat stamp
+  (CLOCK_MONOTONIC is system-wide) and the process group of the action it
+  runs. A cell belongs to one child for its whole life, so whatever a dead
+  child left in it can never touch its replacement;
+- the beat interval, in an array all children share (a reload changes it);
+- a *doorbell*: the supervisor writes a byte to it after each message, so a
+  child that waits in ``select`` (virtio) wakes without reaching into the
+  queue's private pipe;
+- a *crash report* descriptor: on SIGABRT (sent by the supervisor to a child
+  that stopped beating) ``faulthandler`` writes every thread's stack there,
+  and the supervisor logs it before it kills the child.
+
+Log records go to the supervisor over the outbox and are written by it, so a
+child logs wherever the daemon logs (syslog, journal, file or stderr).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import faulthandler
+import importlib
+import logging
+import logging.handlers
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing import reduction
+from queue import Empty
+from typing import Any
+
+import setproctitle
+
+log = logging.getLogger("vhostmd")
+
+CTX = multiprocessing.get_context("forkserver")
+
+# Indexes into a child's cell.
+BEAT, GROUP = 0, 1
+CELL_SIZE = 2
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class InheritedFd:
+    """A descriptor handed to a child: pickled as the descriptor itself (SCM_RIGHTS).
+
+    Only picklable while a child is being started; in the child, ``fd`` is the
+    child's own copy.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return (_rebuild_fd, (reduction.DupFd(self.fd),))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def _rebuild_fd(dup: Any) -> InheritedFd:
+    return InheritedFd(dup.detach())
+
+
+@dataclass
+class ChildContext:
+    """What a child's main function gets: its queues, its cell, its descriptors."""
+
+    role: str
+    slot: int
+    inbox: Any  # multiprocessing Queue, supervisor -> child
+    outbox: Any  # multiprocessing Queue, child -> supervisor
+    cell: Any  # RawArray("d", CELL_SIZE)
+    shared: Any  # RawArray("d", 1): the beat interval
+    doorbell: InheritedFd
+    crash_report: InheritedFd
+    parent_pid: int = 0
+    title_prefix: str = "vhostmd"
+    _last_title: str = field(default="", repr=False)
+
+    def beat(self) -> None:
+        self.cell[BEAT] = time.monotonic()
+
+    def set_action_group(self, pgid: int) -> None:
+        """The process group of the action running now (0: none); killed with us."""
+        self.cell[GROUP] = pgid
+
+    @property
+    def beat_interval(self) -> float:
+        return self.shared[0]
+
+    def title(self, text: str) -> None:
+        """Set what `ps` shows: say what this process is doing now."""
+        if text != self._last_title:
+            self._last_title = text
+            setproctitle.setproctitle(f"{self.title_prefix}: {text}")
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.parent_pid
+
+    def receive(self, timeout: float) -> Any:
+        """Next message from the supervisor, or None after ``timeout`` seconds."""
+        try:
+            return self.inbox.get(timeout=timeout)
+        except Empty:
+            return None
+
+    def send(self, message: object) -> None:
+        self.outbox.put(message)
+
+    def drain_doorbell(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self.doorbell.fd, 4096):
+                pass
+
+    def last_words(self) -> None:
+        """Wait until what we sent has reached the pipe (before a hard exit)."""
+        with contextlib.suppress(Exception):
+            self.outbox.close()
+            self.outbox.join_thread()
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the kernel after a burst of allocations.
+
+    A cycle with 1000 VMs allocates (and frees) megabytes of small strings;
+    glibc keeps such pages, so every process would sit at its busiest size.
+    """
+    with contextlib.suppress(AttributeError):  # not glibc: nothing to do
+        _libc.malloc_trim(0)
+
+
+class _ToSupervisor(logging.Handler):
+    """Sends each record, formatted and picklable, to the supervisor."""
+
+    def __init__(self, ctx: ChildContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            copy = logging.makeLogRecord(record.__dict__)
+            copy.msg, copy.args, copy.exc_info, copy.exc_text = message, None, None, None
+            copy.role = self.ctx.role
+            self.ctx.send(copy)
+        except Exception:
+            self.handleError(record)
+
+
+def _setup(ctx: ChildContext) -> None:
+    with contextlib.suppress(AttributeError):
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Our parent is the forkserver, which exits when the supervisor does: then
+    # the kernel kills us too (PDEATHSIG above), even after a SIGKILL.
+    ctx.parent_pid = os.getppid()
+    if ctx.parent_pid == 1:
+        os._exit(1)
+    # Our own process group keeps a terminal's Ctrl-C (or a hang-up) for the
+    # supervisor alone; shutdown is its job, it tells us with SIGTERM.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    os.set_blocking(ctx.doorbell.fd, False)
+    faulthandler.enable(file=ctx.crash_report.fd, all_threads=True)
+    root = logging.getLogger("vhostmd")
+    root.handlers.clear()
+    root.addHandler(_ToSupervisor(ctx))
+    root.propagate = False
+
+
+def child_main(target: str, kwargs: dict[str, Any], ctx: ChildContext, level: int) -> None:
+    """Entry point of every child: ``target`` is "module:function", called with ctx."""
+    _setup(ctx)
+    logging.getLogger("vhostmd").setLevel(level)
+    ctx.beat()
+    ctx.send(("ready",))
+    module, _, function = target.partition(":")
+    try:
+        main = getattr(importlib.import_module(module), function)
+        main(ctx, **kwargs)
+    except KeyboardInterrupt:
+        pass
+    except SystemExit as exc:
+        ctx.last_words()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
+    except Exception:
+        log.exception("%s crashed", ctx.role)
+        ctx.last_words()
+        os._exit(1)
+    ctx.last_words()
+    os._exit(0)
+
+
+def serve(ctx: ChildContext, handle: Any, idle_title: str) -> None:
+    """The receive loop of a child that answers one message at a time.
+
+    Beats while it waits; after a burst of work, once idle, gives the freed
+    heap back (once per burst, not once per message).
+    """
+    ctx.title(idle_title)
+    dirty = False
+    while not ctx.orphaned():
+        ctx.beat()
+        message = ctx.receive(ctx.beat_interval if not dirty else 0.05)
+        if message is None:
+            if dirty:
+                release_free_memory()
+                dirty = False
+            continue
+        ctx.drain_doorbell()
+        handle(message)
+        dirty = True
+        ctx.title(idle_title)
+
+
+# What the forkserver imports once, so that every child starts with it loaded
+# (and shares those pages): the title module first, then what children run.
+PRELOAD = (
+    "vhostmd.runtime.forkserver",
+    "vhostmd.workers.worker",
+    "vhostmd.disk.writer",
+    "vhostmd.virtio.manager",
+)
+
+
+def start_forkserver() -> None:
+    """Start the process children are forked from; call before any thread exists.
+
+    It is started from the supervisor as it is then (user, groups, working
+    directory), so call it after dropping privileges.
+    """
+    from multiprocessing import forkserver
+
+    CTX.set_forkserver_preload(list(PRELOAD))
+    forkserver.ensure_running()

@@ -1,0 +1,104 @@
+"""Cycle planning: which jobs a cycle runs, in which document position. Pure functions.
+
+Nothing here starts a process, reads a clock or talks to a child: given the
+config, the collector plans, the domains and a job-id counter, they return
+the jobs and register them with the cycle. Tests call them directly.
+
+Document order: host metrics first (config order; a <builtin> element sits
+where it is in the config), then each VM by domain id with its metrics in
+config order. ``Order`` is (config line, position) and is unique per job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+from vhostmd.supervisor.config import Config
+from vhostmd.supervisor.cycle import Cycle, domain_list_failure
+from vhostmd.wire import Collect, Domain, Failure, Job, ListDomains, RunAction
+from vhostmd.workers.actions import is_plain_name
+from vhostmd.workers.collectors import CollectorPlan
+
+NewId = Callable[[], int]
+
+
+def job_ids(start: int = 0) -> Iterator[int]:
+    n = start
+    while True:
+        n += 1
+        yield n
+
+
+def plan_start(cycle: Cycle, config: Config, plans: Sequence[CollectorPlan], new_id: NewId,
+               collector_state: dict[tuple[str, str], object],
+               listing_pending: bool) -> list[Job]:
+    """The jobs a cycle starts with: the domain listing, host actions, host built-ins.
+
+    ``listing_pending``: libvirt has not answered the previous listing yet;
+    asking again would only tie up another worker until the hung one is
+    replaced, so this cycle goes without VM metrics.
+    """
+    jobs: list[Job] = []
+    cycle.domains_job = new_id()
+    if listing_pending:
+        cycle.domains_error = "libvirt did not answer the previous domain listing"
+        cycle.failures.append(domain_list_failure(cycle.domains_error))
+    else:
+        listing = ListDomains(cycle.domains_job, cycle.job_deadline)
+        cycle.expect((-1, -1), listing)
+        jobs.append(listing)
+    for index, metric in enumerate(config.metrics):
+        if metric.context == "host":
+            job = RunAction(new_id(), cycle.job_deadline, metric, None, config.exec_path)
+            cycle.expect((metric.line, index), job)
+            cycle.attempted.add(("host", metric.name, None, None))
+            jobs.append(job)
+    for position, plan in enumerate(plans):
+        if plan.context == "host":
+            jobs.append(_collect(cycle, plan, position, None, new_id, collector_state))
+    return jobs
+
+
+def plan_vms(cycle: Cycle, config: Config, plans: Sequence[CollectorPlan], new_id: NewId,
+             collector_state: dict[tuple[str, str], object]) -> list[Job]:
+    """The jobs for the listed domains: the built-in vm job, then shell actions per VM."""
+    if cycle.domains_error is not None:
+        return []
+    domains = cycle.domains or ()
+    jobs: list[Job] = []
+    for position, plan in enumerate(plans):
+        if plan.context == "vm":  # also with no VMs: it computes host totals too
+            jobs.append(_collect(cycle, plan, position, domains, new_id, collector_state))
+    vm_metrics = [(i, m) for i, m in enumerate(config.metrics) if m.context == "vm"]
+    if not vm_metrics:
+        return jobs
+    for domain in domains:
+        if not is_plain_name(domain.name):
+            # One warning per VM (not per metric): its name never reaches a shell.
+            cycle.attempted.add(("vm", "shell metrics", domain.id, domain.name))
+            cycle.failures.append(Failure(
+                "shell metrics", "vm", domain,
+                "VM name is not plain ([A-Za-z0-9._+:@-]), so no shell action runs for it"))
+            continue
+        for index, metric in vm_metrics:
+            cycle.attempted.add(("vm", metric.name, domain.id, domain.name))
+            job = RunAction(new_id(), cycle.job_deadline, metric, domain, config.exec_path)
+            cycle.expect((metric.line, index), job)
+            jobs.append(job)
+    return jobs
+
+
+def _collect(cycle: Cycle, plan: CollectorPlan, position: int,
+             domains: tuple[Domain, ...] | None, new_id: NewId,
+             collector_state: dict[tuple[str, str], object]) -> Collect:
+    job = Collect(new_id(), cycle.job_deadline, plan.collector, plan.metric_names, domains,
+                  collector_state.get((plan.collector, plan.context)))
+    # Unique per plan: a host job and the vm job may share a <builtin> line.
+    cycle.expect((plan.order, -1 - position), job)
+    cycle.attempted.add((plan.context, f"builtin {plan.collector}", None, None))
+    # Built-ins report failures per metric (and per VM): recoveries are
+    # noticed only if those keys count as tried.
+    for name in plan.metric_names:
+        cycle.attempted.add(("host", name, None, None))
+        cycle.attempted.update(("vm", name, d.id, d.name) for d in domains or ())
+    return job
