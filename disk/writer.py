@@ -1,7 +1,7 @@
 """The disk-writer process: owns an mmap of the metrics disk.
 
-Write protocol: busy=1 -> header (checksum, length) ->
-content -> busy=0, with an msync between steps so readers that bypass the
+Write protocol (docs/formats.md, section 1.4): busy=1 -> flush -> header and
+content -> flush -> busy=0 -> flush, so readers that bypass the
 page cache (O_DIRECT guests) see the steps in order too. A document that does
 not fit is refused and the previous one stays.
 """

@@ -446,7 +446,7 @@ def test_long_socket_path(tmp_path: Path) -> None:
 
 
 def test_vm_without_metrics_of_its_own_gets_none_not_not_yet() -> None:
-    """"Not available yet" is for before the first cycle only (DESIGN.md section 5)."""
+    """"Not available yet" is for before the first cycle only (docs/formats.md, section 3.3)."""
     from vhostmd.protocol import NOT_YET_HOST, NOT_YET_VM, build_response
     from vhostmd.virtio.manager import ChannelManager
 
