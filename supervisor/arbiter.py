@@ -33,7 +33,13 @@ from vhostmd.supervisor.children import (
     wanted_children,
 )
 from vhostmd.supervisor.config import Config, ConfigError, load_config
-from vhostmd.supervisor.cycle import DOMAIN_LIST_FAILURE, Cycle, FailureLog, failure_key
+from vhostmd.supervisor.cycle import (
+    DOMAIN_LIST_FAILURE,
+    Cycle,
+    CycleClock,
+    FailureLog,
+    failure_key,
+)
 from vhostmd.supervisor.cycle import domain_list_failure as list_failure
 from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
 from vhostmd.supervisor.publisher import Publisher
@@ -79,9 +85,7 @@ class Supervisor:
         self.collector_state: dict[tuple[str, str], object] = {}
         self._plans: list[CollectorPlan] = []
         self._plans_for: Config | None = None
-        self.clock_base = clock()
-        self.clock_k = 0
-        self.next_cycle = self.clock_base
+        self.cycle_clock = CycleClock(config.update_period, clock())
         self.stats = {"cycles": 0, "last_cycle_seconds": 0.0, "published": 0, "left_out": 0}
 
     # -- signals -------------------------------------------------------------
@@ -119,7 +123,9 @@ class Supervisor:
         old = self.config
         self.config = new
         if new.update_period != old.update_period:
-            self.reanchor_clock(self.clock())
+            now = self.clock()
+            self.cycle_clock.period = new.update_period
+            self.cycle_clock.reanchor(now if self.cycle is None else now + new.update_period)
             self.pool.beat_interval = beat_interval(new.update_period)
         log.info("reloaded %s: %d metrics, period %d s", self.config_path,
                  len(new.metrics) + sum(len(p.metric_names) for p in self.collector_plans()),
@@ -155,7 +161,7 @@ class Supervisor:
             self.handle_signals()
             self.handle_events()
             self.sleep_until(until)
-        self.reanchor_clock(self.clock())
+        self.cycle_clock.reanchor(self.clock())
 
     def recover(self) -> None:
         # A bug must not take every guest's metrics down with the supervisor:
@@ -163,7 +169,7 @@ class Supervisor:
         log.exception("internal error in the supervisor loop; skipping this cycle")
         self.cycle = None
         self.pending.clear()
-        self.reanchor_clock(self.clock() + self.config.update_period)
+        self.cycle_clock.reanchor(self.clock() + self.config.update_period)
 
     def step(self) -> None:
         self.handle_signals()
@@ -171,7 +177,7 @@ class Supervisor:
             return
         self.handle_events()
         now = self.clock()
-        if self.cycle is None and now >= self.next_cycle:
+        if self.cycle is None and now >= self.cycle_clock.next:
             self.start_cycle(now)
         self.dispatch()
         if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
@@ -180,7 +186,7 @@ class Supervisor:
                            hang_timeout(self.config.update_period))
 
     def sleep(self) -> None:
-        self.sleep_until(self.next_cycle if self.cycle is None else self.cycle.deadline)
+        self.sleep_until(self.cycle_clock.next if self.cycle is None else self.cycle.deadline)
 
     def sleep_until(self, until: float) -> None:
         """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
@@ -271,11 +277,6 @@ class Supervisor:
 
     # -- cycles --------------------------------------------------------------
 
-    def reanchor_clock(self, now: float) -> None:
-        self.clock_base = now
-        self.clock_k = 0
-        self.next_cycle = now if self.cycle is None else now + self.config.update_period
-
     def collector_plans(self) -> list[CollectorPlan]:
         if self._plans_for is not self.config:
             self._plans = plan_collectors(self.config.builtins)
@@ -343,12 +344,10 @@ class Supervisor:
         self.write_status()
         log.debug("cycle %d: %d metrics, %d left out, %.3f s", cycle.number,
                   rendered.published, rendered.left_out, took)
-        self.clock_k += 1
-        self.next_cycle = self.clock_base + self.clock_k * self.config.update_period
-        if self.next_cycle < now:
+        late = self.cycle_clock.advance(now)
+        if late:
             log.warning("cycle %d overran the %d s update period (%.2f s late)",
-                        cycle.number, self.config.update_period, now - self.next_cycle)
-            self.reanchor_clock(now)
+                        cycle.number, self.config.update_period, late)
 
     # -- status and shutdown -----------------------------------------------------
 

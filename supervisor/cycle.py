@@ -106,6 +106,33 @@ class Cycle:
         )
 
 
+class CycleClock:
+    """When cycles start: drift-free, the k-th at base + k x period.
+
+    A cycle that overran its period re-anchors the clock at its end (the next
+    one starts at once) instead of starting a burst of late cycles.
+    """
+
+    def __init__(self, period: int, now: float) -> None:
+        self.period = period
+        self.reanchor(now)
+
+    def reanchor(self, start: float) -> None:
+        self.base = start
+        self.k = 0
+        self.next = start
+
+    def advance(self, now: float) -> float:
+        """A cycle ended at ``now``: schedule the next; return how late it is (0: on time)."""
+        self.k += 1
+        self.next = self.base + self.k * self.period
+        late = now - self.next
+        if late > 0:
+            self.reanchor(now)
+            return late
+        return 0.0
+
+
 def failure_key(failure: Failure) -> tuple[str, str, int | None, str | None]:
     domain = failure.domain
     return (failure.context, failure.metric, domain.id if domain else None,
