@@ -9,11 +9,10 @@ workers finish in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vhostmd.document import assemble
-from vhostmd.wire import Domain, Failure, Job, JobResult
+from vhostmd.wire import Domain, Failure, Job, JobResult, RunAction
 
 log = logging.getLogger("vhostmd")
 
@@ -26,13 +25,18 @@ class Rendered:
     host_fragment: bytes
     vm_fragments: dict[int, bytes]
     domains: tuple[Domain, ...]
-    published: int
-    left_out: int
+    published: int  # metrics in the fragments (virtio serves them all)
+    left_out: int  # failures this cycle
+    carried: int = 0  # fragments kept from an earlier cycle (not refreshed in this one)
+    vms_not_on_disk: int = 0  # VMs that did not fit the disk
 
 
 # Where a job's metrics go in the document: (config line, position in the
 # config); unique even when several metrics share one line.
 Order = tuple[int, int]
+# One fragment's place: its order, and the VM it belongs to (None: host).
+Place = tuple[Order, int | None]
+_METRIC = b"<metric "
 
 
 @dataclass
@@ -42,18 +46,20 @@ class Cycle:
     deadline: float
     job_deadline: float = 0.0
     outstanding: dict[int, tuple[Order, Job]] = field(default_factory=dict)
-    host: dict[Order, bytes] = field(default_factory=dict)
-    vms: dict[int, dict[Order, bytes]] = field(default_factory=dict)
-    published: int = 0
+    fresh: dict[Place, bytes] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     domains: tuple[Domain, ...] | None = None
     domains_job: int | None = None
     domains_error: str | None = None
     attempted: set[tuple] = field(default_factory=set)  # failure keys tried this cycle
+    shell_jobs: int = 0  # shell actions planned
+    shell_done: int = 0  # ... and answered within this cycle
 
     def expect(self, order: Order, job: Job) -> None:
         """Register a job whose metrics go to position ``order`` in the document."""
         self.outstanding[job.job_id] = (order, job)
+        if isinstance(job, RunAction):
+            self.shell_jobs += 1
 
     @property
     def complete(self) -> bool:
@@ -71,39 +77,100 @@ class Cycle:
             else:
                 self.domains = result.domains or ()
             return job
+        if isinstance(job, RunAction):
+            self.shell_done += 1
+            domain = job.domain
+            self.attempted.add((job.context, job.metric.name, domain.id if domain else None,
+                                domain.name if domain else None))
         self.failures.extend(result.failures)
         if result.error is not None:
             self.failures.append(Failure(job.describe(), job.context, None, result.error))
-        if result.host:
-            self.host[order] = result.host
-        for vm_id, fragment in result.vms:
-            self.vms.setdefault(vm_id, {})[order] = fragment
-        self.published += result.count
+        store_fragments(self.fresh, order, result)
         return job
 
-    def abandon(self) -> Iterator[Job]:
-        """Jobs with no result by the deadline (each becomes a failure)."""
-        for _order, job in self.outstanding.values():
-            yield job
+    def abandon(self) -> list[Job]:
+        """Jobs with no result by the deadline."""
+        jobs = [job for _order, job in self.outstanding.values()]
         self.outstanding.clear()
+        return jobs
 
-    def render(self) -> Rendered:
-        """Join the fragments in document order (the workers rendered them)."""
-        host_fragment = b"".join(fragment for _, fragment in sorted(self.host.items()))
-        domains = self.domains or ()
-        live = {d.id for d in domains}
-        vm_fragments: dict[int, bytes] = {}
-        for vm_id in sorted(self.vms):
-            if vm_id in live:  # else a stale result for a VM that is gone
-                vm_fragments[vm_id] = b"".join(f for _, f in sorted(self.vms[vm_id].items()))
-        return Rendered(
-            document=assemble([host_fragment, *vm_fragments.values()]),
-            host_fragment=host_fragment,
-            vm_fragments=vm_fragments,
-            domains=domains,
-            published=self.published,
-            left_out=len(self.failures),
-        )
+
+def store_fragments(into: dict[Place, bytes], order: Order, result: JobResult) -> None:
+    if result.host:
+        into[(order, None)] = result.host
+    for vm_id, fragment in result.vms:
+        into[(order, vm_id)] = fragment
+
+
+class LatestValues:
+    """Each fragment's latest version, carried into documents while it is young.
+
+    A metric not refreshed in a cycle (its job not reached, still running, or
+    failed) keeps its last value in the document for at most ``max_age``
+    seconds; a VM that is gone takes its values with it.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[Place, tuple[bytes, float]] = {}
+
+    def store(self, fragments: dict[Place, bytes], now: float) -> None:
+        for place, fragment in fragments.items():
+            self.entries[place] = (fragment, now)
+
+    def fill(self, fragments: dict[Place, bytes], live: set[int] | None, now: float,
+             max_age: float) -> int:
+        """Add the young fragments ``fragments`` lacks; forget the old ones. How many added.
+
+        ``live``: the running VMs' ids, or None when libvirt could not list
+        them (then no VM is published, and none is forgotten).
+        """
+        carried = 0
+        for place, (fragment, stamp) in list(self.entries.items()):
+            vm_id = place[1]
+            if vm_id is not None and live is None:
+                continue
+            gone = vm_id is not None and live is not None and vm_id not in live
+            if gone or now - stamp > max_age:
+                del self.entries[place]
+            elif place not in fragments:
+                fragments[place] = fragment
+                carried += 1
+        return carried
+
+
+def render(fragments: dict[Place, bytes], domains: tuple[Domain, ...], capacity: int | None,
+           failures: int = 0, carried: int = 0) -> Rendered:
+    """Join the fragments in document order (the workers rendered them).
+
+    ``capacity``: the most document bytes the disk holds (None: no disk). A
+    document that does not fit keeps the host metrics and as many whole VMs
+    as fit, lowest domain ids first; virtio still serves every VM.
+    """
+    live = {d.id for d in domains}
+    host_parts: list[tuple[Order, bytes]] = []
+    by_vm: dict[int, list[tuple[Order, bytes]]] = {}
+    for (order, vm_id), fragment in fragments.items():
+        if vm_id is None:
+            host_parts.append((order, fragment))
+        elif vm_id in live:  # else a late result for a VM that is gone
+            by_vm.setdefault(vm_id, []).append((order, fragment))
+    host = b"".join(f for _, f in sorted(host_parts))
+    vm_fragments = {vm_id: b"".join(f for _, f in sorted(by_vm[vm_id])) for vm_id in sorted(by_vm)}
+    published = host.count(_METRIC) + sum(f.count(_METRIC) for f in vm_fragments.values())
+    document = assemble([host, *vm_fragments.values()])
+    not_on_disk = 0
+    if capacity is not None and len(document) > capacity:
+        room = capacity - (len(document) - sum(map(len, vm_fragments.values())))
+        parts = [host]
+        for fragment in vm_fragments.values():
+            if len(fragment) > room:
+                break
+            parts.append(fragment)
+            room -= len(fragment)
+        not_on_disk = len(vm_fragments) - (len(parts) - 1)
+        document = assemble(parts)
+    return Rendered(document, host, vm_fragments, domains, published, failures, carried,
+                    not_on_disk)
 
 
 class CycleClock:

@@ -102,7 +102,12 @@ def build_status(supervisor: Any) -> dict[str, Any]:
         "updated": time.time(), "last_cycle_at": supervisor.last_cycle_wall,
         "last_cycle_seconds": round(stats["last_cycle_seconds"], 4),
         "cycles": stats["cycles"], "published": stats["published"],
-        "left_out": stats["left_out"], "children": children, "virtio": virtio,
+        "left_out": stats["left_out"], "carried": stats["carried"],
+        "vms_not_on_disk": stats["vms_not_on_disk"],
+        "shell_jobs": stats["shell_jobs"], "shell_done": stats["shell_done"],
+        "refresh_seconds": round(supervisor.config.update_period * stats["shell_jobs"]
+                                 / max(1, stats["shell_done"]), 1),
+        "children": children, "virtio": virtio,
     }
 
 
@@ -164,6 +169,7 @@ def format_status(status: dict[str, Any], pid: int) -> str:
         f"last cycle: {_ago(status.get('last_cycle_at'), now)}, took "
         f"{status.get('last_cycle_seconds', 0.0):.3f} s; {status.get('published', 0)} metrics "
         f"published, {status.get('left_out', 0)} left out; {status.get('cycles', 0)} cycles",
+        *_work_lines(status),
         f"{'CHILD':<14} {'PID':>7} {'RESTARTS':>8} {'HEARTBEAT':>10} {'CPU':>9} {'RSS':>9}  STATE",
     ]
     rows = [{"role": "supervisor", "pid": pid, "restarts": "-", "state": "running"},
@@ -180,6 +186,22 @@ def format_status(status: dict[str, Any], pid: int) -> str:
         lines.append(f"virtio channels: {virtio.get('connected', 0)} connected, "
                      f"{virtio.get('known', 0)} known, max {virtio.get('max', '?')}")
     return "\n".join(lines)
+
+
+def _work_lines(status: dict[str, Any]) -> list[str]:
+    """Lines only shown when something does not fit: the disk, or the period."""
+    lines = []
+    if status.get("carried"):
+        lines.append(f"{status['carried']} metric fragments kept from earlier cycles "
+                     "(not refreshed in the last one)")
+    jobs, done = status.get("shell_jobs", 0), status.get("shell_done", 0)
+    if jobs and done < jobs:
+        lines.append(f"shell actions: {done} of {jobs} ran in the last cycle; each is "
+                     f"refreshed about every {status.get('refresh_seconds', '?')} s")
+    if status.get("vms_not_on_disk"):
+        lines.append(f"metrics disk: {status['vms_not_on_disk']} VMs do not fit and are left "
+                     "out of it (virtio still serves them)")
+    return lines
 
 
 def show_status(pid_path: str) -> tuple[int, str]:

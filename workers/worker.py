@@ -14,6 +14,7 @@ from vhostmd.runtime.child import ChildContext, serve
 from vhostmd.wire import Collect, Failure, Job, JobResult, ListDomains, RunAction
 from vhostmd.workers.actions import (
     ActionFailed,
+    ActionTimedOut,
     action_env,
     metrics_from_output,
     run_shell,
@@ -62,7 +63,8 @@ class Worker:
             metrics = metrics_from_output(metric, output, job.domain)
         except ActionFailed as exc:
             failure = Failure(metric.name, metric.context, job.domain, str(exc))
-            return JobResult(job.job_id, failures=(failure,))
+            return JobResult(job.job_id, failures=(failure,),
+                             timed_out=isinstance(exc, ActionTimedOut))
         out = Fragments()
         for m in metrics:
             out.add(m)
