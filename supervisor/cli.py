@@ -21,6 +21,7 @@ from vhostmd.supervisor.daemon import (
     lookup_user,
     setup_logging,
 )
+from vhostmd.supervisor.sizing import check_vms
 from vhostmd.supervisor.status import prepare_status_file, status_path_for
 
 log = logging.getLogger("vhostmd")
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="libvirt URI to connect to (default: libvirt's default)")
     p.add_argument("--check", action="store_true",
                    help="validate the configuration file and exit")
+    p.add_argument("--vms", type=int, metavar="N",
+                   help="with --check: tell whether the configured disk holds N running VMs "
+                   "(exit status 1 if not)")
     p.add_argument("--list-builtins", action="store_true",
                    help="list the built-in metrics and exit")
     p.add_argument("--status", action="store_true",
@@ -100,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"{args.config}: OK ({len(config.metrics)} metrics, "
               f"transports {', '.join(config.transports)})")
+        if args.vms is not None:
+            fits, line = check_vms(config, args.vms)
+            print(f"{args.config}: {line}" if config.vbd
+                  else f"{args.config}: no metrics disk (vbd transport off)")
+            return 0 if fits or not config.vbd else 1
         return 0
+    if args.vms is not None:
+        return fail("--vms goes with --check")
 
     setup_logging(foreground=args.no_daemonize, verbose=args.verbose)
     pid_path = args.pid_file or (DEFAULT_PID_FILE if os.geteuid() == 0 else None)

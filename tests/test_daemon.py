@@ -276,15 +276,17 @@ def test_document_too_large_keeps_the_previous_one(tmp_path: Path) -> None:
     size_file = tmp_path / "size"
     size_file.write_text("10")
     conf = config_xml(disk, metric_xml("Blob", f"head -c $(cat {size_file}) /dev/zero | tr "
-                                                "'\\000' x"), size_k=1)
+                                                "'\\000' x"), size_k=64)
     with Daemon(tmp_path, conf) as daemon:
         wait_for(lambda: published(disk), 5, "the first document")
         assert values(disk)[("host", "Blob", None)] == "x" * 10
-        size_file.write_text("2000")
+        # The host metrics alone no longer fit a 64 KiB disk (an action prints
+        # at most 64 KiB).
+        size_file.write_text("65500")
         daemon.wait_log("does not fit")
         assert values(disk)[("host", "Blob", None)] == "x" * 10
         # Another size, still too large: the same problem, not logged again.
-        size_file.write_text("2100")
+        size_file.write_text("65510")
         cycles = daemon.log().count("cycle ")
         wait_for(lambda: daemon.log().count("cycle ") >= cycles + 2, 5, "two more cycles")
         size_file.write_text("20")
