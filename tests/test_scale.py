@@ -9,10 +9,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from vhostmd.etc import shipped
+
 import nodes
 from daemon_harness import VHOSTMD, Daemon, config_xml, disk_metrics, metric_xml, wait_for
-
-from vhostmd.etc import shipped
 
 
 def vm_ids(disk: Path) -> list[int]:
