@@ -40,6 +40,7 @@ import logging.handlers
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import reduction
@@ -239,16 +240,6 @@ def serve(ctx: ChildContext, handle: Any, idle_title: str) -> None:
         ctx.title(idle_title)
 
 
-# What the forkserver imports once, so that every child starts with it loaded
-# (and shares those pages): the title module first, then what children run.
-PRELOAD = (
-    "vhostmd.runtime.forkserver",
-    "vhostmd.workers.worker",
-    "vhostmd.disk.writer",
-    "vhostmd.virtio.manager",
-)
-
-
 def start_forkserver() -> None:
     """Start the process children are forked from; call before any thread exists.
 
@@ -257,5 +248,12 @@ def start_forkserver() -> None:
     """
     from multiprocessing import forkserver
 
-    CTX.set_forkserver_preload(list(PRELOAD))
+    # multiprocessing re-runs the parent's main script in every child it
+    # starts (to find functions defined there) unless __main__ has no file.
+    # Ours is the launcher: re-running it would import the supervisor, and
+    # all it imports, into every child. Children need nothing from it.
+    main = sys.modules["__main__"]
+    if getattr(main, "__spec__", None) is None and hasattr(main, "__file__"):
+        del main.__file__
+    CTX.set_forkserver_preload(["vhostmd.runtime.forkserver"])
     forkserver.ensure_running()

@@ -26,6 +26,7 @@ from dataclasses import replace
 from multiprocessing.connection import wait
 
 from vhostmd.mdisk import HEADER_SIZE
+from vhostmd.runtime.child import release_free_memory
 from vhostmd.supervisor import planning
 from vhostmd.supervisor.children import (
     DISK_SLOT,
@@ -418,8 +419,9 @@ class Supervisor:
                           shell_jobs=cycle.shell_jobs, shell_done=cycle.shell_done)
         self.last_cycle_wall = time.time()
         self.write_status()
-        log.debug("cycle %d: %d metrics, %d left out, %d carried, %.3f s", cycle.number,
-                  rendered.published, rendered.left_out, rendered.carried, took)
+        release_free_memory()
+        log.debug("cycle %d: %d metrics, %d left out, %.3f s, %d kept from earlier cycles",
+                  cycle.number, rendered.published, rendered.left_out, took, rendered.carried)
         late = self.cycle_clock.advance(self.clock())
         if late:
             log.warning("cycle %d overran the %d s update period (%.2f s late)",

@@ -9,6 +9,7 @@ workers finish in.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vhostmd.document import assemble
@@ -39,6 +40,33 @@ Place = tuple[Order, int | None]
 _METRIC = b"<metric "
 
 
+class Attempted:
+    """The failure keys a cycle tried (so a key that did not fail again has recovered).
+
+    Built-in VM metrics are tried for every listed domain at once: they are
+    kept as metric names plus the listed domains, not one key per VM each cycle.
+    """
+
+    def __init__(self) -> None:
+        self.keys: set[tuple] = set()
+        self.vm_builtins: set[str] = set()
+        self.domains: set[tuple[int, str]] = set()
+
+    def add(self, key: tuple) -> None:
+        self.keys.add(key)
+
+    def add_vm_builtins(self, names: Iterable[str], domains: Iterable[Domain]) -> None:
+        self.vm_builtins.update(names)
+        self.domains.update((d.id, d.name) for d in domains)
+
+    def __contains__(self, key: object) -> bool:
+        if key in self.keys:
+            return True
+        if not isinstance(key, tuple) or len(key) != 4 or key[0] != "vm":
+            return False
+        return key[1] in self.vm_builtins and (key[2], key[3]) in self.domains
+
+
 @dataclass
 class Cycle:
     number: int
@@ -51,7 +79,7 @@ class Cycle:
     domains: tuple[Domain, ...] | None = None
     domains_job: int | None = None
     domains_error: str | None = None
-    attempted: set[tuple] = field(default_factory=set)  # failure keys tried this cycle
+    attempted: Attempted = field(default_factory=lambda: Attempted())
     shell_jobs: int = 0  # shell actions planned
     shell_done: int = 0  # ... and answered within this cycle
 
@@ -231,7 +259,7 @@ class FailureLog:
     def __init__(self) -> None:
         self.failing: dict[tuple[str, str, int | None, str | None], str] = {}
 
-    def update(self, failures: list[Failure], attempted: set[tuple]) -> None:
+    def update(self, failures: list[Failure], attempted: Attempted) -> None:
         """``attempted``: keys of everything tried this cycle (to notice recoveries)."""
         now: dict[tuple[str, str, int | None, str | None], Failure] = {}
         for failure in failures:

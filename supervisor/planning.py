@@ -105,7 +105,8 @@ def _collect(cycle: Cycle, plan: CollectorPlan, position: int,
     # noticed only if those keys count as tried.
     for name in plan.metric_names:
         cycle.attempted.add(("host", name, None, None))
-        cycle.attempted.update(("vm", name, d.id, d.name) for d in domains or ())
+    if domains is not None:
+        cycle.attempted.add_vm_builtins(plan.metric_names, domains)
     return job
 
 
