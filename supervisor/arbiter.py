@@ -11,6 +11,7 @@ respawn with backoff). The supervisor itself never calls libvirt, a shell or
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -22,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
 from vhostmd.supervisor.children import CTX, Child, ChildContext, release_free_memory
 from vhostmd.supervisor.config import MAX_WORKERS, Config, ConfigError, load_config
 from vhostmd.supervisor.cycle import (
@@ -32,7 +34,7 @@ from vhostmd.supervisor.cycle import (
     domain_list_failure,
     failure_key,
 )
-from vhostmd.supervisor.status import remove_status, write_status
+from vhostmd.supervisor.status import StatusFile
 from vhostmd.workers.actions import is_plain_name
 from vhostmd.workers.collectors import CollectorPlan
 from vhostmd.workers.collectors import plan as plan_collectors
@@ -81,9 +83,14 @@ class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
     def __init__(self, config: Config, *, uri: str | None, config_path: str,
-                 private_fds: tuple[int, ...] = (), status_path: str | None = None) -> None:
+                 private_fds: tuple[int, ...] = (), status_file: StatusFile | None = None,
+                 disk: DiskHandle | None = None, dropped_to: str | None = None) -> None:
         self.config = config
-        self.status_path = status_path
+        self.status_file = status_file
+        # The open, locked metrics disk (None without vbd); only the disk-writer
+        # child keeps its descriptor. dropped_to: the -u user, once root is gone.
+        self.disk = disk
+        self.dropped_to = dropped_to
         self.status_error: str | None = None
         self.started_wall = time.time()
         self.last_cycle_wall = 0.0
@@ -143,11 +150,11 @@ class Supervisor:
                          functools.partial(worker_main, index=i + 1, uri=self.uri), ("worker",))
             for i in range(cfg.workers)
         }
-        if cfg.vbd:
+        if cfg.vbd and self.disk is not None:
             specs[DISK_SLOT] = ChildSpec(
                 "disk-writer", DISK_SLOT,
-                functools.partial(disk_writer_main, path=cfg.disk_path, size=cfg.disk_size),
-                ("disk", cfg.disk_path, cfg.disk_size),
+                functools.partial(disk_writer_main, handle=self.disk),
+                ("disk", self.disk.path, self.disk.size),
             )
         if cfg.virtio:
             specs[VIRTIO_SLOT] = self.virtio_spec()
@@ -198,12 +205,37 @@ class Supervisor:
         for warning in new.warnings:
             log.warning("%s", warning)
         old = self.config
+        new = self.reload_disk(new)
         self.config = new
         if new.update_period != old.update_period:
             self.reanchor_clock(time.monotonic())
             self.heartbeats[SLOTS] = self.beat_interval
         log.info("reloaded %s: %d metrics, period %d s", self.config_path,
                  len(new.metrics), new.update_period)
+
+    def reload_disk(self, new: Config) -> Config:
+        """Open the disk a reload names before switching to it.
+
+        The running writer keeps publishing to the old disk until the new one
+        is open and locked; a new disk that cannot be used (full filesystem,
+        symlink, foreign owner, or a new path after -u dropped root) rejects
+        that part of the reload with one line, and the rest applies.
+        """
+        current = self.disk
+        try:
+            disk = switch_disk(current, new.disk_path if new.vbd else None, new.disk_size,
+                               dropped_to=self.dropped_to)
+        except DiskRefused as exc:
+            if current is None:
+                log.error("reload: %s; not writing a metrics disk", exc)
+                return dataclasses.replace(
+                    new, transports=tuple(t for t in new.transports if t != "vbd"))
+            log.error("reload: %s; still writing %s (%d bytes)", exc, current.path, current.size)
+            return dataclasses.replace(new, disk_path=current.path, disk_size=current.size)
+        if current is not None and (disk is None or disk.fd != current.fd):
+            current.close()  # the old writer, killed at the next converge, keeps its own copy
+        self.disk = disk
+        return new
 
     # -- main loop -------------------------------------------------------------
 
@@ -524,13 +556,16 @@ class Supervisor:
         }
 
     def write_status(self) -> None:
-        if self.status_path is None:
+        if self.status_file is None:
             return
         try:
-            write_status(self.status_path, self.status())
+            if not self.status_file.write(self.status()):
+                log.debug("status file %s locked by a reader; not rewritten this cycle",
+                          self.status_file.path)
         except OSError as exc:
             if self.status_error != exc.strerror:
-                log.warning("cannot write status file %s: %s", self.status_path, exc.strerror)
+                log.warning("cannot write status file %s: %s", self.status_file.path,
+                            exc.strerror)
             self.status_error = exc.strerror
         else:
             self.status_error = None
@@ -572,6 +607,8 @@ class Supervisor:
 
     def spawn(self, spec: ChildSpec) -> None:
         private = [self.wake_r, self.wake_w, *self.private_fds]
+        if self.disk is not None and spec.slot != DISK_SLOT:
+            private.append(self.disk.fd)  # the disk is the writer's alone
         child = Child(spec.role, spec.slot, spec.target, self.heartbeats, self.action_groups,
                       self.on_message, private)
         child.spec_key = spec.key
@@ -628,6 +665,6 @@ class Supervisor:
                 child.kill()
                 child.collect(2.0)
         self.children.clear()
-        if self.status_path is not None:
-            remove_status(self.status_path)
+        if self.status_file is not None:
+            self.status_file.remove()
         log.info("stopped")

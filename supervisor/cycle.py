@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vhostmd.document import DOCUMENT_CLOSE, DOCUMENT_OPEN, Metric
+from vhostmd.logtext import loggable
 from vhostmd.workers.jobs import Domain, Failure, Job, JobResult
 
 log = logging.getLogger("vhostmd")
@@ -141,7 +142,7 @@ def describe_target(context: str, metric: str, vm_id: int | None, name: str | No
     what = metric if " " in metric else f"{context} metric {metric}"
     if vm_id is None:
         return what
-    return f"{what} of domain id {vm_id} ({name!r})"
+    return f"{what} of domain id {vm_id} ({loggable(name or '')})"
 
 
 class FailureLog:

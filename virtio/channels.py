@@ -54,6 +54,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from vhostmd.logtext import loggable
 from vhostmd.protocol import (
     BLANK_LINE,
     CHANNEL_NAME,
@@ -79,16 +80,8 @@ UNIX_PATH_MAX = 108
 # A blank line is at most 4 bytes (\r\n\r\n): keep 3 when skipping, so one that
 # straddles two reads is still seen.
 _SKIP_KEEP = 3
-_LOG_NAME_MAX = 64
 CHANNEL_DIR = re.compile(r"(?:domain-)?(\d{1,9})-(.+)\Z", re.DOTALL)
 _PROC_FD = "/proc/self/fd"
-
-
-def loggable(name: str) -> str:
-    """A VM name as it may appear in a log line: escaped, bounded."""
-    if len(name) > _LOG_NAME_MAX:
-        name = name[:_LOG_NAME_MAX] + "..."
-    return repr(name)
 
 
 class Channel:
