@@ -10,6 +10,7 @@ import logging.handlers
 import multiprocessing
 import os
 import pwd
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -170,6 +171,18 @@ class LogTarget:
     file: str | None = None
 
 
+def _syslog_answers() -> bool:
+    """Whether a syslog daemon listens on SYSLOG_SOCKET (SysLogHandler hides a failure)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(SYSLOG_SOCKET)
+            except OSError:
+                continue
+            return True
+    return False
+
+
 def open_log_target(log_file: str | None) -> LogTarget:
     """Open the daemon's log before detaching (and before -u): syslog, else a file.
 
@@ -179,14 +192,12 @@ def open_log_target(log_file: str | None) -> LogTarget:
     through the descriptor, so rotate it with copytruncate.
     """
     if log_file is None:
-        try:
+        if _syslog_answers():
             handler = logging.handlers.SysLogHandler(
                 address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-        except OSError:
-            log_file = DEFAULT_LOG_FILE
-        else:
             handler.setFormatter(logging.Formatter("vhostmd[%(process)d]: %(role)s: %(message)s"))
             return LogTarget(handler)
+        log_file = DEFAULT_LOG_FILE
     try:
         fd, _created = open_no_follow(log_file, os.O_WRONLY | os.O_APPEND, what="log file",
                                       mode=0o640)
