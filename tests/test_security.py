@@ -264,6 +264,24 @@ def test_files_stay_roots_under_user_and_reloads_needing_root_are_refused(
         assert daemon.stop() == 0
 
 
+@ROOT_ONLY
+def test_stale_pid_file_of_another_user_is_replaced(shared_dir: Path) -> None:
+    # Left by an older vhostmd that chowned it for -u, or planted: its owner
+    # could write a pid of their choice into it for `stop` to signal.
+    pid_file = shared_dir / "vhostmd.pid"
+    planted = as_nobody("sh", "-c", f"umask 022; echo 1 > {pid_file}")
+    assert planted.returncode == 0, planted.stderr
+    disk = shared_dir / "vhostmd0"
+    with Daemon(shared_dir, config_xml(disk, NANOS)) as daemon:
+        updates_resume(disk)
+        assert daemon.pid_file == pid_file
+        st = pid_file.stat()
+        assert (st.st_uid, st.st_mode & 0o022) == (0, 0)
+        assert pid_file.read_text() == f"{daemon.pid}\n"
+        assert daemon.stop() == 0
+    assert not pid_file.exists()
+
+
 def test_reload_to_a_disk_that_cannot_be_opened_keeps_the_old_one(
         tmp_path: Path, shared_dir: Path) -> None:
     disk = tmp_path / "vhostmd0"
