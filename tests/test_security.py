@@ -323,6 +323,32 @@ def test_reload_to_a_full_filesystem_keeps_publishing_to_the_old_disk(
         assert daemon.stop() == 0
 
 
+def test_status_file_lock_never_stalls_the_daemon_nor_shows_half_a_file(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    with Daemon(tmp_path, config_xml(disk, NANOS)) as daemon:
+        updates_resume(disk)
+        status = tmp_path / "vhostmd.status"
+        cmd = [VHOSTMD, "--status", "-p", str(daemon.pid_file)]
+        wait_for(lambda: subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0,
+                 5, "a status")
+        with open(status, "rb") as held:
+            # Any user can hold a shared lock on the (world-readable) file for
+            # ever: the supervisor skips its rewrites, and publishes as usual.
+            fcntl.flock(held, fcntl.LOCK_SH)
+            frozen = status.read_bytes()
+            updates_resume(disk)
+            updates_resume(disk)
+            assert status.read_bytes() == frozen
+            # A writer mid-rewrite (exclusive lock): --status waits, then says so.
+            fcntl.flock(held, fcntl.LOCK_EX)
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            assert out.returncode == 4
+            assert out.stdout.strip() == (f"vhostmd is running (pid {daemon.pid}) but {status} "
+                                          "is locked by its writer for too long")
+        wait_for(lambda: status.read_bytes() != frozen, 5, "the status rewritten again")
+        assert daemon.stop() == 0
+
+
 def _copy_site_package(name: str, into: Path) -> None:
     import importlib.util
 
