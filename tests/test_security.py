@@ -296,6 +296,15 @@ def test_reload_to_a_disk_that_cannot_be_opened_keeps_the_old_one(
         assert f"reload: metrics disk {link} is a symbolic link" in daemon.log()
         updates_resume(disk)
         assert not (tmp_path / "elsewhere").exists()
+        if os.geteuid() == 0:  # a file planted by another user: the same
+            planted = shared_dir / "vhostmd2"
+            assert as_nobody("sh", "-c", f"umask 022; : > {planted}").returncode == 0
+            daemon.conf.write_text(config_xml(planted, NANOS))
+            daemon.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: daemon.log().count("still writing") == 2, 10, "a second refusal")
+            assert f"reload: metrics disk {planted} belongs to nobody" in daemon.log()
+            updates_resume(disk)
+            assert planted.stat().st_size == 0
         assert daemon.stop() == 0
 
 
