@@ -15,6 +15,7 @@ and virtio), ``status`` (the status file).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import wait
 
+from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
 from vhostmd.mdisk import HEADER_SIZE
 from vhostmd.runtime.child import release_free_memory
 from vhostmd.supervisor import planning
@@ -51,7 +53,7 @@ from vhostmd.supervisor.cycle import (
 from vhostmd.supervisor.cycle import domain_list_failure as list_failure
 from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
 from vhostmd.supervisor.publisher import Publisher
-from vhostmd.supervisor.status import build_status, remove_status, write_status
+from vhostmd.supervisor.status import StatusFile, build_status
 from vhostmd.wire import Collect, Failure, Job, JobResult, ListDomains, RunAction, needs_libvirt
 from vhostmd.workers.collectors import CollectorPlan
 from vhostmd.workers.collectors import plan as plan_collectors
@@ -85,12 +87,17 @@ class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
     def __init__(self, config: Config, *, uri: str | None, config_path: str,
-                 status_path: str | None = None, log_level: int = logging.INFO,
+                 status_file: StatusFile | None = None, disk: DiskHandle | None = None,
+                 dropped_to: str | None = None, log_level: int = logging.INFO,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.uri = uri
         self.config_path = config_path
-        self.status_path = status_path
+        self.status_file = status_file
+        # The open, locked metrics disk (None without vbd): only the disk-writer
+        # child gets its descriptor. dropped_to: the -u user, once root is gone.
+        self.disk = disk
+        self.dropped_to = dropped_to
         self.status_error: str | None = None
         self.clock = clock
         self.started_wall = time.time()
@@ -156,6 +163,7 @@ class Supervisor:
         for warning in new.warnings:
             log.warning("%s", warning)
         old = self.config
+        new = self.reload_disk(new)
         self.config = new
         if new.update_period != old.update_period:
             now = self.clock()
@@ -165,6 +173,30 @@ class Supervisor:
         log.info("reloaded %s: %d metrics, period %d s", self.config_path,
                  len(new.metrics) + sum(len(p.metric_names) for p in self.collector_plans()),
                  new.update_period)
+
+    def reload_disk(self, new: Config) -> Config:
+        """Open the disk a reload names before switching to it.
+
+        The running writer keeps publishing to the old disk until the new one
+        is open and locked; a new disk that cannot be used (full filesystem,
+        symlink, foreign owner, or a new path after -u dropped root) rejects
+        that part of the reload with one line, and the rest applies.
+        """
+        current = self.disk
+        try:
+            disk = switch_disk(current, new.disk_path if new.vbd else None, new.disk_size,
+                               dropped_to=self.dropped_to)
+        except DiskRefused as exc:
+            if current is None:
+                log.error("reload: %s; not writing a metrics disk", exc)
+                return dataclasses.replace(
+                    new, transports=tuple(t for t in new.transports if t != "vbd"))
+            log.error("reload: %s; still writing %s (%d bytes)", exc, current.path, current.size)
+            return dataclasses.replace(new, disk_path=current.path, disk_size=current.size)
+        if current is not None and (disk is None or disk.fd != current.fd):
+            current.close()  # the old writer, killed at the next converge, keeps its own copy
+        self.disk = disk
+        return new
 
     # -- main loop -------------------------------------------------------------
 
@@ -188,7 +220,7 @@ class Supervisor:
         (about a second on a slow machine); a first cycle started before would
         miss its deadline for nothing.
         """
-        self.pool.converge(wanted_children(self.config, self.uri),
+        self.pool.converge(wanted_children(self.config, self.uri, self.disk),
                            hang_timeout(self.config.update_period))
         until = self.clock() + timeout
         workers = list(range(self.config.workers))
@@ -217,7 +249,7 @@ class Supervisor:
         self.dispatch()
         if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
             self.finish_cycle()
-        self.pool.converge(wanted_children(self.config, self.uri),
+        self.pool.converge(wanted_children(self.config, self.uri, self.disk),
                            hang_timeout(self.config.update_period))
 
     def sleep(self) -> None:
@@ -455,19 +487,22 @@ class Supervisor:
     # -- status and shutdown -----------------------------------------------------
 
     def write_status(self) -> None:
-        if self.status_path is None:
+        if self.status_file is None:
             return
         try:
-            write_status(self.status_path, build_status(self))
+            if not self.status_file.write(build_status(self)):
+                log.debug("status file %s locked by a reader; not rewritten this cycle",
+                          self.status_file.path)
         except OSError as exc:
             if self.status_error != exc.strerror:
-                log.warning("cannot write status file %s: %s", self.status_path, exc.strerror)
+                log.warning("cannot write status file %s: %s", self.status_file.path,
+                            exc.strerror)
             self.status_error = exc.strerror
         else:
             self.status_error = None
 
     def shutdown(self) -> None:
         self.pool.shutdown(STOP_GRACE)
-        if self.status_path is not None:
-            remove_status(self.status_path)
+        if self.status_file is not None:
+            self.status_file.remove()
         log.info("stopped")

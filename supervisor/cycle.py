@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vhostmd.document import assemble
+from vhostmd.logtext import loggable
 from vhostmd.wire import Domain, Failure, Job, JobResult, RunAction
 
 log = logging.getLogger("vhostmd")
@@ -250,7 +251,7 @@ def describe_target(context: str, metric: str, vm_id: int | None, name: str | No
     what = metric if " " in metric else f"{context} metric {metric}"
     if vm_id is None:
         return what
-    return f"{what} of domain id {vm_id} ({name!r})"
+    return f"{what} of domain id {vm_id} ({loggable(name or '')})"
 
 
 class FailureLog:

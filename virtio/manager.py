@@ -32,9 +32,10 @@ import selectors
 import socket
 import time
 
+from vhostmd.logtext import loggable
 from vhostmd.protocol import CHANNEL_NAME, build_response
 from vhostmd.runtime.child import ChildContext, release_free_memory
-from vhostmd.virtio.channel import THROTTLED, Channel, ChannelClosed, loggable
+from vhostmd.virtio.channel import THROTTLED, Channel, ChannelClosed
 
 log = logging.getLogger("vhostmd")
 
