@@ -224,8 +224,9 @@ def get_metric(
 ) -> Value:
     """Typed value of one metric, read fresh unless ``document`` is given.
 
-    Raises MetricNotFound when the metric is not published, and the errors
-    of :func:`read_metrics` when nothing can be read.
+    Raises MetricNotFound when the metric is not published, InvalidMetricValue
+    when it is but has no typed value, and the errors of :func:`read_metrics`
+    when nothing can be read.
     """
     if document is None:
         document = read_metrics(transport, disk=disk, port=port, timeout=timeout)

@@ -146,17 +146,17 @@ def test_bad_disks_fail_with_one_line(tmp_path: Path, kind: str, reason: str) ->
 # What C daemons write: printf("%f") integers, empty values when an action
 # failed, trailing newlines; and a value that fits no type.
 C_STYLE = (
-    "<metrics>\n"
-    "  <metric type='uint64' context='host'>\n    <name>PageInRate</name>\n"
-    "    <value>400.000000\n</value>\n  </metric>\n"
-    "  <metric type='string' context='host'>\n    <name>VirtualizationVendor</name>\n"
-    "    <value></value>\n  </metric>\n"
-    "  <metric type='uint32' context='host'>\n    <name>NumCPUs</name>\n"
-    "    <value>16 cpus\n</value>\n  </metric>\n"
-    "  <metric type='string' context='host'>\n    <name>HostName</name>\n"
-    "    <value>c-host\n</value>\n  </metric>\n"
-    "</metrics>\n"
-).encode()
+    b"<metrics>\n"
+    b"  <metric type='uint64' context='host'>\n    <name>PageInRate</name>\n"
+    b"    <value>400.000000\n</value>\n  </metric>\n"
+    b"  <metric type='string' context='host'>\n    <name>VirtualizationVendor</name>\n"
+    b"    <value></value>\n  </metric>\n"
+    b"  <metric type='uint32' context='host'>\n    <name>NumCPUs</name>\n"
+    b"    <value>16 cpus\n</value>\n  </metric>\n"
+    b"  <metric type='string' context='host'>\n    <name>HostName</name>\n"
+    b"    <value>c-host\n</value>\n  </metric>\n"
+    b"</metrics>\n"
+)
 
 
 @pytest.fixture

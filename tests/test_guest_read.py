@@ -168,6 +168,7 @@ def test_upstream_c_disk_is_read_unchanged() -> None:
     assert document.get("Greeting") == "Grüße"
     assert document.get("TotalCPUTime", "vm") == 42.5
     assert document.find("NumCPUs").unit == "count"
+    assert document.find("NumCPUs").raw == "16\n" and document.problems == ()
 
 
 def test_unsigned_checksum_is_accepted(tmp_path: Path) -> None:
