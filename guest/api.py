@@ -86,7 +86,10 @@ class MetricsDocument:
         Raises InvalidMetricValue when the metric is published but has no typed
         value (``find(...).raw`` still gives its text).
         """
-        metric = self.find(name, context, uuid=uuid)
+        return self.value_of(self.find(name, context, uuid=uuid))
+
+    def value_of(self, metric: Metric) -> Value:
+        """Typed value of a metric of this document; InvalidMetricValue if it has none."""
         problem = _problem(metric)
         if problem is not None:
             raise InvalidMetricValue(f"{self.source}: {describe(metric)}: {problem}")

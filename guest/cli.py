@@ -18,9 +18,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from vhostmd.document import CONTEXTS, describe
+from vhostmd.document import CONTEXTS
 from vhostmd.guest.api import DEFAULT_TIMEOUT, MetricsDocument, metric_as_json, read_metrics
-from vhostmd.guest.errors import InvalidMetricValue, MetricsError
+from vhostmd.guest.errors import MetricsError
 from vhostmd.protocol import GUEST_PORT
 
 PROG = "vm-dump-metrics"
@@ -95,11 +95,9 @@ def render_output(
 ) -> bytes:
     if args.metric is not None:
         metric = document.find(args.metric, args.context or "host", uuid=args.uuid)
-        shown = metric_as_json(metric)
-        if shown["problem"] is not None:
-            raise InvalidMetricValue(f"{document.source}: {describe(metric)}: {shown['problem']}")
+        document.value_of(metric)  # one line and exit 1 for a metric without a typed value
         if args.format == "json":
-            return _json_bytes(shown)
+            return _json_bytes(metric_as_json(metric))
         return metric.value.encode() + b"\n"
     if args.format == "json":
         # Every metric is delivered; the ones without a value are named once each.
