@@ -281,7 +281,11 @@ expect_files vhostmd \
     usr/share/man/man8/vhostmd.8.gz usr/share/man/man8/rcvhostmd.8.gz \
     usr/share/doc/vhostmd/copyright usr/share/doc/vhostmd/changelog.gz \
     usr/share/doc/vhostmd/examples/vhostmd.conf \
-    "$PRIVATE/etc/vhostmd.dtd" "$PRIVATE/etc/metric.dtd"
+    "$PRIVATE/etc/vhostmd.dtd" "$PRIVATE/etc/metric.dtd" usr/share/vhostmd/scripts/pagerate.pl
+# Upstream configs run it through PATH: it must stay executable.
+# (grep without -q: an early exit would fail the pipeline under pipefail.)
+dpkg-deb -c "$DAEMON_DEB" | grep -E '^-rwxr-xr-x .* \./usr/share/vhostmd/scripts/pagerate\.pl$' \
+    >/dev/null || fail "package vhostmd lacks an executable usr/share/vhostmd/scripts/pagerate.pl"
 grep -qxE '(usr/)?lib/systemd/system/vhostmd\.service' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks vhostmd.service"
 expect_files vm-dump-metrics \
