@@ -83,6 +83,20 @@ no_process_left() {
     done
 }
 
+# Like no_process_left, for every session but that of the daemon $1, which runs.
+no_process_left_but() {
+    local sid keep left
+    keep=$(ps -o sid= -p "$1" | tr -d ' ')
+    for sid in ${SESSIONS[@]+"${SESSIONS[@]}"}; do
+        [ "$sid" != "$keep" ] || continue
+        left=$(session_pids "$sid")
+        if [ -n "$left" ]; then
+            ps -o pid,stat,cmd -p "$(echo "$left" | paste -sd,)" >&2 || true
+            fail "$2: processes of an earlier daemon (session $sid) are left"
+        fi
+    done
+}
+
 kill_sessions() {
     local sid pids signal
     for signal in TERM KILL; do
@@ -244,11 +258,26 @@ CODE_VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$SRC/core/__init__.py")
 [ "$VERSION" = "$CODE_VERSION" ] \
     || fail "debian/changelog says $VERSION, core/__init__.py says $CODE_VERSION: add a changelog entry"
 
+# Every path of the source tree, to compare with what "debian/rules clean"
+# leaves after the build.
+source_tree() {
+    (cd "$SRC" && find . | sort)
+}
+source_tree >"$WORK/tree.before"
+
 say "building $VERSION: dpkg-buildpackage -us -uc -b (log: $WORK/build.log)"
 if ! (cd "$SRC" && env -i PATH="$PATH" HOME="$WORK" LC_ALL=C.UTF-8 \
         dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1; then
     tail -n 40 "$WORK/build.log" >&2
     fail "dpkg-buildpackage failed"
+fi
+
+say "debian/rules clean leaves the source tree as it was"
+(cd "$SRC" && env -i PATH="$PATH" HOME="$WORK" LC_ALL=C.UTF-8 debian/rules clean) \
+    >"$WORK/clean.log" 2>&1 || { cat "$WORK/clean.log" >&2; fail "debian/rules clean failed"; }
+source_tree >"$WORK/tree.after"
+if ! diff "$WORK/tree.before" "$WORK/tree.after" >&2; then
+    fail "debian/rules clean leaves build leftovers in the source tree (> above), or removes sources (<)"
 fi
 DAEMON_DEB=$WORK/vhostmd_${VERSION}_all.deb
 GUEST_DEB=$WORK/vm-dump-metrics_${VERSION}_all.deb
@@ -281,7 +310,11 @@ expect_files vhostmd \
     usr/share/man/man8/vhostmd.8.gz usr/share/man/man8/rcvhostmd.8.gz \
     usr/share/doc/vhostmd/copyright usr/share/doc/vhostmd/changelog.gz \
     usr/share/doc/vhostmd/examples/vhostmd.conf \
+    usr/share/doc/vhostmd/examples/vhostmd-pvc.conf \
     "$PRIVATE/etc/vhostmd.dtd" "$PRIVATE/etc/metric.dtd"
+# dh_compress compresses the README (long enough) or not (short): either.
+grep -qxE 'usr/share/doc/vhostmd/README\.md(\.gz)?' "$WORK/vhostmd.files" \
+    || fail "package vhostmd lacks usr/share/doc/vhostmd/README.md"
 grep -qxE '(usr/)?lib/systemd/system/vhostmd\.service' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks vhostmd.service"
 expect_files vm-dump-metrics \
@@ -400,7 +433,20 @@ for pkg in "${PACKAGES[@]}"; do
     [ "$(installed_state "$pkg")" = ii ] || fail "$pkg is not installed"
 done
 ls /etc/rc2.d/S*vhostmd >/dev/null 2>&1 || fail "not enabled: no /etc/rc2.d/S*vhostmd"
-/usr/sbin/vhostmd --check -f /etc/vhostmd/vhostmd.conf || fail "the shipped configuration is invalid"
+say "checking the shipped configurations"
+for conf in /etc/vhostmd/vhostmd.conf /usr/share/doc/vhostmd/examples/vhostmd.conf \
+            /usr/share/doc/vhostmd/examples/vhostmd-pvc.conf; do
+    /usr/sbin/vhostmd --check -f "$conf" || fail "the shipped configuration $conf is invalid"
+    # Every directory of the actions' PATH (<globals><path>) is there.
+    python3 -I - "$conf" <<'EOF' || fail "$conf: its <path> names a directory that does not exist"
+import os, sys
+import xml.etree.ElementTree as ET
+entries = ET.parse(sys.argv[1]).getroot().findtext("globals/path", "").split(":")
+missing = [e for e in entries if not os.path.isdir(e)]
+if missing:
+    sys.exit(f"{sys.argv[1]}: no directory {', '.join(missing)}")
+EOF
+done
 if command -v systemd-analyze >/dev/null; then
     for unit in /lib/systemd/system/vhostmd.service /usr/lib/systemd/system/vhostmd.service; do
         [ -e "$unit" ] || continue
@@ -488,12 +534,49 @@ metric_is "$INIT_DISK" PackagingTest second || fail "the daemon lost its configu
 mv "$WORK/init.conf.good" "$WORK/init.conf"
 init_script 0 force-reload
 
+# restart and try-restart check the configuration before they stop anything:
+# with a broken file the running daemon stays, and they say why.
+cp "$WORK/init.conf" "$WORK/init.conf.good"
+echo "<broken" >>"$WORK/init.conf"
+for command in restart try-restart; do
+    rc=0
+    out=$(/etc/init.d/vhostmd "$command" 2>&1) || rc=$?
+    echo "$out"
+    [ "$rc" -eq 1 ] || fail "$command with a broken configuration: exit status $rc, expected 1"
+    echo "$out" | grep -q "init.conf:[0-9]*: " \
+        || fail "$command does not say what is wrong in the configuration"
+    [ "$(daemon_pid)" = "$pid" ] || fail "$command with a broken configuration stopped the daemon"
+    init_script 0 status
+    kill -0 "$pid" || fail "$command with a broken configuration stopped the daemon"
+done
+mv "$WORK/init.conf.good" "$WORK/init.conf"
+
 init_script 0 restart
 new_pid=$(daemon_pid) || fail "no pid in $PIDFILE after restart"
 [ "$new_pid" != "$pid" ] || fail "restart kept the same daemon"
 track "$new_pid"
 init_script 0 status
 /usr/sbin/rcvhostmd status >/dev/null || fail "rcvhostmd status"
+
+pid=$new_pid
+init_script 0 try-restart
+new_pid=$(daemon_pid) || fail "no pid in $PIDFILE after try-restart"
+[ "$new_pid" != "$pid" ] || fail "try-restart kept the same daemon"
+track "$new_pid"
+retry 15 metric_is "$INIT_DISK" PackagingTest second || fail "no metrics after try-restart"
+no_process_left_but "$new_pid" "after try-restart"
+
+# The usage line names the command that was run.
+for command in /etc/init.d/vhostmd /usr/sbin/rcvhostmd; do
+    rc=0
+    out=$("$command" no-such-command 2>&1) || rc=$?
+    [ "$rc" -ne 0 ] || fail "$command no-such-command reported success"
+    expected="Usage: ${command#/usr/sbin/} {"
+    case $out in
+        "$expected"*) ;;
+        *) fail "$command no-such-command says: $out (expected: $expected...)" ;;
+    esac
+done
 
 init_script 0 stop
 init_script 3 status
@@ -502,7 +585,11 @@ no_process_left "after /etc/init.d/vhostmd stop"
 init_script 0 stop
 init_script 7 reload
 init_script 0 force-reload
+# try-restart leaves a daemon that does not run alone.
+init_script 0 try-restart
+init_script 3 status
 
+cp "$WORK/init.conf" "$WORK/init.conf.good"
 echo "<broken" >>"$WORK/init.conf"
 rc=0
 out=$(/etc/init.d/vhostmd start 2>&1) || rc=$?
@@ -510,6 +597,31 @@ echo "$out"
 [ "$rc" -ne 0 ] || fail "start with a broken configuration reported success"
 echo "$out" | grep -q "init.conf:[0-9]*: " || fail "start does not say what is wrong in the configuration"
 init_script 3 status
+mv "$WORK/init.conf.good" "$WORK/init.conf"
+
+if [ -d /run/systemd/system ]; then
+    say "not stopping a hung daemon through the init script: systemd runs here"
+else
+    say "stopping a hung daemon (its supervisor stopped with SIGSTOP)"
+    echo "VHOSTMD_STOP_TIMEOUT=2" >>/etc/default/vhostmd
+    init_script 0 start
+    pid=$(daemon_pid) || fail "no pid in $PIDFILE after start"
+    track "$pid"
+    retry 15 metric_is "$INIT_DISK" PackagingTest first || fail "no metrics on $INIT_DISK"
+    sid=$(ps -o sid= -p "$pid" | tr -d ' ')
+    count=$(session_pids "$sid" | wc -l)
+    # The supervisor, 4 workers, the disk-writer and the virtio process.
+    [ "$count" -ge 7 ] || fail "only $count processes in the daemon's session"
+    kill -STOP "$pid"
+    rc=0
+    out=$(/etc/init.d/vhostmd stop 2>&1) || rc=$?
+    echo "$out"
+    [ "$rc" -eq 0 ] || fail "stop of a hung daemon: exit status $rc"
+    echo "$out" | grep -q "killing" || fail "stop does not say that it kills a hung daemon"
+    no_process_left "after stopping a hung daemon"
+    [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stopping a hung daemon"
+    init_script 3 status
+fi
 
 cp -p "$DEFAULT_BACKUP" /etc/default/vhostmd
 DEFAULT_BACKUP=""
