@@ -239,7 +239,8 @@ WORK=$(mktemp -d /tmp/vhostmd-packaging.XXXXXX)
 SRC=$WORK/src
 mkdir "$SRC" "$WORK/run"
 say "copying the checkout to $SRC"
-if [ -d "$REPO/.git" ] && command -v git >/dev/null; then
+# .git is a file in a worktree ("git worktree add"), a directory elsewhere.
+if [ -e "$REPO/.git" ] && command -v git >/dev/null; then
     # What git knows of, with the working tree's content (uncommitted changes
     # too), not what it ignores (.venv, build/, run/...).
     git -C "$REPO" ls-files -z -co --exclude-standard \
@@ -250,7 +251,8 @@ if [ -d "$REPO/.git" ] && command -v git >/dev/null; then
         | tar -C "$REPO" --null -T - -cf - | tar -C "$SRC" -xf -
 else
     tar -C "$REPO" --exclude=.git --exclude=.venv --exclude=run --exclude=build \
-        --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$SRC" -xf -
+        --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
+        --exclude=.ruff_cache --exclude=.hypothesis -cf - . | tar -C "$SRC" -xf -
 fi
 
 VERSION=$(dpkg-parsechangelog -l "$SRC/debian/changelog" -S Version)
@@ -351,6 +353,8 @@ dpkg-deb --fsys-tarfile "$DAEMON_DEB" | tar -xOf - ./etc/vhostmd/vhostmd.conf \
     || fail "/etc/vhostmd/vhostmd.conf is not etc/vhostmd-pvc.conf"
 
 say "checking the dependencies"
+# grep -q reads from here-strings, not "echo ... |": it may exit before echo
+# has written everything, and with pipefail the SIGPIPE fails the check.
 # Package names of a Depends field, one a line.
 depends() {
     dpkg-deb -f "$1" Depends | tr ',' '\n' | sed -e 's/^ *//' -e 's/ *$//'
@@ -361,12 +365,12 @@ echo "vhostmd Depends: $(echo "$daemon_depends" | paste -sd,)"
 echo "vm-dump-metrics Depends: $(echo "$guest_depends" | paste -sd,)"
 for dep in python3-libvirt python3-lxml python3-psutil python3-setproctitle \
            "vm-dump-metrics (= $VERSION)"; do
-    echo "$daemon_depends" | grep -qxF "$dep" || fail "vhostmd does not depend on $dep"
+    grep -qxF "$dep" <<<"$daemon_depends" || fail "vhostmd does not depend on $dep"
 done
-echo "$daemon_depends" | grep -qE '^python3(:any)? ' || fail "vhostmd does not depend on python3"
-echo "$guest_depends" | grep -qxF python3-lxml || fail "vm-dump-metrics does not depend on python3-lxml"
-echo "$guest_depends" | grep -qE '^python3(:any)? ' || fail "vm-dump-metrics does not depend on python3"
-if echo "$guest_depends" | grep -E 'libvirt|psutil|setproctitle|vhostmd'; then
+grep -qE '^python3(:any)? ' <<<"$daemon_depends" || fail "vhostmd does not depend on python3"
+grep -qxF python3-lxml <<<"$guest_depends" || fail "vm-dump-metrics does not depend on python3-lxml"
+grep -qE '^python3(:any)? ' <<<"$guest_depends" || fail "vm-dump-metrics does not depend on python3"
+if grep -E 'libvirt|psutil|setproctitle|vhostmd' <<<"$guest_depends"; then
     fail "vm-dump-metrics depends on host-side packages (above)"
 fi
 for deb in "$DAEMON_DEB" "$GUEST_DEB"; do
@@ -482,7 +486,7 @@ retry 10 sh -c "/usr/sbin/vm-dump-metrics --disk '$WORK/run/fg-vhostmd0' | grep 
     || fail "no vm metrics from test:///default"
 titles=$(ps -o args= --sid "$fg_pid")
 for title in "vhostmd: supervisor" "vhostmd: worker" "vhostmd: disk-writer"; do
-    echo "$titles" | grep -q "^$title" || fail "no process titled '$title': $titles"
+    grep -q "^$title" <<<"$titles" || fail "no process titled '$title': $titles"
 done
 kill -TERM "$fg_pid"
 fg_rc=0
@@ -528,7 +532,7 @@ rc=0
 out=$(/etc/init.d/vhostmd reload 2>&1) || rc=$?
 echo "$out"
 [ "$rc" -ne 0 ] || fail "reload with a broken configuration reported success"
-echo "$out" | grep -q "init.conf:[0-9]*: " || fail "reload does not say what is wrong in the configuration"
+grep -q "init.conf:[0-9]*: " <<<"$out" || fail "reload does not say what is wrong in the configuration"
 init_script 0 status
 metric_is "$INIT_DISK" PackagingTest second || fail "the daemon lost its configuration on a broken reload"
 mv "$WORK/init.conf.good" "$WORK/init.conf"
@@ -543,7 +547,7 @@ for command in restart try-restart; do
     out=$(/etc/init.d/vhostmd "$command" 2>&1) || rc=$?
     echo "$out"
     [ "$rc" -eq 1 ] || fail "$command with a broken configuration: exit status $rc, expected 1"
-    echo "$out" | grep -q "init.conf:[0-9]*: " \
+    grep -q "init.conf:[0-9]*: " <<<"$out" \
         || fail "$command does not say what is wrong in the configuration"
     [ "$(daemon_pid)" = "$pid" ] || fail "$command with a broken configuration stopped the daemon"
     init_script 0 status
@@ -595,7 +599,7 @@ rc=0
 out=$(/etc/init.d/vhostmd start 2>&1) || rc=$?
 echo "$out"
 [ "$rc" -ne 0 ] || fail "start with a broken configuration reported success"
-echo "$out" | grep -q "init.conf:[0-9]*: " || fail "start does not say what is wrong in the configuration"
+grep -q "init.conf:[0-9]*: " <<<"$out" || fail "start does not say what is wrong in the configuration"
 init_script 3 status
 mv "$WORK/init.conf.good" "$WORK/init.conf"
 
@@ -607,7 +611,7 @@ else
     init_script 0 start
     pid=$(daemon_pid) || fail "no pid in $PIDFILE after start"
     track "$pid"
-    retry 15 metric_is "$INIT_DISK" PackagingTest first || fail "no metrics on $INIT_DISK"
+    retry 15 metric_is "$INIT_DISK" PackagingTest second || fail "no metrics on $INIT_DISK"
     sid=$(ps -o sid= -p "$pid" | tr -d ' ')
     count=$(session_pids "$sid" | wc -l)
     # The supervisor, 4 workers, the disk-writer and the virtio process.
@@ -617,7 +621,7 @@ else
     out=$(/etc/init.d/vhostmd stop 2>&1) || rc=$?
     echo "$out"
     [ "$rc" -eq 0 ] || fail "stop of a hung daemon: exit status $rc"
-    echo "$out" | grep -q "killing" || fail "stop does not say that it kills a hung daemon"
+    grep -q "killing" <<<"$out" || fail "stop does not say that it kills a hung daemon"
     no_process_left "after stopping a hung daemon"
     [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stopping a hung daemon"
     init_script 3 status
