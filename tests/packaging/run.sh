@@ -42,6 +42,7 @@ DEFAULT_BACKUP=""
 POLICY_BACKUP=""
 SHM_DISK_EXISTED=1
 SESSIONS=()   # session ids of every daemon this script started
+BUSY=""       # pid of the busy loop of slow_down
 
 say() { printf '==> [%3ds] %s\n' "$(($(date +%s) - START_TIME))" "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
@@ -83,6 +84,28 @@ no_process_left() {
     done
 }
 
+# Make the daemon of session $1 slow to exit, for a few seconds: its
+# processes (every thread) at nice 10 on CPU 0, next to a busy loop there.
+# The pid file's lock goes about 100 ms before the processes do; now it is
+# seconds, so a "stop" that returned on the lock alone would leave them.
+slow_down() {
+    local pid task
+    for pid in $(session_pids "$1"); do
+        taskset -a -p -c 0 "$pid" >/dev/null 2>&1 || true
+        for task in /proc/"$pid"/task/*; do
+            renice -n 10 -p "${task##*/}" >/dev/null 2>&1 || true
+        done
+    done
+    taskset -c 0 sh -c 'while :; do :; done' &
+    BUSY=$!
+}
+
+end_slow_down() {
+    kill "$BUSY"
+    wait "$BUSY" 2>/dev/null || true
+    BUSY=""
+}
+
 # Like no_process_left, for every session but that of the daemon $1, which runs.
 no_process_left_but() {
     local sid keep left
@@ -113,6 +136,7 @@ cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
+    [ -z "$BUSY" ] || kill "$BUSY" 2>/dev/null
     [ "$rc" -eq 0 ] || [ "$rc" -eq "$SKIP" ] || say "cleaning up after a failure"
     kill_sessions
     if [ -n "$DEFAULT_BACKUP" ] && [ -f "$DEFAULT_BACKUP" ] && [ -d /etc/default ]; then
@@ -299,10 +323,10 @@ deb_files "$DAEMON_DEB" >"$WORK/vhostmd.files"
 deb_files "$GUEST_DEB" >"$WORK/vm-dump-metrics.files"
 
 expect_files() {
-    local list=$WORK/$1.files path
+    local package=$1 path
     shift
     for path in "$@"; do
-        grep -qxF "$path" "$list" || fail "package $1 lacks $path"
+        grep -qxF "$path" "$WORK/$package.files" || fail "package $package lacks $path"
     done
 }
 expect_files vhostmd \
@@ -582,10 +606,13 @@ for command in /etc/init.d/vhostmd /usr/sbin/rcvhostmd; do
     esac
 done
 
+# stop returns once every process of the daemon is gone, not when the lock is.
+slow_down "$(ps -o sid= -p "$new_pid" | tr -d ' ')"
 init_script 0 stop
+no_process_left "after /etc/init.d/vhostmd stop (slow to exit)"
+end_slow_down
 init_script 3 status
 [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stop"
-no_process_left "after /etc/init.d/vhostmd stop"
 init_script 0 stop
 init_script 7 reload
 init_script 0 force-reload
@@ -606,17 +633,35 @@ mv "$WORK/init.conf.good" "$WORK/init.conf"
 if [ -d /run/systemd/system ]; then
     say "not stopping a hung daemon through the init script: systemd runs here"
 else
-    say "stopping a hung daemon (its supervisor stopped with SIGSTOP)"
+    say "stopping a hung daemon (all its processes stopped with SIGSTOP, an action running)"
     echo "VHOSTMD_STOP_TIMEOUT=2" >>/etc/default/vhostmd
+    # An action that runs until the cycle's deadline: "sleep" is there most
+    # of the time. Its process has no parent-death signal: when its worker is
+    # killed it stays, alone in the daemon's session.
+    write_config "$WORK/init.conf" "$INIT_DISK" "hung; exec sleep 600"
     init_script 0 start
     pid=$(daemon_pid) || fail "no pid in $PIDFILE after start"
     track "$pid"
-    retry 15 metric_is "$INIT_DISK" PackagingTest second || fail "no metrics on $INIT_DISK"
+    retry 15 metric "$INIT_DISK" HostName || fail "no metrics on $INIT_DISK"
     sid=$(ps -o sid= -p "$pid" | tr -d ' ')
-    count=$(session_pids "$sid" | wc -l)
     # The supervisor, 4 workers, the disk-writer and the virtio process.
-    [ "$count" -ge 7 ] || fail "only $count processes in the daemon's session"
-    kill -STOP "$pid"
+    count=$(pgrep -c -s "$sid" '^vhostmd' || true)
+    [ "$count" -ge 7 ] || fail "only $count vhostmd processes in the daemon's session"
+    # Freeze the daemon (the supervisor first) while its action runs.
+    frozen=0
+    for _ in $(seq 50); do
+        kill -STOP "$pid"
+        # shellcheck disable=SC2046 # a list of pids
+        kill -STOP $(ps -o pid=,comm= -s "$sid" | awk '$2 != "sleep" { print $1 }')
+        if pgrep -s "$sid" -x sleep >/dev/null; then
+            frozen=1
+            break
+        fi
+        # shellcheck disable=SC2046 # a list of pids
+        kill -CONT $(ps -o pid= -s "$sid")
+        sleep 0.2
+    done
+    [ "$frozen" -eq 1 ] || fail "the action never ran: no sleep in the daemon's session"
     rc=0
     out=$(/etc/init.d/vhostmd stop 2>&1) || rc=$?
     echo "$out"
