@@ -43,6 +43,7 @@ POLICY_BACKUP=""
 SHM_DISK_EXISTED=1
 SESSIONS=()   # session ids of every daemon this script started
 BUSY=""       # pid of the busy loop of slow_down
+LOCK_HOLDER=""  # pid of the process that holds the lock of this test
 
 say() { printf '==> [%3ds] %s\n' "$(($(date +%s) - START_TIME))" "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
@@ -160,6 +161,7 @@ cleanup() {
             rm -rf "$WORK"
         fi
     fi
+    [ -z "$LOCK_HOLDER" ] || kill "$LOCK_HOLDER" 2>/dev/null
     if [ "$rc" -eq 0 ]; then
         say "packaging test passed"
     fi
@@ -227,6 +229,19 @@ write_config() {
 # --- can it run here? ----------------------------------------------------------
 
 [ "$(id -u)" -eq 0 ] || skip "needs root (installs packages)"
+# One packaging test at a time on a machine (several checkouts, several test
+# runs): a second one would install and purge the packages under the first.
+LOCK=/run/lock/vhostmd-packaging-test.lock
+exec 8>>"$LOCK"
+if ! flock -n 8; then
+    say "another packaging test runs on this machine: waiting for it (at most 300 s)"
+    flock -w 300 8 || skip "another packaging test still runs after 300 s ($LOCK)"
+fi
+# The lock stays with a small process that ends with this script, not with
+# fd 8, which every daemon started here would inherit and keep.
+tail --pid=$$ -f /dev/null </dev/null >/dev/null 2>&1 &
+LOCK_HOLDER=$!
+exec 8>&-
 if ! [ -r /etc/debian_version ] || ! command -v apt-get >/dev/null; then
     skip "needs Debian (apt-get, dpkg)"
 fi
