@@ -651,8 +651,8 @@ else
     say "stopping a hung daemon (all its processes stopped with SIGSTOP, an action running)"
     echo "VHOSTMD_STOP_TIMEOUT=2" >>/etc/default/vhostmd
     # An action that runs until the cycle's deadline: "sleep" is there most
-    # of the time. Its process has no parent-death signal: when its worker is
-    # killed it stays, alone in the daemon's session.
+    # of the time, in a session of its own (the workers start actions so),
+    # and without a parent-death signal: when its worker dies, it stays.
     write_config "$WORK/init.conf" "$INIT_DISK" "hung; exec sleep 600"
     init_script 0 start
     pid=$(daemon_pid) || fail "no pid in $PIDFILE after start"
@@ -662,26 +662,29 @@ else
     # The supervisor, 4 workers, the disk-writer and the virtio process.
     count=$(pgrep -c -s "$sid" '^vhostmd' || true)
     [ "$count" -ge 7 ] || fail "only $count vhostmd processes in the daemon's session"
-    # Freeze the daemon (the supervisor first) while its action runs.
-    frozen=0
+    # Freeze the daemon (the supervisor first) while a worker runs the action.
+    action=""
     for _ in $(seq 50); do
         kill -STOP "$pid"
         # shellcheck disable=SC2046 # a list of pids
-        kill -STOP $(ps -o pid=,comm= -s "$sid" | awk '$2 != "sleep" { print $1 }')
-        if pgrep -s "$sid" -x sleep >/dev/null; then
-            frozen=1
-            break
-        fi
+        kill -STOP $(session_pids "$sid")
+        action=$(pgrep -x -P "$(session_pids "$sid" | paste -sd,)" sleep || true)
+        [ -z "$action" ] || break
         # shellcheck disable=SC2046 # a list of pids
-        kill -CONT $(ps -o pid= -s "$sid")
+        kill -CONT $(session_pids "$sid")
         sleep 0.2
     done
-    [ "$frozen" -eq 1 ] || fail "the action never ran: no sleep in the daemon's session"
+    [ -n "$action" ] || fail "the action never ran: no sleep under the daemon's workers"
+    # Its own session: the cleanup kills it if the test fails.
+    SESSIONS+=("$action")
     rc=0
     out=$(/etc/init.d/vhostmd stop 2>&1) || rc=$?
     echo "$out"
     [ "$rc" -eq 0 ] || fail "stop of a hung daemon: exit status $rc"
     grep -q "killing" <<<"$out" || fail "stop does not say that it kills a hung daemon"
+    if [ -n "$(session_pids "$action")" ]; then
+        fail "the hung daemon's action (pid $action) is left"
+    fi
     no_process_left "after stopping a hung daemon"
     [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stopping a hung daemon"
     init_script 3 status
