@@ -86,16 +86,22 @@ no_process_left() {
 }
 
 # Make the daemon of session $1 slow to exit, for a few seconds: its
-# processes (every thread) at nice 10 on CPU 0, next to a busy loop there.
-# The pid file's lock goes about 100 ms before the processes do; now it is
-# seconds, so a "stop" that returned on the lock alone would leave them.
+# processes on CPU 0 at nice 19, next to a busy loop there. The pid file's
+# lock goes some 50-100 ms before the supervisor exits; now it is seconds, so
+# a "stop" that returned on the lock alone would leave it. Nice 19 for the
+# daemon's autogroup (its session) where the kernel groups sessions so, which
+# makes the nice of single threads count only within the session; for every
+# thread too where it does not.
 slow_down() {
     local pid task
     for pid in $(session_pids "$1"); do
         taskset -a -p -c 0 "$pid" >/dev/null 2>&1 || true
         for task in /proc/"$pid"/task/*; do
-            renice -n 10 -p "${task##*/}" >/dev/null 2>&1 || true
+            renice -n 19 -p "${task##*/}" >/dev/null 2>&1 || true
         done
+        if [ -w "/proc/$pid/autogroup" ]; then
+            echo 19 >"/proc/$pid/autogroup" 2>/dev/null || true
+        fi
     done
     taskset -c 0 sh -c 'while :; do :; done' &
     BUSY=$!
