@@ -40,9 +40,9 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import nodes  # noqa: E402
-
 from vhostmd import mdisk  # noqa: E402
+
+import nodes  # noqa: E402
 
 VHOSTMD = str(Path(sys.executable).parent / "vhostmd")
 SHIPPED = HERE.parent / "etc" / "vhostmd.conf"
