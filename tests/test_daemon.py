@@ -427,3 +427,24 @@ def test_relative_paths_keep_their_meaning_after_daemonizing(tmp_path: Path) -> 
         os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not alive(pid), 10, "the daemon to exit")
     assert not pid_file.exists() and not (tmp_path / "r.status").exists()
+
+
+def test_action_escaping_into_its_own_session_is_killed(tmp_path: Path) -> None:
+    # setsid moves the sleep out of the action's process group (and session):
+    # the group kill misses it, but the worker adopted it as an orphan.
+    disk = tmp_path / "vhostmd0"
+    action = "setsid sleep 1000.75 &gt;/dev/null 2&gt;&amp;1 &amp; echo 1"
+    conf = config_xml(disk, metric_xml("Escape", action, mtype="uint32"))
+    with Daemon(tmp_path, conf) as daemon:
+        wait_for(lambda: published(disk) and ("host", "Escape", None) in values(disk), 10,
+                 "the action's value")
+        daemon.wait_log("action Escape left 1 process(es) behind in other sessions; killed them")
+
+        def sleepers() -> list[int]:
+            return [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+                    if "sleep 1000.75" in cmdline(p) and alive(p)]
+
+        # While the daemon runs: at most the one of the current cycle, never a pile.
+        wait_for(lambda: len(sleepers()) <= 1, 10, "escaped sleeps to be killed")
+        assert daemon.stop() == 0
+    wait_for(lambda: not sleepers(), 10, "no escaped sleep after stop")
