@@ -36,8 +36,8 @@ class Rendered:
 # Where a job's metrics go in the document: (config line, position in the
 # config); unique even when several metrics share one line.
 Order = tuple[int, int]
-# One fragment's place: its order, and the VM it belongs to (None: host).
-Place = tuple[Order, int | None]
+# A cycle's rendered metrics: by document position, then by VM id (None: host).
+Fragments = dict[Order, dict[int | None, bytes]]
 _METRIC = b"<metric "
 
 
@@ -75,7 +75,7 @@ class Cycle:
     deadline: float
     job_deadline: float = 0.0
     outstanding: dict[int, tuple[Order, Job]] = field(default_factory=dict)
-    fresh: dict[Place, bytes] = field(default_factory=dict)
+    fresh: Fragments = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     domains: tuple[Domain, ...] | None = None
     domains_job: int | None = None
@@ -124,11 +124,11 @@ class Cycle:
         return jobs
 
 
-def store_fragments(into: dict[Place, bytes], order: Order, result: JobResult) -> None:
+def store_fragments(into: Fragments, order: Order, result: JobResult) -> None:
+    slot = into.setdefault(order, {})
     if result.host:
-        into[(order, None)] = result.host
-    for vm_id, fragment in result.vms:
-        into[(order, vm_id)] = fragment
+        slot[None] = result.host
+    slot.update(result.vms)  # one dict update for all VMs of a job, not a loop
 
 
 class LatestValues:
@@ -140,34 +140,39 @@ class LatestValues:
     """
 
     def __init__(self) -> None:
-        self.entries: dict[Place, tuple[bytes, float]] = {}
+        self.fragments: Fragments = {}
+        self.stamps: dict[Order, dict[int | None, float]] = {}
 
-    def store(self, fragments: dict[Place, bytes], now: float) -> None:
-        for place, fragment in fragments.items():
-            self.entries[place] = (fragment, now)
+    def store(self, fresh: Fragments, now: float) -> None:
+        for order, slot in fresh.items():
+            self.fragments.setdefault(order, {}).update(slot)
+            self.stamps.setdefault(order, {}).update(dict.fromkeys(slot, now))
 
-    def fill(self, fragments: dict[Place, bytes], live: set[int] | None, now: float,
-             max_age: float) -> int:
-        """Add the young fragments ``fragments`` lacks; forget the old ones. How many added.
+    def fill(self, fresh: Fragments, live: set[int] | None, now: float, max_age: float) -> int:
+        """Add the young fragments ``fresh`` lacks; forget the old ones. How many added.
 
         ``live``: the running VMs' ids, or None when libvirt could not list
         them (then no VM is published, and none is forgotten).
         """
         carried = 0
-        for place, (fragment, stamp) in list(self.entries.items()):
-            vm_id = place[1]
-            if vm_id is not None and live is None:
-                continue
-            gone = vm_id is not None and live is not None and vm_id not in live
-            if gone or now - stamp > max_age:
-                del self.entries[place]
-            elif place not in fragments:
-                fragments[place] = fragment
+        for order, kept in self.fragments.items():
+            stamps = self.stamps[order]
+            forget = [k for k, stamp in stamps.items() if now - stamp > max_age]
+            if live is not None:
+                forget += [k for k in kept.keys() - live if k is not None]
+            for key in forget:
+                kept.pop(key, None)
+                stamps.pop(key, None)
+            slot = fresh.setdefault(order, {})
+            for key in kept.keys() - slot.keys():
+                if key is not None and live is None:
+                    continue
+                slot[key] = kept[key]
                 carried += 1
         return carried
 
 
-def render(fragments: dict[Place, bytes], domains: tuple[Domain, ...], capacity: int | None,
+def render(fragments: Fragments, domains: tuple[Domain, ...], capacity: int | None,
            failures: int = 0, carried: int = 0) -> Rendered:
     """Join the fragments in document order (the workers rendered them).
 
@@ -175,16 +180,19 @@ def render(fragments: dict[Place, bytes], domains: tuple[Domain, ...], capacity:
     document that does not fit keeps the host metrics and as many whole VMs
     as fit, lowest domain ids first; virtio still serves every VM.
     """
+    slots = [fragments[order] for order in sorted(fragments)]
+    host = b"".join(slot[None] for slot in slots if None in slot)
     live = {d.id for d in domains}
-    host_parts: list[tuple[Order, bytes]] = []
-    by_vm: dict[int, list[tuple[Order, bytes]]] = {}
-    for (order, vm_id), fragment in fragments.items():
-        if vm_id is None:
-            host_parts.append((order, fragment))
-        elif vm_id in live:  # else a late result for a VM that is gone
-            by_vm.setdefault(vm_id, []).append((order, fragment))
-    host = b"".join(f for _, f in sorted(host_parts))
-    vm_fragments = {vm_id: b"".join(f for _, f in sorted(by_vm[vm_id])) for vm_id in sorted(by_vm)}
+    vm_slots = [slot for slot in slots if len(slot) > (None in slot)]
+    vm_fragments: dict[int, bytes] = {}
+    if len(vm_slots) == 1:  # the common case: one job (the built-ins) for every VM
+        only = vm_slots[0]
+        vm_fragments = {vm_id: only[vm_id] for vm_id in sorted(live & only.keys())}
+    else:
+        for vm_id in sorted(live):  # VMs not listed this cycle are gone: never published
+            parts = [slot[vm_id] for slot in vm_slots if vm_id in slot]
+            if parts:
+                vm_fragments[vm_id] = b"".join(parts)
     published = host.count(_METRIC) + sum(f.count(_METRIC) for f in vm_fragments.values())
     document = assemble([host, *vm_fragments.values()])
     not_on_disk = 0
