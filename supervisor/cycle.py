@@ -51,21 +51,27 @@ class Attempted:
     def __init__(self) -> None:
         self.keys: set[tuple] = set()
         self.vm_builtins: set[str] = set()
-        self.domains: set[tuple[int, str]] = set()
+        self._domains: tuple[Domain, ...] = ()
+        self._listed: set[tuple[int, str]] | None = None
 
     def add(self, key: tuple) -> None:
         self.keys.add(key)
 
-    def add_vm_builtins(self, names: Iterable[str], domains: Iterable[Domain]) -> None:
+    def add_vm_builtins(self, names: Iterable[str], domains: tuple[Domain, ...]) -> None:
         self.vm_builtins.update(names)
-        self.domains.update((d.id, d.name) for d in domains)
+        self._domains = domains  # the set is built only if a VM key is ever asked about
+        self._listed = None
 
     def __contains__(self, key: object) -> bool:
         if key in self.keys:
             return True
         if not isinstance(key, tuple) or len(key) != 4 or key[0] != "vm":
             return False
-        return key[1] in self.vm_builtins and (key[2], key[3]) in self.domains
+        if key[1] not in self.vm_builtins:
+            return False
+        if self._listed is None:
+            self._listed = {(d.id, d.name) for d in self._domains}
+        return (key[2], key[3]) in self._listed
 
 
 @dataclass
