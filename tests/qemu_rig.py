@@ -641,10 +641,10 @@ class LibvirtQemu:
         for directory in ("/var/log/libvirt/qemu", "/var/lib/libvirt/qemu", "/run/libvirt",
                           "/var/cache/libvirt/qemu"):
             os.makedirs(directory, exist_ok=True)
-        if not QEMU_CONF.exists():
-            QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
-            QEMU_CONF.write_text(QEMU_CONF_TEXT)
-            self.wrote_conf = True
+        # Absent, or left by a run of ours that was killed: ours to write and remove.
+        QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
+        QEMU_CONF.write_text(QEMU_CONF_TEXT)
+        self.wrote_conf = True
         self.work.mkdir(parents=True, exist_ok=True)
         if not self._virtlogd_answers():
             self._spawn("virtlogd", ["virtlogd", "-p", str(self.work / "virtlogd.pid")])
@@ -1100,4 +1100,7 @@ def qemu_host() -> Iterator[QemuHost]:
                 guest.destroy()  # a QEMU left running would outlive its libvirtd
         finally:
             libvirt.stop()
-            shutil.rmtree(work, ignore_errors=True)
+            if os.environ.get("VHOSTMD_QEMU_KEEP"):
+                log(f"kept {work} (consoles, daemon and libvirtd logs)")
+            else:
+                shutil.rmtree(work, ignore_errors=True)

@@ -18,6 +18,7 @@ import re
 import subprocess
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,7 +381,9 @@ def test_daemon_restart_gives_the_old_or_the_new_document_never_a_broken_one(
             when = int(host_metrics(metrics)["Time"].value)
             new_seen = new_seen or when >= restarted
     assert stable >= 2 and new_seen, f"{stable} stable reads, new document seen: {new_seen}"
-    qemu_rig.log(f"restart: alpha {len(reads)} reads, beta {stable} distinct stable documents")
+    errors = Counter(f"{r['t']} {r['error']}" for r in reads if "error" in r)
+    qemu_rig.log(f"restart: alpha {len(reads)} reads (failed: {dict(errors) or 'none'}), "
+                 f"beta {stable} distinct stable documents")
 
 
 def test_destroyed_vm_leaves_and_returns_with_a_new_id(world: World) -> None:
