@@ -1104,3 +1104,87 @@ def qemu_host() -> Iterator[QemuHost]:
                 log(f"kept {work} (consoles, daemon and libvirtd logs)")
             else:
                 shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _section(title: str, body: str) -> None:
+    print(f"\n==> {title}\n{body.rstrip()}", flush=True)
+
+
+def demo(hold: bool = True) -> int:
+    """Boot one real guest next to vhostmd (shipped configuration, qemu:///system)
+    and show what the guest reads. ``./dev.sh demo-qemu`` runs this."""
+    import signal
+
+    reason = why_no_qemu()
+    if reason:
+        print(f"demo-qemu: cannot run real guests here: {reason}", file=sys.stderr)
+        return 1
+    vhostmd = str(Path(sys.executable).parent / "vhostmd")
+    with qemu_host() as host:
+        disk = host.work / "vhostmd0"
+        conf = host.work / "vhostmd.conf"
+        conf.write_text(shipped_config(disk))
+        with open(host.work / "vhostmd.log", "wb") as daemon_log:
+            daemon = subprocess.Popen(
+                [vhostmd, "-d", "-f", str(conf), "-c", URI, "-p", str(host.work / "vhostmd.pid")],
+                stdin=subprocess.DEVNULL, stdout=daemon_log, stderr=subprocess.STDOUT)
+        try:
+            _wait(lambda: disk.exists() and disk.stat().st_size > 0, 60, "the metrics disk")
+            log(f"vhostmd runs (pid {daemon.pid}): etc/vhostmd.conf with the disk at {disk}")
+            guest = host.guest(GuestSpec("vhostmd-demo", python=True), disk)
+            guest.start()
+            log(f"booting {guest.name} ({'KVM' if host.domain_type == 'kvm' else 'TCG'})...")
+            log(f"{guest.name} booted in {guest.wait_ready():.1f} s")
+            devices = re.findall(r"( *<(?:disk|channel) .*?</(?:disk|channel)>)",
+                                 virsh("dumpxml", guest.name), re.S)
+            _section("the domain's metrics disk and vhostmd channel (virsh dumpxml; libvirt "
+                     "chose the channel's path)", "\n".join(devices))
+            _section("in the guest: vm-dump-metrics -b (the metrics disk, found by scanning "
+                     "the block devices)", guest.run("vm-dump-metrics -b").text)
+            virtio = ""
+            deadline = time.monotonic() + 4 * 5
+            while time.monotonic() < deadline:  # served from the daemon's next cycle on
+                result = guest.run("vm-dump-metrics -i")
+                virtio = result.text
+                if result.rc == 0:
+                    break
+                time.sleep(1)
+            _section(f"in the guest: vm-dump-metrics -i (virtio-serial port {PORT_NAME}: "
+                     "host metrics and this VM's own)", virtio)
+            _section("in the guest: busybox reading the disk's header from /dev/vda "
+                     "(signature, busy, checksum, length)",
+                     guest.run("vh-disk 4096 | head -c 16 | hexdump -C").text)
+            _section(f"on the host: virsh domstats {guest.name} (what the VM metrics come from)",
+                     virsh("domstats", "--cpu-total", "--balloon", "--vcpu", guest.name))
+            _section("on the host: the daemon's processes", subprocess.run(
+                ["ps", "-o", "pid,cmd", "--ppid", str(daemon.pid), "--pid", str(daemon.pid)],
+                capture_output=True, text=True).stdout)
+            if hold:
+                print("\n==> the guest and vhostmd keep running; Ctrl-C stops and removes them",
+                      flush=True)
+                with contextlib.suppress(KeyboardInterrupt):
+                    signal.pause()
+        finally:
+            daemon.terminate()
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="vhostmd's real-hypervisor test rig")
+    parser.add_argument("command", choices=["demo", "build-images"])
+    parser.add_argument("--once", action="store_true", help="demo: stop after showing")
+    options = parser.parse_args()
+    if options.command == "build-images":
+        print(build_images())
+        sys.exit(0)
+    sys.exit(demo(hold=not options.once))

@@ -253,6 +253,11 @@ def test_vm_dump_metrics_reads_both_transports_in_the_python_guest(world: World)
 def test_vm_metrics_come_from_bulk_stats_and_agree_with_virsh_domstats(world: World) -> None:
     guests = (world.alpha, world.beta)
     groups = ("cpu-total", "balloon", "vcpu")
+    # Right after boot the guest's balloon driver is still giving memory back:
+    # compare once the balloon has reached the domain's currentMemory.
+    for guest in guests:
+        wait_for(lambda g=guest: qemu_rig.domstats(g.name, "balloon")["balloon.current"]
+                 == str(g.spec.current_kib), 60, f"{guest.name}'s balloon", interval=0.5)
     before = {g.name: qemu_rig.domstats(g.name, *groups) for g in guests}
     metrics = doc_sampled_after(world.disk, time.time())
     after = {g.name: qemu_rig.domstats(g.name, *groups) for g in guests}
