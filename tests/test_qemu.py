@@ -338,13 +338,23 @@ def test_daemon_restart_gives_the_old_or_the_new_document_never_a_broken_one(
              "alpha's readers to read", interval=0.5)
     wait_for(lambda: beta_rounds() >= 5, DOC_WAIT, "beta's reader to read", interval=0.5)
 
+    count, rounds = len(alpha_reads()), beta_rounds()
     stopped = time.time()
     assert world.daemon.stop() == 0
+    # Both guests go on reading while no daemon runs...
+    wait_for(lambda: len(alpha_reads()) >= count + 4 and beta_rounds() >= rounds + 5,
+             DOC_WAIT, "the guests reading while no daemon runs", interval=0.5)
+    outage = alpha_reads()[count:]
     world.daemon = Daemon(world.host.work, qemu_rig.shipped_config(world.disk),
                           uri=qemu_rig.URI, name="vhostmd-restarted")
     world.daemon.start()
     restarted = math.floor(time.time())
     qemu_rig.log(f"daemon restarted, {time.time() - stopped:.1f} s after the stop")
+    # ... and get the old document from the disk, and no answer over virtio (at
+    # most the first read of each began before the stop).
+    assert all("time" in r and int(str(r["time"])) < stopped
+               for r in outage if r["t"] == "vbd"), outage
+    assert any("error" in r for r in outage if r["t"] == "virtio"), outage
     # The new daemon's documents reach both transports in the guest...
     wait_for(lambda: ok_reads(restarted, "vbd") >= 2 and ok_reads(restarted, "virtio") >= 2,
              DOC_WAIT * 2, "alpha reading the new daemon's documents", interval=0.5)
