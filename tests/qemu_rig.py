@@ -43,6 +43,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -64,6 +65,8 @@ QEMU = "/usr/bin/qemu-system-x86_64"
 # depend on, from modules.dep) go into every image, loaded by /init in order.
 MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_balloon")
 LOCK_FILE = Path("/run/lock/vhostmd-qemu-tests.lock")
+STATE_FILE = Path("/run/lock/vhostmd-qemu-tests.state")
+GUEST_PREFIX = "vhostmd-"  # every guest the tests and the demo name begins so
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 QEMU_CONF_MARK = "# Written by vhostmd's real-hypervisor test rig (tests/qemu_rig.py)."
 # Everything we need on the host, by the Debian package that provides it.
@@ -628,6 +631,7 @@ class LibvirtQemu:
             raise
 
     def _start(self) -> LibvirtQemu:
+        self._recover()
         if _answers():
             log(f"using the libvirtd that already serves {URI}")
             return self
@@ -665,8 +669,42 @@ class LibvirtQemu:
                     env=dict(os.environ, LIBVIRT_DRIVER_DIR=str(drivers)))
         _wait(lambda: self._check_alive() and _answers(), 90, f"libvirtd to serve {URI}",
               interval=0.25)
+        self._save_state()
         log(f"started libvirtd and virtlogd for {URI} in {time.monotonic() - started:.1f} s")
         return self
+
+    def _save_state(self) -> None:
+        """What a killed run leaves behind, for the next run to undo (see _recover)."""
+        STATE_FILE.write_text(json.dumps({
+            "pids": [proc.pid for proc in self.started], "created_user": self.created_user,
+            "created_groups": self.created_groups, "wrote_conf": self.wrote_conf}))
+
+    def _recover(self) -> None:
+        """Undo the setup of a run that was killed before it could (SIGKILL, a
+        pytest-timeout): its guests, libvirtd, virtlogd, accounts and qemu.conf."""
+        try:
+            state = json.loads(STATE_FILE.read_text())
+        except (OSError, ValueError):
+            return
+        log("undoing the setup of a real-hypervisor test run that was killed")
+        if _answers():
+            for name in virsh("list", "--name", check=False).split():
+                if name.startswith(GUEST_PREFIX):
+                    virsh("destroy", name, check=False)
+        for pid in state.get("pids", []):
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in ("libvirtd", "virtlogd"):
+                os.kill(pid, signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    _wait(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 30, comm)
+        # stop() undoes the rest when this run ends, as if it had been done here.
+        self.created_user = bool(state.get("created_user"))
+        self.created_groups = list(state.get("created_groups", []))
+        self.wrote_conf = bool(state.get("wrote_conf"))
+        STATE_FILE.unlink(missing_ok=True)
 
     def _take_lock(self, timeout: float) -> None:
         LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -742,6 +780,7 @@ class LibvirtQemu:
                         proc.kill()
                         proc.wait(10)
             self.started.clear()
+            STATE_FILE.unlink(missing_ok=True)
             if self.wrote_conf:
                 QEMU_CONF.unlink(missing_ok=True)
                 self.wrote_conf = False
@@ -789,6 +828,13 @@ class GuestSpec:
     vcpus: int = 2  # <vcpu>: the maximum
     current_vcpus: int = 1  # <vcpu current=...>: online at start
     uuid: str = field(default_factory=lambda: str(uuid_mod.uuid4()))
+    # The vhostmd devices: the metrics disk given to Guest (as vda, read-only,
+    # shareable) and the channel. Turn them off to attach devices of your own in
+    # extra_devices (e.g. what `vhostmd --domain-xml` prints); VH_DISK_DEV=/dev/vdb
+    # in a command points vh-disk at another device.
+    metrics_disk: bool = True
+    channel: bool = True
+    extra_devices: str = ""  # more <devices> children, verbatim
 
 
 class Guest:
@@ -835,26 +881,34 @@ class Guest:
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>{QEMU}</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='{self.disk}'/>
-      <target dev='vda' bus='virtio'/>
-      <readonly/>
-      <shareable/>
-    </disk>
-    <channel type='unix'>
-      <source mode='bind'/>
-      <target type='virtio' name='{PORT_NAME}'/>
-    </channel>
+{self._vhostmd_devices()}
     <serial type='unix'>
       <source mode='bind' path='{self.console_path}'/>
       <target port='0'/>
     </serial>
     <controller type='usb' model='none'/>
     <memballoon model='virtio'/>
+{spec.extra_devices}
   </devices>
 </domain>
 """
+
+    def _vhostmd_devices(self) -> str:
+        devices = []
+        if self.spec.metrics_disk:
+            devices.append(f"""    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{self.disk}'/>
+      <target dev='vda' bus='virtio'/>
+      <readonly/>
+      <shareable/>
+    </disk>""")
+        if self.spec.channel:
+            devices.append(f"""    <channel type='unix'>
+      <source mode='bind'/>
+      <target type='virtio' name='{PORT_NAME}'/>
+    </channel>""")
+        return "\n".join(devices)
 
     # -- lifecycle
 
@@ -864,6 +918,8 @@ class Guest:
         self.console_path.unlink(missing_ok=True)
         xml_file = self.console_path.with_suffix(".xml")
         xml_file.write_text(self.xml())
+        if self.name in virsh("list", "--name").split():
+            virsh("destroy", self.name, check=False)  # left running by a killed run
         self.started_at = time.monotonic()
         self.boot_seconds = None
         virsh("create", str(xml_file), timeout=120)
@@ -1116,8 +1172,6 @@ def _section(title: str, body: str) -> None:
 def demo(hold: bool = True) -> int:
     """Boot one real guest next to vhostmd (shipped configuration, qemu:///system)
     and show what the guest reads. ``./dev.sh demo-qemu`` runs this."""
-    import signal
-
     reason = why_no_qemu()
     if reason:
         print(f"demo-qemu: cannot run real guests here: {reason}", file=sys.stderr)
