@@ -77,6 +77,7 @@ NEEDED = {
     "/usr/bin/virsh": "libvirt-clients",
     str(BUSYBOX): "busybox-static",
 }
+QEMU_DRIVER = Path("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so")
 # TCG boots take 3-5 s idle and about 40 s on a loaded 2-core machine: bounds are
 # generous so that load slows the tests down without failing them.
 BOOT_TIMEOUT = float(os.environ.get("VHOSTMD_QEMU_BOOT_TIMEOUT", "150"))
@@ -112,6 +113,8 @@ def why_no_qemu() -> str | None:
     if os.geteuid() != 0:
         return "libvirtd with the QEMU driver (qemu:///system) needs root"
     missing = sorted({pkg for path, pkg in NEEDED.items() if not os.access(path, os.X_OK)})
+    if not QEMU_DRIVER.exists():
+        missing.append("libvirt-daemon-driver-qemu")
     if find_kernel() is None:
         missing.append("linux-image-cloud-amd64")
     if missing:
@@ -657,11 +660,9 @@ class LibvirtQemu:
         # the host and are not needed to run our guests.
         drivers = self.work / "drivers"
         drivers.mkdir(exist_ok=True)
-        qemu_driver = Path("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/"
-                           "libvirt_driver_qemu.so")
-        link = drivers / qemu_driver.name
+        link = drivers / QEMU_DRIVER.name
         if not link.exists():
-            link.symlink_to(qemu_driver)
+            link.symlink_to(QEMU_DRIVER)
         conf = self.work / "libvirtd.conf"
         conf.write_text(LIBVIRTD_CONF)
         self._spawn("libvirtd", ["libvirtd", "-f", str(conf), "-p", str(self.work /
@@ -1027,30 +1028,32 @@ class Guest:
         """Run ``command`` with busybox sh in the guest; its exit status and output.
 
         The guest kills the command after ``timeout`` s (exit status 137); the host
-        gives up 30 s later. Garbled output is fetched again, up to three times.
+        gives up 30 s later. Garbled output is fetched again, up to seven times.
         """
         self.next_id += 1
         ident = f"c{self.next_id}"
         encoded = base64.b64encode(command.encode()).decode()
         mark = self._send(f"{ident} run {max(1, int(timeout))} {encoded}")
-        for _attempt in range(4):
+        for _attempt in range(8):
             result = self._collect(ident, mark, timeout + 30)
             if result is not None:
                 if check and result.rc != 0:
                     raise self._fail(f"{command!r} exited with {result.rc}: {result.text}")
                 return result
             mark = self._send(f"{ident} resend")
-        raise self._fail(f"output of {command!r} garbled four times")
+        raise self._fail(f"output of {command!r} garbled eight times")
 
     def _collect(self, ident: str, mark: int, timeout: float) -> Result | None:
         tag = ident.encode()
-        end = self._wait_line(
-            lambda line: line.startswith(b"@@VH " + tag + b" END "), timeout,
-            f"the end of command {ident}", mark)
+        end_mark = b"@@VH " + tag + b" END "
+        # A kernel message may precede a marker on its line: look for it anywhere.
+        end = self._wait_line(lambda line: end_mark in line, timeout,
+                              f"the end of command {ident}", mark)
         with self.cond:
             lines = self.lines[mark:end + 1]
         try:
-            begin = max(i for i, line in enumerate(lines) if line == b"@@VH " + tag + b" BEGIN")
+            begin = max(i for i, line in enumerate(lines)
+                        if line.endswith(b"@@VH " + tag + b" BEGIN"))
         except ValueError:
             return None
         data = b""
@@ -1059,7 +1062,7 @@ class Guest:
             if not match or match.group(1) != tag or match.group(2) != b"D":
                 return None  # a kernel message broke a line: ask again
             data += (match.group(3) or b"")
-        fields = lines[-1].split()
+        fields = lines[-1][lines[-1].index(end_mark):].split()
         try:
             rc, size, digest = int(fields[3]), int(fields[4]), fields[5].decode()
             out = gzip.decompress(base64.b64decode(data, validate=True)) if data else b""
