@@ -546,6 +546,11 @@ def build_images(cache: Path | None = None) -> Images:
         tmp.write_bytes(data)
         tmp.rename(path)  # atomic: a half-built image is never picked up
     shutil.rmtree(stage, ignore_errors=True)
+    # Every change to the guest package makes a new key: keep the newest few only.
+    older = sorted((d for d in where.parent.iterdir() if d.is_dir() and d != where),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in older[2:]:
+        shutil.rmtree(old, ignore_errors=True)
     log(f"built guest images in {time.monotonic() - started:.1f} s: {where} "
         f"(base {len(base_bytes) >> 10} KiB, python {len(python_bytes) >> 10} KiB)")
     return Images(kernel, base, python, key)
@@ -959,6 +964,44 @@ class Guest:
 
     def domain_id(self) -> int:
         return int(virsh("domid", self.name).strip())
+
+    def channel_path(self) -> str:
+        """Where libvirt put the vhostmd channel's socket (the domain XML has no path)."""
+        match = re.search(r"<channel type='unix'>\s*<source mode='bind' path='([^']+)'",
+                          virsh("dumpxml", self.name))
+        if match is None:
+            raise self._fail("no vhostmd channel path in the live domain XML")
+        return match.group(1)
+
+    def channel_clients(self) -> dict[int, str]:
+        """pid -> command line of the processes connected to this guest's channel socket.
+
+        QEMU accepts one client: whoever is connected here is the daemon that
+        serves this guest (``ss`` pairs QEMU's end with the client's by inode).
+        """
+        path = self.channel_path()
+        out = subprocess.run(["ss", "-xpn"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+        peers: set[str] = set()
+        inode_pids: dict[str, set[int]] = {}
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) < 8 or fields[0] != "u_str":
+                continue
+            local, inode, peer_inode = fields[4], fields[5], fields[7]
+            if local == path:
+                peers.add(peer_inode)
+            inode_pids.setdefault(inode, set()).update(
+                int(pid) for pid in re.findall(r"pid=(\d+)", line))
+        clients: dict[int, str] = {}
+        for peer in peers:
+            for pid in inode_pids.get(peer, ()):
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                clients[pid] = cmd.replace(b"\0", b" ").decode(errors="replace").strip()
+        return clients
 
     def running(self) -> bool:
         return virsh("domstate", self.name, check=False).strip() == "running"

@@ -153,9 +153,20 @@ def guest_disk_doc(guest: Guest) -> list[Metric]:
                     f"a document that is not busy on {guest.name}'s disk", interval=0.2)
 
 
-def guest_virtio_doc(guest: Guest, own: bool = True) -> list[Metric]:
+def check_channel_is_ours(guest: Guest, daemon: Daemon) -> None:
+    """Fail, saying who, when a process other than ``daemon``'s virtio child holds the
+    guest's channel: another vhostmd on this machine that serves qemu:///system
+    or scans libvirt's channel directories (QEMU accepts one client per channel)."""
+    ours = daemon.titles()
+    foreign = {pid: cmd for pid, cmd in guest.channel_clients().items() if pid not in ours}
+    assert not foreign, (f"{guest.name}'s channel {guest.channel_path()} is held by another "
+                         f"process, not by this test's daemon: {foreign}")
+
+
+def guest_virtio_doc(guest: Guest, daemon: Daemon, own: bool = True) -> list[Metric]:
     """One answer to GET /metrics/XML on the guest's port (busybox sh), complete."""
     def ask() -> list[Metric] | None:
+        check_channel_is_ours(guest, daemon)
         answer = guest.read_virtio()
         if answer.rc != 0:
             return None  # not served yet (the daemon connects at its next cycle)
@@ -211,7 +222,12 @@ def test_each_guest_started_after_the_daemon_gets_only_its_own_vm_over_virtio(
         world: World) -> None:
     expected_host = builtin_host_metrics()
     for guest in (world.alpha, world.beta):
-        metrics = guest_virtio_doc(guest)
+        metrics = guest_virtio_doc(guest, world.daemon)
+        # The daemon found the channel at the path libvirt chose: its virtio child
+        # is the one client of the socket.
+        clients = guest.channel_clients()
+        assert clients and all("vhostmd: virtio" in cmd for cmd in clients.values()), clients
+        check_channel_is_ours(guest, world.daemon)
         assert expected_host <= set(host_metrics(metrics))
         vms = vm_metrics(metrics)
         assert set(vms) == {guest.uuid}, f"{guest.name} got {sorted(vms)}"
@@ -232,6 +248,7 @@ def test_vm_dump_metrics_reads_both_transports_in_the_python_guest(world: World)
     assert host_metrics(parse_document(disk.out))["HostName"].value == os.uname().nodename
 
     def own_virtio() -> bytes | None:
+        check_channel_is_ours(alpha, world.daemon)
         result = alpha.run("vm-dump-metrics -i")
         return result.out if result.rc == 0 else None
 
@@ -301,7 +318,7 @@ def test_balloon_and_vcpu_changes_reach_the_guest(world: World) -> None:
              "the second vCPU", interval=0.5)
 
     def follows() -> dict[str, Metric] | None:
-        mine = vm_metrics(guest_virtio_doc(alpha))[alpha.uuid]
+        mine = vm_metrics(guest_virtio_doc(alpha, world.daemon))[alpha.uuid]
         memory = mine["PhysicalMemoryAllocatedToVirtualSystem"].value
         return mine if memory == str(target) and mine["ResourceProcessorLimit"].value == "2" \
             else None
@@ -358,6 +375,7 @@ def test_daemon_restart_gives_the_old_or_the_new_document_never_a_broken_one(
     # The new daemon's documents reach both transports in the guest...
     wait_for(lambda: ok_reads(restarted, "vbd") >= 2 and ok_reads(restarted, "virtio") >= 2,
              DOC_WAIT * 2, "alpha reading the new daemon's documents", interval=0.5)
+    check_channel_is_ours(alpha, world.daemon)  # the new daemon's, no other vhostmd's
     rounds = beta_rounds()
     wait_for(lambda: beta_rounds() >= rounds + 20, DOC_WAIT, "beta reading on", interval=0.5)
     for guest in (alpha, beta):
@@ -419,6 +437,6 @@ def test_destroyed_vm_leaves_and_returns_with_a_new_id(world: World) -> None:
     wait_for(lambda: {m.vm_id for m in vm_metrics(host_doc(world.disk) or []).get(
         beta.uuid, {}).values()} == {new_id}, DOC_WAIT, "the VM back with its new id",
         interval=0.2)
-    mine = vm_metrics(guest_virtio_doc(beta))
+    mine = vm_metrics(guest_virtio_doc(beta, world.daemon))
     assert set(mine) == {beta.uuid}
     assert {m.vm_id for m in mine[beta.uuid].values()} == {new_id}
