@@ -10,6 +10,7 @@ one of them also with the project's own ``vm-dump-metrics``. The rig is in
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -29,7 +30,7 @@ from vhostmd import mdisk
 from vhostmd.document import Metric, parse_document
 
 import qemu_rig
-from daemon_harness import VHOSTMD, Daemon, disk_metrics, wait_for
+from daemon_harness import VHOSTMD, Daemon, cmdline, disk_metrics, wait_for
 from qemu_rig import Guest, GuestSpec, QemuHost
 
 # The tests' own budget is about 2 minutes on an idle 2-core machine; the
@@ -160,7 +161,31 @@ def check_channel_is_ours(guest: Guest, daemon: Daemon) -> None:
     ours = daemon.titles()
     foreign = {pid: cmd for pid, cmd in guest.channel_clients().items() if pid not in ours}
     assert not foreign, (f"{guest.name}'s channel {guest.channel_path()} is held by another "
-                         f"process, not by this test's daemon: {foreign}")
+                         f"process, not by this test's daemon (pid {daemon.pid}): "
+                         + "; ".join(describe_process(pid) for pid in foreign))
+
+
+def describe_process(pid: int) -> str:
+    """A process, its ancestors, and the files its top ancestor holds open (a vhostmd's
+    pid file and disk say whose daemon it is)."""
+    chain = []
+    current = pid
+    while current > 1 and len(chain) < 6:
+        chain.append(f"{current} {cmdline(current)!r}")
+        try:
+            stat_line = Path(f"/proc/{current}/stat").read_text()
+        except OSError:
+            break
+        current = int(stat_line.rsplit(")", 1)[1].split()[1])
+    top = int(chain[-1].split()[0]) if chain else pid
+    files = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{top}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{top}/fd/{fd}")
+                if target.startswith("/") and not target.startswith(("/dev/null", "/proc")):
+                    files.add(target)
+    return f"{' <- '.join(chain)}; {top} holds {sorted(files)}"
 
 
 def guest_virtio_doc(guest: Guest, daemon: Daemon, own: bool = True) -> list[Metric]:
