@@ -83,6 +83,11 @@ def world(host: QemuHost) -> Iterator[World]:
         qemu_rig.log(f"booted {len(times)} guests at once in {time.monotonic() - started:.1f} s "
                      f"({', '.join(f'{n} {t:.1f} s' for n, t in times.items())}, "
                      f"{host.domain_type})")
+        # A guest boots within one update_period (fast with KVM): the tests start
+        # once the daemon has listed both.
+        wait_for(lambda: {state.alpha.uuid, state.beta.uuid} <= set(
+            vm_metrics(host_doc(disk) or [])), DOC_WAIT, "both guests on the disk",
+            interval=0.2)
         yield state
     finally:
         for guest in (state.alpha, state.beta):
