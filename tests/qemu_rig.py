@@ -277,6 +277,8 @@ exec dd if="$dev" bs=4096 count=$(( (${1:-65536} + 4095) / 4096 )) iflag=direct 
 VH_VIRTIO = r"""#!/bin/sh
 port=/dev/virtio-ports/org.github.vhostmd.1
 exec 3<>"$port" || exit 3
+# What an interrupted earlier read left in the port is not part of this answer.
+while IFS= read -r -t 0.2 stale <&3; do :; done
 printf 'GET /metrics/XML\n\n' >&3
 while IFS= read -r -t "${1:-10}" line <&3; do
     printf '%s\n' "$line"
