@@ -1203,11 +1203,13 @@ def qemu_host() -> Iterator[QemuHost]:
             for guest in host.guests if host else ():
                 guest.destroy()  # a QEMU left running would outlive its libvirtd
         finally:
-            libvirt.stop()
-            if os.environ.get("VHOSTMD_QEMU_KEEP"):
-                log(f"kept {work} (consoles, daemon and libvirtd logs)")
-            else:
-                shutil.rmtree(work, ignore_errors=True)
+            try:
+                libvirt.stop()
+            finally:
+                if os.environ.get("VHOSTMD_QEMU_KEEP"):
+                    log(f"kept {work} (consoles, daemon and libvirtd logs)")
+                else:
+                    shutil.rmtree(work, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- demo
