@@ -1,15 +1,15 @@
-"""The supervisor's main loop: signals, the cycle clock, and its children.
+"""The supervisor's main loop: signals, children's messages, and what they start.
 
 Modelled on gunicorn's arbiter: signal handlers only queue the signal and
-wake the loop through a self-pipe; the loop handles signals (handle_term,
-handle_hup), takes the children's messages, runs the cycle (plan, dispatch,
-gather, publish), and lets the pool converge on the wanted children. The
-supervisor itself never calls libvirt, a shell or /proc, and never imports
-what its children run: everything external runs in a child under a deadline.
+wake the loop through a self-pipe; each step handles signals (handle_term,
+handle_hup), routes the children's messages, lets the cycle runner step, and
+lets the pool converge on the wanted children. The supervisor itself never
+calls libvirt, a shell or /proc, and never imports what its children run.
 
-The parts live beside it: ``pool`` (children), ``planning`` (which jobs),
-``cycle`` (gathering one cycle's results), ``publisher`` (to the disk-writer
-and virtio), ``status`` (the status file).
+The parts live beside it: ``scheduler`` (running cycles), ``planning``
+(which jobs, in which order), ``cycle`` (one cycle's results, the document),
+``publisher`` (to the disk-writer and virtio), ``pool`` and ``children``
+(the children), ``status`` (the status file).
 """
 
 from __future__ import annotations
@@ -23,13 +23,9 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 from multiprocessing.connection import wait
 
 from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
-from vhostmd.mdisk import HEADER_SIZE
-from vhostmd.runtime.child import release_free_memory
-from vhostmd.supervisor import planning
 from vhostmd.supervisor.children import (
     DISK_SLOT,
     VIRTIO_SLOT,
@@ -38,49 +34,15 @@ from vhostmd.supervisor.children import (
     wanted_children,
 )
 from vhostmd.supervisor.config import Config, ConfigError, load_config
-from vhostmd.supervisor.cycle import (
-    DOMAIN_LIST_FAILURE,
-    Cycle,
-    CycleClock,
-    FailureLog,
-    LatestValues,
-    Order,
-    Rendered,
-    failure_key,
-    render,
-    store_fragments,
-)
-from vhostmd.supervisor.cycle import domain_list_failure as list_failure
 from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
 from vhostmd.supervisor.publisher import Publisher
+from vhostmd.supervisor.scheduler import CycleRunner
 from vhostmd.supervisor.status import StatusFile, build_status
-from vhostmd.wire import Collect, Failure, Job, JobResult, ListDomains, RunAction, needs_libvirt
-from vhostmd.workers.collectors import CollectorPlan
-from vhostmd.workers.collectors import plan as plan_collectors
+from vhostmd.wire import JobResult
 
 log = logging.getLogger("vhostmd")
 
 STOP_GRACE = 3.0
-
-
-def default_action_timeout(period: int) -> float:
-    """How long a shell action without its own timeout= may run: half a period, 1..30 s.
-
-    Shorter than the cycle (0.8 x period), so hung actions cannot hold every
-    worker through a whole cycle; an action may still outlive its cycle, and
-    its value then goes into the next document.
-    """
-    return min(30.0, max(1.0, 0.5 * period))
-
-
-def max_value_age(period: int) -> float:
-    """How long a metric not refreshed in a cycle keeps its last value: 12 periods, >= 60 s."""
-    return max(60.0, 12.0 * period)
-
-
-def refresh_interval(period: int, cycle: Cycle) -> float:
-    """About how often each shell action runs when not all of them fit in a cycle."""
-    return period * cycle.shell_jobs / max(1, cycle.shell_done)
 
 
 class Supervisor:
@@ -101,7 +63,6 @@ class Supervisor:
         self.status_error: str | None = None
         self.clock = clock
         self.started_wall = time.time()
-        self.last_cycle_wall = 0.0
         self.virtio_status: tuple[int, int, int] | None = None
         self.events: queue.SimpleQueue[tuple[Child, object]] = queue.SimpleQueue()
         self.signal_queue: deque[int] = deque()
@@ -112,23 +73,8 @@ class Supervisor:
                               on_started=self.on_started, clock=clock)
         self.publisher = Publisher(lambda: self.pool.get(DISK_SLOT),
                                    lambda: self.pool.get(VIRTIO_SLOT))
-        self.failures = FailureLog()
-        self.cycle: Cycle | None = None
-        self.cycle_number = 0
-        self.new_job_id = planning.job_ids().__next__
-        self.pending: list[Job] = []  # planned, not handed to a worker yet (in order)
-        self.inflight: dict[int, tuple[Order, Job]] = {}  # handed to a worker, no result yet
-        self.work_order = planning.WorkOrder()
-        self.latest = LatestValues()
-        self.disk_short = 0  # VMs left out of the disk last cycle (logged once per episode)
-        self.behind = False  # shell work exceeds the period (logged once per episode)
-        self.collector_state: dict[tuple[str, str], object] = {}
-        self._plans: list[CollectorPlan] = []
-        self._plans_for: Config | None = None
-        self.cycle_clock = CycleClock(config.update_period, clock())
-        self.stats: dict[str, float] = {
-            "cycles": 0, "last_cycle_seconds": 0.0, "published": 0, "left_out": 0,
-            "carried": 0, "vms_not_on_disk": 0, "shell_jobs": 0, "shell_done": 0}
+        self.cycles = CycleRunner(lambda: self.config, self.pool, self.publisher, clock,
+                                  self.write_status)
 
     # -- signals -------------------------------------------------------------
 
@@ -167,11 +113,10 @@ class Supervisor:
         self.config = new
         if new.update_period != old.update_period:
             now = self.clock()
-            self.cycle_clock.period = new.update_period
-            self.cycle_clock.reanchor(now if self.cycle is None else now + new.update_period)
+            self.cycles.new_period(new.update_period, now)
             self.pool.beat_interval = beat_interval(new.update_period)
         log.info("reloaded %s: %d metrics, period %d s", self.config_path,
-                 len(new.metrics) + sum(len(p.metric_names) for p in self.collector_plans()),
+                 len(new.metrics) + sum(len(p.metric_names) for p in self.cycles.collector_plans()),
                  new.update_period)
 
     def reload_disk(self, new: Config) -> Config:
@@ -228,32 +173,25 @@ class Supervisor:
             self.handle_signals()
             self.handle_events()
             self.sleep_until(until)
-        self.cycle_clock.reanchor(self.clock())
+        self.cycles.clock_.reanchor(self.clock())
 
     def recover(self) -> None:
         # A bug must not take every guest's metrics down with the supervisor:
         # log it, drop the cycle, and go on.
         log.exception("internal error in the supervisor loop; skipping this cycle")
-        self.cycle = None
-        self.pending.clear()
-        self.cycle_clock.reanchor(self.clock() + self.config.update_period)
+        self.cycles.drop_cycle(self.clock() + self.config.update_period)
 
     def step(self) -> None:
         self.handle_signals()
         if self.stopping:
             return
         self.handle_events()
-        now = self.clock()
-        if self.cycle is None and now >= self.cycle_clock.next:
-            self.start_cycle(now)
-        self.dispatch()
-        if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
-            self.finish_cycle()
+        self.cycles.step()
         self.pool.converge(wanted_children(self.config, self.uri, self.disk),
                            hang_timeout(self.config.update_period))
 
     def sleep(self) -> None:
-        self.sleep_until(self.cycle_clock.next if self.cycle is None else self.cycle.deadline)
+        self.sleep_until(self.cycles.next_wakeup)
 
     def sleep_until(self, until: float) -> None:
         """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
@@ -289,46 +227,9 @@ class Supervisor:
                 self.pool.replace(child, f"sent an unreadable message ({message.why}); killed")
             elif isinstance(message, JobResult):
                 child.busy_with = None
-                self.handle_result(message)
+                self.cycles.handle_result(message)
             elif isinstance(message, tuple) and message:
                 self.handle_child_message(child, message)
-
-    def handle_result(self, result: JobResult) -> None:
-        entry = self.inflight.pop(result.job_id, None)
-        if entry is None:
-            return
-        order, job = entry
-        now = self.clock()
-        if isinstance(job, RunAction):
-            self.work_order.answered(job, now, result.timed_out)
-        if result.state is not None and isinstance(job, Collect):
-            self.collector_state[(job.collector, job.context)] = result.state
-        cycle = self.cycle
-        if cycle is not None and cycle.accept(result) is not None:
-            if isinstance(job, ListDomains):
-                self.plan_vms(cycle)
-            return
-        # A result after its cycle ended (an action may outlive a cycle): its
-        # values go into the next document, its failures into this cycle's log.
-        fresh: dict = {}
-        store_fragments(fresh, order, result)
-        self.latest.store(fresh, now)
-        if cycle is not None:
-            cycle.failures.extend(result.failures)
-            if isinstance(job, RunAction):
-                domain = job.domain
-                cycle.attempted.add((job.context, job.metric.name,
-                                     domain.id if domain else None,
-                                     domain.name if domain else None))
-
-    def plan_vms(self, cycle: Cycle) -> None:
-        if cycle.domains_error is not None:
-            cycle.failures.append(list_failure(cycle.domains_error))
-            return
-        self.work_order.forget_gone({d.id for d in cycle.domains or ()})
-        jobs = planning.plan_vms(cycle, self.config, self.collector_plans(), self.new_job_id,
-                                 self.collector_state)
-        self.pending = self.work_order.sort([*self.pending, *jobs])
 
     def handle_child_message(self, child: Child, message: tuple) -> None:
         kind = message[0]
@@ -344,145 +245,15 @@ class Supervisor:
         elif kind == "virtio-status":
             self.virtio_status = tuple(message[1:4])  # type: ignore[assignment]
 
+    def on_lost(self, child: Child, why: str) -> None:
+        self.cycles.on_lost(child, why)
+
     def on_started(self, child: Child) -> None:
         if child.slot == DISK_SLOT:
             self.publisher.writer_started()
         elif child.slot == VIRTIO_SLOT:
             # A restarted virtio process serves guests without waiting a cycle.
             self.publisher.send_fragments()
-
-    def on_lost(self, child: Child, why: str) -> None:
-        job = child.busy_with
-        child.busy_with = None
-        if job is None:
-            return
-        # Its result will never come: count it as failed (and slow) now.
-        reason = f"{child.role} {why}"
-        if isinstance(job, RunAction):
-            failure = Failure(job.metric.name, job.metric.context, job.domain, reason)
-            self.handle_result(JobResult(job.job_id, failures=(failure,), timed_out=True))
-        else:
-            self.handle_result(JobResult(job.job_id, error=reason, timed_out=True))
-
-    # -- cycles --------------------------------------------------------------
-
-    def collector_plans(self) -> list[CollectorPlan]:
-        if self._plans_for is not self.config:
-            self._plans = plan_collectors(self.config.builtins)
-            self._plans_for = self.config
-        return self._plans
-
-    def start_cycle(self, now: float) -> None:
-        period = self.config.update_period
-        self.cycle_number += 1
-        deadline = now + max(0.5, 0.8 * period)
-        cycle = Cycle(self.cycle_number, now, deadline)
-        # Jobs end a little before the cycle does, so a timed-out job is
-        # reported as such instead of as a missing result.
-        cycle.job_deadline = deadline - max(0.05, min(0.25, 0.05 * period))
-        cycle.attempted.add(failure_key(DOMAIN_LIST_FAILURE))
-        self.cycle = cycle
-        listing_pending = any(isinstance(job, ListDomains) for _o, job in self.inflight.values())
-        jobs = planning.plan_start(cycle, self.config, self.collector_plans(), self.new_job_id,
-                                   self.collector_state, listing_pending)
-        self.pending = self.work_order.sort(jobs)
-
-    def dispatch(self) -> None:
-        """Hand pending jobs to idle workers, one job per worker at a time.
-
-        libvirt jobs prefer the lowest worker slots and the others the highest,
-        so the domain listing and the bulk VM stats of a cycle usually meet the
-        same worker and its open connection. With more than one worker, shell
-        actions never take the first: a cycle's listing and built-ins always
-        find it free, however long actions run.
-        """
-        cycle = self.cycle
-        if not self.pending or cycle is None:
-            return
-        idle = [slot for slot in range(self.config.workers)
-                if (c := self.pool.get(slot)) is not None and c.busy_with is None]
-        action_timeout = default_action_timeout(self.config.update_period)
-        while idle and self.pending:
-            job = self.pending[0]
-            if needs_libvirt(job):
-                slot = idle[0]
-            elif isinstance(job, RunAction) and self.config.workers > 1 and idle[-1] == 0:
-                break  # only the first worker is free: keep it for libvirt and built-ins
-            else:
-                slot = idle[-1]
-            idle.remove(slot)
-            self.pending.pop(0)
-            order = cycle.outstanding[job.job_id][0]
-            if isinstance(job, RunAction):
-                # An action may outlive its cycle: it runs for its own timeout.
-                timeout = job.metric.timeout or action_timeout
-                job = replace(job, deadline=self.clock() + timeout)
-            self.inflight[job.job_id] = (order, job)
-            child = self.pool.children[slot]
-            child.busy_with = job
-            child.send(job)
-
-    def finish_cycle(self) -> None:
-        cycle = self.cycle
-        assert cycle is not None
-        self.cycle = None
-        self.pending.clear()  # not reached: planned again next cycle, and first
-        for job in cycle.abandon():
-            if isinstance(job, ListDomains) and job.job_id in self.inflight:
-                cycle.domains_error = "listing domains did not finish before the cycle deadline"
-                cycle.failures.append(list_failure(cycle.domains_error))
-            # Anything else still running reports later; its values count then.
-        now = self.clock()
-        period = self.config.update_period
-        self.latest.store(cycle.fresh, now)
-        live = {d.id for d in cycle.domains} if cycle.domains is not None else None
-        carried = self.latest.fill(cycle.fresh, live, now, max_value_age(period))
-        capacity = self.config.disk_size - HEADER_SIZE if self.config.vbd else None
-        rendered = render(cycle.fresh, cycle.domains or (), capacity, len(cycle.failures),
-                          carried)
-        self.failures.update(cycle.failures, cycle.attempted)
-        self.note_disk_fit(rendered)
-        self.note_shell_work(cycle)
-        self.publisher.publish(rendered)
-        took = self.clock() - cycle.started
-        self.stats.update(cycles=self.stats["cycles"] + 1, last_cycle_seconds=took,
-                          published=rendered.published, left_out=rendered.left_out,
-                          carried=rendered.carried, vms_not_on_disk=rendered.vms_not_on_disk,
-                          shell_jobs=cycle.shell_jobs, shell_done=cycle.shell_done)
-        self.last_cycle_wall = time.time()
-        self.write_status()
-        release_free_memory()
-        log.debug("cycle %d: %d metrics, %d left out, %.3f s, %d kept from earlier cycles",
-                  cycle.number, rendered.published, rendered.left_out, took, rendered.carried)
-        late = self.cycle_clock.advance(self.clock())
-        if late:
-            log.warning("cycle %d overran the %d s update period (%.2f s late)",
-                        cycle.number, self.config.update_period, late)
-
-    def note_disk_fit(self, rendered: Rendered) -> None:
-        short = rendered.vms_not_on_disk
-        if short and not self.disk_short:
-            log.warning("the metrics disk %s (%d bytes) cannot hold every VM: %d of %d VMs "
-                        "(the highest domain ids) are left out of it while this lasts "
-                        "(virtio still serves them); raise <size> in <disk>",
-                        self.config.disk_path, self.config.disk_size, short,
-                        len(rendered.vm_fragments))
-        elif self.disk_short and not short:
-            log.info("the metrics disk holds every VM again")
-        self.disk_short = short
-
-    def note_shell_work(self, cycle: Cycle) -> None:
-        behind = cycle.shell_done < cycle.shell_jobs
-        if behind and not self.behind:
-            log.warning("shell actions need more than the %d s update period: %d of %d ran "
-                        "in this cycle; the rest run first in the next, so each is refreshed "
-                        "about every %.0f s (a value is kept for at most %.0f s)",
-                        self.config.update_period, cycle.shell_done, cycle.shell_jobs,
-                        refresh_interval(self.config.update_period, cycle),
-                        max_value_age(self.config.update_period))
-        elif self.behind and not behind:
-            log.info("shell actions fit the update period again")
-        self.behind = behind
 
     # -- status and shutdown -----------------------------------------------------
 

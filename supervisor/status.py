@@ -139,11 +139,11 @@ def build_status(supervisor: Any) -> dict[str, Any]:
     if supervisor.virtio_status is not None:
         connected, known, maximum = supervisor.virtio_status
         virtio = {"connected": connected, "known": known, "max": maximum}
-    stats = supervisor.stats
+    stats = supervisor.cycles.stats
     return {
         "version": __version__, "pid": os.getpid(), "config": supervisor.config_path,
         "update_period": supervisor.config.update_period, "started": supervisor.started_wall,
-        "updated": time.time(), "last_cycle_at": supervisor.last_cycle_wall,
+        "updated": time.time(), "last_cycle_at": supervisor.cycles.last_cycle_wall,
         "last_cycle_seconds": round(stats["last_cycle_seconds"], 4),
         "cycles": stats["cycles"], "published": stats["published"],
         "left_out": stats["left_out"], "carried": stats["carried"],
