@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import os
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def test_no_import_cycle() -> None:
             # A package importing its own submodules (``from pkg import sub``)
             # is not a cycle of code.
             assert all(b.startswith(a + ".") or a.startswith(b + ".") for a, b in
-                       zip(cycle, cycle[1:], strict=False)), " -> ".join(cycle)
+                       itertools.pairwise(cycle)), " -> ".join(cycle)
             return
         if name in done:
             return
