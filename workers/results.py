@@ -28,6 +28,13 @@ class Fragments:
             entry = self.vms[domain.id] = (vm_attributes(domain.id, domain.uuid), [])
         entry[1].append(render_metric(name, mtype, "vm", value, unit, entry[0]))
 
+    def add_vm_rendered(self, domain: Domain, text: str) -> None:
+        """All of one VM's metrics of this job, already rendered."""
+        entry = self.vms.get(domain.id)
+        if entry is None:
+            entry = self.vms[domain.id] = ("", [])
+        entry[1].append(text)
+
     def add(self, metric: Metric) -> None:
         if metric.vm_id is None:
             self.host.append(metric.render())

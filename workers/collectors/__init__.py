@@ -24,13 +24,14 @@ supervisor imports it to plan cycles and validate configs.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import pkgutil
 import time
 from dataclasses import dataclass
 
-from vhostmd.document import InvalidValue, check_value
+from vhostmd.document import InvalidValue, check_value, render_metric, vm_attributes
 from vhostmd.wire import Collect, Domain, Failure, JobResult
 from vhostmd.workers.collectors.source import MetricSpec, Request, Source, SourceFailed
 from vhostmd.workers.results import Fragments
@@ -191,12 +192,18 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
             failures.append(Failure(name, "host", None, str(exc)))
             continue
         out.add_host(name, spec.type, value, spec.unit)
-    vm_specs = [known[n][1] for n in job.metric_names if n in known
-                and known[n][1].context == "vm"]
+    vm_specs = tuple(known[n][1] for n in job.metric_names if n in known
+                     and known[n][1].context == "vm")
+    template = _vm_template(vm_specs)
     for vm_id in sorted(vm_values):
         domain, values = vm_values[vm_id]
-        for spec in vm_specs:
-            text = values.get(spec.name)
+        texts = [values.get(spec.name) for spec in vm_specs]
+        if None not in texts and all(map(_plain_number, texts)):
+            # Every value there and a plain number: one format call for the VM.
+            out.add_vm_rendered(domain, template.format(
+                vm_attributes(domain.id, domain.uuid), *texts))
+            continue
+        for spec, text in zip(vm_specs, texts, strict=True):
             if text is None:
                 continue
             try:
@@ -206,6 +213,26 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
                 continue
             out.add_vm(domain, spec.name, spec.type, value, spec.unit)
     return out.result(job.job_id, tuple(failures), new_state or None)
+
+
+def _plain_number(text: str) -> bool:
+    """Digits, or digits with one decimal point: valid for every built-in VM metric's type."""
+    return text.isascii() and text.replace(".", "", 1).isdigit()
+
+
+@functools.lru_cache(maxsize=64)
+def _vm_template(specs: tuple[MetricSpec, ...]) -> str:
+    """One VM's metrics as a str.format template: {0} the VM's attributes, then the values.
+
+    Rendered by the one renderer (render_metric), with markers turned into
+    fields, so the layout cannot drift from it.
+    """
+    parts = []
+    for index, spec in enumerate(specs):
+        element = render_metric(spec.name, spec.type, "vm", "\0VALUE\0", spec.unit, "\0ATTRS\0")
+        element = element.replace("{", "{{").replace("}", "}}")
+        parts.append(element.replace("\0ATTRS\0", "{0}").replace("\0VALUE\0", f"{{{index + 1}}}"))
+    return "".join(parts)
 
 
 def describe_builtins() -> str:
