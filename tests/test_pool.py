@@ -77,6 +77,10 @@ def pool() -> Iterator[Pool]:
         rig.pool.shutdown(5.0)
 
 
+def read_pid(path: Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None
+
+
 def action(job_id: int, command: str) -> RunAction:
     metric = MetricDef("Long", "uint32", "host", command)
     return RunAction(job_id, time.monotonic() + 60, metric, None, EXEC_PATH)
@@ -86,9 +90,11 @@ def test_a_dying_child_cannot_kill_its_replacements_action(pool: Pool, tmp_path:
     """Issue 11, section 3: the hung child's leftovers must not reach its replacement."""
     old = pool.until("worker 1 ready",
                      lambda: (c := pool.pool.get(0)) is not None and pool.said(c, "ready") and c)
-    old.send(action(1, "exec sleep 60"))
-    old_group = pool.until("the old worker's action", lambda: int(old.cell[GROUP]))
-    assert alive(old_group)
+    old_pid, new_pid = tmp_path / "old.pid", tmp_path / "new.pid"
+    # An action runs in a session (and process group) of its own: its shell's pid is the group.
+    old.send(action(1, f"echo $$ > {old_pid}.tmp && mv {old_pid}.tmp {old_pid}; exec sleep 60"))
+    old_group = int(pool.until("the old worker's action", lambda: read_pid(old_pid)))
+    assert alive(old_group) and os.getpgid(old_group) == old_group
 
     # Hung: it stops beating. The pool aborts it and starts a replacement at once;
     # SIGABRT stays pending on a stopped process, so the old one lingers until
@@ -100,15 +106,19 @@ def test_a_dying_child_cannot_kill_its_replacements_action(pool: Pool, tmp_path:
     assert any(f"{old.pid} stopped responding" in why for why in pool.lost)
     pool.until("the replacement ready", lambda: pool.said(new, "ready"))
     flag = tmp_path / "flag"
-    new.send(action(2, f"while [ ! -e {flag} ]; do sleep 0.02; done; echo 7"))
-    new_group = pool.until("the replacement's action", lambda: int(new.cell[GROUP]))
-    assert new_group != old_group
+    new.send(action(2, f"echo $$ > {new_pid}.tmp && mv {new_pid}.tmp {new_pid}; "
+                       f"while [ ! -e {flag} ]; do sleep 0.02; done; echo 7"))
+    new_group = int(pool.until("the replacement's action", lambda: read_pid(new_pid)))
+    # The supervisor knows it as the replacement's (the group the pool would kill with it).
+    pool.until("the group in the replacement's cell", lambda: new.cell[GROUP] == new_group)
 
     # The old child is killed and reaped (with its own action) ...
     pool.until("the old worker reaped", lambda: old.gone and old not in pool.pool.dying)
-    wait_for(lambda: not alive(old_group), 5, "the old worker's action to end")
-    # ... and the replacement's action lives on, and its metric arrives.
+    # ... the replacement's action lives on ...
     assert alive(new_group), "the dead child's clean-up killed its replacement's action"
+    # ... the old child's action does not (it was killed with its child) ...
+    wait_for(lambda: not alive(old_group), 5, "the old worker's action to end")
+    # ... and the replacement's metric arrives.
     flag.touch()
     result = pool.until("the replacement's result", lambda: pool.said(new, JobResult))
     assert isinstance(result, JobResult) and result.failures == ()
