@@ -5,6 +5,7 @@ throughout."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -269,10 +270,19 @@ def test_hung_libvirt_call_costs_a_worker_not_the_cycle(tmp_path: Path,
         assert libvirtd.proc is not None
         libvirtd.proc.send_signal(signal.SIGSTOP)
         try:
-            daemon.wait_log("stopped responding", 6)
+            hung = daemon.wait_log_match(r"(worker \d+) \(pid (\d+)\) stopped responding "
+                                         r"for [\d.]+ s while running list-domains", 6)
             updates_resume(disk)  # host metrics go on while libvirt hangs
+            # It was asked for its stack (SIGABRT, faulthandler) before it was killed:
+            # the log shows where it hung, down to the libvirt call.
+            stack = daemon.wait_log_match(
+                rf"{hung.group(1)} \(pid {hung.group(2)}\) was at: (.*)", 6).group(1)
         finally:
             libvirtd.proc.send_signal(signal.SIGCONT)
+        frames = stack.split(" <- ")
+        assert re.fullmatch(r"\S+\.py:\d+ \S+", frames[0]), stack
+        assert any(f.startswith("libvirt_conn.py:") for f in frames), stack
+        assert any(f.startswith("worker.py:") for f in frames), stack
         wait_for(lambda: "VmId" in names(disk), 15,
                  "VM metrics back")
         assert daemon.stop() == 0
