@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -133,6 +134,50 @@ def header(path: Path | str) -> mdisk.Header:
         return mdisk.unpack_header(f.read(mdisk.HEADER_SIZE))
 
 
+def published(disk: Path | str) -> bool:
+    """A document is on the disk and stable (busy=0): what a guest could read now."""
+    try:
+        head = header(disk)
+    except (OSError, ValueError, mdisk.DiskError):
+        return False
+    return head.busy == 0 and head.length > 0
+
+
+def wait_document(disk: Path | str, timeout: float = 5.0) -> list[Metric]:
+    """The one way to wait for a daemon's first document: its metrics, once there is one."""
+    wait_for(lambda: published(disk), timeout, f"the first document on {disk}")
+    return disk_metrics(disk)
+
+
+def values(disk: Path | str) -> dict[tuple[str, str, int | None], str]:
+    """(context, name, VM id) -> value of every metric on the disk now."""
+    return {(m.context, m.name, m.vm_id): m.value for m in disk_metrics(disk)}
+
+
+def metric_names(disk: Path | str) -> set[str]:
+    """Metric names on the disk now (empty while there is no readable document)."""
+    try:
+        return {m.name for m in disk_metrics(disk)}
+    except Exception:
+        return set()
+
+
+def host_value(disk: Path | str, name: str) -> str | None:
+    """The value of host metric ``name`` now (None while there is none, or no document)."""
+    try:
+        return next((m.value for m in disk_metrics(disk)
+                     if m.name == name and m.vm_id is None), None)
+    except Exception:
+        return None
+
+
+def updates_resume(disk: Path | str, timeout: float = 5.0, metric: str = "Nanos") -> None:
+    """Wait for a document, then for a newer one (``metric`` changes every cycle)."""
+    first = wait_for(lambda: host_value(disk, metric), timeout, "a document")
+    wait_for(lambda: (v := host_value(disk, metric)) is not None and v != first, timeout,
+             "a newer document")
+
+
 def children_of(pid: int) -> dict[int, str]:
     """pid -> command line (process title) of every descendant of ``pid``."""
     try:
@@ -194,6 +239,17 @@ class Daemon:
     def wait_log_match(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """The first match of the regular expression ``pattern`` in the log, once there is one."""
         return wait_for(lambda: re.search(pattern, self.log()), timeout, f"log {pattern!r}")
+
+    def log_time(self, pattern: str, timeout: float = 10.0) -> float:
+        """When (time.time()) the daemon logged its first line matching ``pattern``.
+
+        The daemon's own timestamp of an event, so a test can bound how long
+        something took without the slack of polling for it.
+        """
+        stamp_re = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})"
+        match = self.wait_log_match(rf"(?m)^{stamp_re} .*{pattern}", timeout)
+        stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
+        return stamp.timestamp() + int(match.group(2)) / 1000
 
     def titles(self) -> dict[int, str]:
         return children_of(self.pid)
