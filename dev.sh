@@ -5,14 +5,22 @@
 #                   libvirt's test:///default driver with a metrics disk in
 #                   ./run/, and show what a guest reads from it
 #   ./dev.sh test   install what is needed and run the whole test suite
+#   ./dev.sh demo-qemu
+#                   optional: boot one real QEMU guest under libvirtd's QEMU
+#                   driver next to vhostmd and show what the guest reads
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
 # libvirt-daemon: the fault tests start a private libvirtd (test driver only);
-# dpkg-dev ... lintian: the packaging test builds and checks the .deb files.
+# dpkg-dev ... lintian: the packaging test builds and checks the .deb files;
+# qemu-system-x86 ... busybox-static: the real-hypervisor tests (tests/test_qemu.py)
+# run libvirtd's QEMU driver and boot guests from Debian's cloud kernel and a
+# busybox initramfs built at test time (ss, from iproute2, shows who holds a channel).
 APT_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-clients
               libvirt-daemon socat procps util-linux
-              dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-setuptools lintian)
+              dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-setuptools lintian
+              qemu-system-x86 libvirt-daemon-driver-qemu linux-image-cloud-amd64 busybox-static
+              iproute2)
 VENV=.venv
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -80,6 +88,12 @@ demo() {
     wait $pid
 }
 
+demo_qemu() {
+    setup
+    say "booting a real QEMU guest under libvirtd (qemu:///system) next to vhostmd"
+    "$VENV/bin/python" tests/qemu_rig.py demo "$@"
+}
+
 run_tests() {
     setup
     # Lint problems do not hide the test results: pytest runs either way and its
@@ -101,6 +115,7 @@ run_tests() {
 
 case "${1:-}" in
     demo) shift; demo "$@" ;;
+    demo-qemu) shift; demo_qemu "$@" ;;
     test) shift; run_tests "$@" ;;
-    *) echo "usage: $0 demo|test [pytest args]" >&2; exit 2 ;;
+    *) echo "usage: $0 demo|demo-qemu|test [pytest args]" >&2; exit 2 ;;
 esac

@@ -14,8 +14,15 @@ Layout (same as the C original, so existing guest parsers keep working)::
     </metrics>
 
 Deliberate differences from the C original: values are XML-escaped, stripped
-of surrounding whitespace, checked against their type, and a newline inside a
-value is written as ``&#10;`` so no response carries an early blank line.
+of surrounding whitespace, checked against their type (an integer written as a
+decimal with a zero fraction, ``400.000000``, is published as ``400``), never
+empty, and a newline inside a value is written as ``&#10;`` so no response
+carries an early blank line.
+
+Readers meet documents other writers made (the C daemon writes ``236.000000``
+for uint64, empty values, trailing newlines): :func:`read_document_metrics`
+gives every metric with its raw text and, per metric, the typed value or the
+reason there is none.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ SCALAR_TYPES = (*INT_RANGES, *REAL_TYPES, "string")
 METRIC_TYPES = (*SCALAR_TYPES, "group", "xml")
 CONTEXTS = ("host", "vm")
 
-_INT_RE = re.compile(r"[+-]?[0-9]+\Z")
+# An integer, or a decimal whose fraction is checked separately: C configs print
+# integers with printf("%f"), e.g. upstream's pagerate.pl gives "400.000000".
+_INT_RE = re.compile(r"([+-]?[0-9]+)(?:\.([0-9]*))?\Z")
 _REAL_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 # Characters XML 1.0 cannot carry at all (not even as references).
 _XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -53,13 +62,40 @@ class InvalidValue(ValueError):
 
 
 def check_value(mtype: str, text: str) -> str:
-    """Return the value as it is published (stripped), or raise InvalidValue."""
+    """Return the value as it is published (stripped), or raise InvalidValue.
+
+    Integer types take a decimal whose fraction is zero and publish the integer
+    (``"400.000000"`` -> ``"400"``). A non-zero fraction is refused, not
+    truncated as C's atoll would: the metric's type is wrong for what the action
+    measures, and a published value must be what the action printed, so the
+    operator is told (a real type keeps the fraction).
+    """
     value = text.strip()
+    if not value:
+        # The C guest library crashes on an empty <value>, and no type has an empty value.
+        raise InvalidValue("the value is empty")
+    if value.isascii() and value.isdigit():
+        # Plain digits, as nearly every value is: only the range is left to check.
+        low, high = INT_RANGES.get(mtype, (0, 0))
+        if mtype in INT_RANGES and low <= int(value) <= high and (
+                value == "0" or value[0] != "0"):
+            return value
+        if mtype in REAL_TYPES or mtype == "string":
+            return value
     if _XML_FORBIDDEN.search(value):
         raise InvalidValue("contains a control character XML cannot carry")
     if mtype in INT_RANGES:
-        if not _INT_RE.match(value):
+        match = _INT_RE.match(value)
+        if not match:
             raise InvalidValue(f"{_show(value)} is not an integer")
+        whole, fraction = match.groups()
+        if fraction is not None:
+            if fraction.strip("0"):
+                raise InvalidValue(
+                    f"{_show(value)} has a fractional part; {mtype} takes whole numbers "
+                    "(a real type keeps the fraction)"
+                )
+            value = str(int(whole))  # "-0.0" is "0", like any other integer
         low, high = INT_RANGES[mtype]
         if not low <= int(value) <= high:
             raise InvalidValue(f"{value} is out of range for {mtype}")
@@ -120,6 +156,7 @@ def _tail(name: str, unit: str | None) -> str:
     return f"{unit_attr}>\n    <name>{escape(name)}</name>\n    <value>"
 
 
+_NUMBER_TYPES = frozenset((*INT_RANGES, *REAL_TYPES))
 _END = "</value>\n  </metric>\n"
 
 
@@ -134,7 +171,9 @@ def vm_attributes(vm_id: int | None, uuid: str | None) -> str:
 def render_metric(name: str, mtype: str, context: str, value: str, unit: str | None = None,
                   vm_attrs: str = "") -> str:
     """One ``<metric>`` element in the exact layout guests parse (the only renderer)."""
-    return f"{_head(mtype, context)}{vm_attrs}{_tail(name, unit)}{escape(value)}{_END}"
+    # A checked number holds nothing to escape: skip the scan for most values.
+    text = value if mtype in _NUMBER_TYPES else escape(value)
+    return f"{_head(mtype, context)}{vm_attrs}{_tail(name, unit)}{text}{_END}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,42 +219,96 @@ class DocumentError(ValueError):
     """A metrics document (or metric XML from an action) that does not parse."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReadMetric(Metric):
+    """A metric as a reader found it in a document, whoever wrote it.
+
+    ``raw`` is the text of ``<value>`` exactly as written (the C daemon keeps an
+    action's trailing newline); ``value`` is what this project would publish for
+    it (stripped, integer decimals normalised) or, when ``problem`` is set, the
+    stripped raw text. ``problem`` says in one line why there is no typed value.
+    """
+
+    raw: str = ""
+    problem: str | None = None
+
+    def __reduce__(self) -> tuple[type[ReadMetric], tuple]:
+        return (ReadMetric, (self.name, self.type, self.context, self.value, self.unit,
+                             self.vm_id, self.uuid, self.raw, self.problem))
+
+    @property
+    def typed(self) -> int | float | str | None:
+        """The typed value, or None when there is none (``problem`` says why)."""
+        return None if self.problem is not None else parse_value(self.type, self.value)
+
+    def typed_value(self) -> int | float | str:
+        if self.problem is not None:
+            raise InvalidValue(self.problem)
+        return parse_value(self.type, self.value)
+
+
+def _read_metric(elem: etree._Element) -> tuple[ReadMetric, str | None]:
+    """One ``<metric>`` element, and what is wrong with its structure (None if nothing).
+
+    A value that does not check against its type is the metric's ``problem``,
+    not a structural one: strict callers decide whether values matter.
+    """
+    children = [c for c in elem if isinstance(c.tag, str)]
+    name_elem = next((c for c in children if c.tag == "name"), None)
+    value_elem = next((c for c in children if c.tag == "value"), None)
+    name = (name_elem.text or "").strip() if name_elem is not None else ""
+    raw = (value_elem.text or "") if value_elem is not None else ""
+    mtype = elem.get("type", "")
+    context = elem.get("context", "")
+    wrong = None
+    if mtype not in SCALAR_TYPES:
+        wrong = f"metric type {mtype!r} is not a value type"
+    elif context not in CONTEXTS:
+        wrong = f"metric context {context!r} is not host or vm"
+    elif [c.tag for c in children] != ["name", "value"]:
+        wrong = "a metric needs exactly <name> then <value>"
+    elif not name:
+        wrong = "metric without a name"
+    id_text = elem.get("id")
+    vm_id = None
+    if id_text is not None:
+        try:
+            vm_id = int(id_text)
+        except ValueError:
+            wrong = wrong or f"id {id_text!r} is not a number"
+    value = raw.strip()
+    problem = wrong
+    if problem is None:
+        try:
+            value = check_value(mtype, raw)
+        except InvalidValue as exc:
+            problem = str(exc)
+    metric = ReadMetric(name, mtype, context, value, elem.get("unit"), vm_id, elem.get("uuid"),
+                        raw, problem)
+    return metric, wrong
+
+
+def _line(elem: etree._Element, where: str) -> str:
+    return f"{where} line {elem.sourceline}" if elem.sourceline else where
+
+
 def parse_metric_elements(
     root: etree._Element, *, where: str = "document", check_types: bool = True
 ) -> list[Metric]:
-    """Metrics from the ``<metric>`` children of ``root``; raises DocumentError."""
+    """Metrics from the ``<metric>`` children of ``root``; raises DocumentError at
+    the first problem (with ``check_types``, a value that does not fit counts)."""
     metrics = []
     for elem in root:
         if not isinstance(elem.tag, str):
             continue  # comments, e.g. "metrics not available yet"
-        line = f"{where} line {elem.sourceline}" if elem.sourceline else where
         if elem.tag != "metric":
-            raise DocumentError(f"{line}: unexpected element <{elem.tag}>")
-        mtype = elem.get("type", "")
-        context = elem.get("context", "")
-        if mtype not in SCALAR_TYPES:
-            raise DocumentError(f"{line}: metric type {mtype!r} is not a value type")
-        if context not in CONTEXTS:
-            raise DocumentError(f"{line}: metric context {context!r} is not host or vm")
-        children = [c for c in elem if isinstance(c.tag, str)]
-        if [c.tag for c in children] != ["name", "value"]:
-            raise DocumentError(f"{line}: a metric needs exactly <name> then <value>")
-        name = (children[0].text or "").strip()
-        if not name:
-            raise DocumentError(f"{line}: metric without a name")
-        raw_value = children[1].text or ""
-        try:
-            value = check_value(mtype, raw_value) if check_types else raw_value.strip()
-        except InvalidValue as exc:
-            raise DocumentError(f"{line}: metric {name}: {exc}") from None
-        vm_id = elem.get("id")
-        try:
-            parsed_id = int(vm_id) if vm_id is not None else None
-        except ValueError:
-            raise DocumentError(f"{line}: metric {name}: id {vm_id!r} is not a number") from None
-        metrics.append(
-            Metric(name, mtype, context, value, elem.get("unit"), parsed_id, elem.get("uuid"))
-        )
+            raise DocumentError(f"{_line(elem, where)}: unexpected element <{elem.tag}>")
+        m, wrong = _read_metric(elem)
+        if wrong is not None:
+            raise DocumentError(f"{_line(elem, where)}: {wrong}")
+        if m.problem is not None and check_types:
+            raise DocumentError(f"{_line(elem, where)}: metric {m.name}: {m.problem}")
+        metrics.append(Metric(m.name, m.type, m.context, m.value, m.unit, m.vm_id, m.uuid))
     return metrics
 
 
@@ -232,8 +325,45 @@ def parse_xml(data: bytes, *, where: str = "document") -> etree._Element:
 
 
 def parse_document(data: bytes, *, where: str = "document") -> list[Metric]:
-    """All metrics of a published document (disk content or virtio response)."""
+    """All metrics of a published document (disk content or virtio response);
+    raises DocumentError for anything that is not exactly our layout."""
     root = parse_xml(data.strip(b"\0").rstrip(), where=where)
     if root.tag != "metrics":
         raise DocumentError(f"{where}: root element is <{root.tag}>, expected <metrics>")
     return parse_metric_elements(root, where=where, check_types=False)
+
+
+def read_document_metrics(
+    data: bytes, *, where: str = "document"
+) -> tuple[list[ReadMetric], list[str]]:
+    """Every metric of a well-formed document, as lenient as a reader must be.
+
+    Returns the metrics in document order (each with its own ``problem``, if
+    any) and one line per problem found, naming where. Raises DocumentError
+    only when the bytes are not well-formed XML (or carry a DTD or entity
+    references, which no vhostmd writes).
+    """
+    root = parse_xml(data.strip(b"\0").rstrip(), where=where)
+    if root.tag != "metrics":
+        return [], [f"{where}: root element is <{root.tag}>, expected <metrics>"]
+    metrics: list[ReadMetric] = []
+    problems: list[str] = []
+    for elem in root:
+        if not isinstance(elem.tag, str):
+            continue
+        if elem.tag != "metric":
+            problems.append(f"{_line(elem, where)}: unexpected element <{elem.tag}> left out")
+            continue
+        metric, _wrong = _read_metric(elem)
+        metrics.append(metric)
+        if metric.problem is not None:
+            problems.append(f"{_line(elem, where)}: {describe(metric)}: {metric.problem}")
+    return metrics, problems
+
+
+def describe(metric: Metric) -> str:
+    """``metric NAME (host)`` or ``metric NAME (vm 7)``: how messages name a metric."""
+    name = metric.name or "without a name"
+    if metric.context == "vm" and metric.vm_id is not None:
+        return f"metric {name} (vm {metric.vm_id})"
+    return f"metric {name} ({metric.context or 'no context'})"

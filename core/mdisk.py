@@ -22,7 +22,9 @@ SIGNATURE = b"mvbd"
 HEADER = struct.Struct(">4sIII")
 HEADER_SIZE = HEADER.size
 BUSY_OFFSET = 4
-MIN_SIZE = 1024
+# The C guest library reads the disk in 64 KiB O_DIRECT blocks: a smaller disk
+# cannot be read by it at all.
+MIN_SIZE = 64 * 1024
 MAX_SIZE = 256 * 1024 * 1024
 DEFAULT_SIZE = 256 * 1024
 

@@ -134,14 +134,15 @@ class JobResult:
     """A worker's answer to one job.
 
     ``host`` is the rendered host-context metrics of the job, ``vms`` the
-    rendered metrics of each VM (by domain id), both in document order;
-    ``count`` is how many metrics they hold.
+    rendered metrics of each VM (by domain id), both in document order.
+    ``timed_out``: the job was stopped at its deadline (the supervisor runs
+    such jobs after the others next time).
     """
 
     job_id: int
     host: bytes = b""
     vms: tuple[tuple[int, bytes], ...] = ()
-    count: int = 0
+    timed_out: bool = False
     failures: tuple[Failure, ...] = ()
     domains: tuple[Domain, ...] | None = None
     error: str | None = None

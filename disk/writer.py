@@ -1,9 +1,10 @@
 """The disk-writer process: owns an mmap of the metrics disk.
 
-Write protocol (docs/formats.md, section 1.4): busy=1 -> flush -> header and
-content -> flush -> busy=0 -> flush, so readers that bypass the
-page cache (O_DIRECT guests) see the steps in order too. A document that does
-not fit is refused and the previous one stays.
+Write protocol (docs/formats.md, section 1.4): busy=1 -> flush -> header
+(checksum, length) and content (and zeros over what a longer previous document
+left after it) -> flush -> busy=0 -> flush, so readers that bypass the page
+cache (O_DIRECT guests) see the steps in order too. A document that does not fit is
+refused and the previous one stays.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import stat
 
 from vhostmd import mdisk
+from vhostmd.disk.handle import DiskHandle, DiskRefused, fit
 from vhostmd.runtime.child import ChildContext, serve
 
 log = logging.getLogger("vhostmd")
@@ -31,32 +32,27 @@ TOO_LARGE_PLACEHOLDER = (
 )
 
 
-class MetricsDisk:
-    """A metrics disk file (or block device) mapped for writing."""
+class DiskShrunk(Exception):
+    """The disk file is shorter than its mapping and could not be restored."""
 
-    def __init__(self, path: str, size: int) -> None:
-        self.path = path
-        self.size = size
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode):
-                if st.st_size != size:
-                    os.ftruncate(fd, size)
-                # Reserve the blocks now: a full filesystem is then a clear error
-                # here instead of a SIGBUS on a later write into the mapping.
-                os.posix_fallocate(fd, 0, size)
-            elif stat.S_ISBLK(st.st_mode):
-                end = os.lseek(fd, 0, os.SEEK_END)
-                if end < size:
-                    raise DiskTooSmall(f"{path}: block device has {end} bytes, need {size}")
-            else:
-                raise DiskTooSmall(f"{path}: not a regular file or block device")
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        self.capacity = size - mdisk.HEADER_SIZE
+
+class MetricsDisk:
+    """A metrics disk (regular file or block device) mapped for writing.
+
+    Mapped from the descriptor of a DiskHandle that the supervisor opened and
+    locked: the writer never opens the disk's path itself.
+    """
+
+    def __init__(self, handle: DiskHandle) -> None:
+        self.handle = handle
+        self.path = handle.path
+        self.size = handle.size
+        fit(handle)  # also restores a file cut shorter while no writer ran
+        self._map = mmap.mmap(handle.fd, self.size, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self.capacity = self.size - mdisk.HEADER_SIZE
         self.published = False
+        self.truncated_seen = False  # a truncation was logged, until a write finds it intact
         self._reset()
 
     def _reset(self) -> None:
@@ -66,9 +62,36 @@ class MetricsDisk:
         m.flush()
         m[mdisk.HEADER_SIZE :] = bytes(self.capacity)
         m.flush()
+        self.end = mdisk.HEADER_SIZE  # everything after here is zero
+
+    def _check_size(self) -> None:
+        """A file cut shorter under the mapping would SIGBUS the next write: restore it first.
+
+        Only root can truncate the (root-owned, 0644) file, but a crash loop
+        of writers is no answer to an administrator's mistake either. A
+        truncation in the short window between this check and the write still
+        kills this writer once; its replacement restores the size on start.
+        """
+        if not self.handle.regular:
+            return
+        now = os.fstat(self.handle.fd).st_size
+        if now >= self.size:
+            self.truncated_seen = False
+            return
+        try:
+            fit(self.handle)
+        except DiskRefused as exc:
+            raise DiskShrunk(f"metrics disk {self.path} was truncated to {now} "
+                             f"bytes and cannot be restored ({exc}); not writing it") from None
+        if not self.truncated_seen:
+            log.warning("metrics disk %s was truncated to %d bytes while in use; restored its "
+                        "size of %d bytes", self.path, now, self.size)
+        self.truncated_seen = True
+        self._reset()
 
     def write(self, content: bytes) -> None:
         """Publish one document; raises DiskTooSmall (keeping the old one) if it does not fit."""
+        self._check_size()
         if len(content) > self.capacity:
             if not self.published:
                 # Nothing to keep yet: publish a valid, empty document rather than
@@ -86,37 +109,47 @@ class MetricsDisk:
             1, mdisk.checksum_signed(content), len(content)
         )
         m[mdisk.HEADER_SIZE : end] = content
+        if self.end > end:
+            # What a longer previous document left after the end of this one
+            # (metrics of VMs now gone) must not stay readable to every guest.
+            m[end : self.end] = bytes(self.end - end)
         m.flush()
         m[4:8] = _IDLE
         m.flush()
+        self.end = end
         self.published = True
 
     def close(self) -> None:
         self._map.close()
 
 
-def disk_writer_main(ctx: ChildContext, path: str, size: int) -> None:
+def disk_writer_main(ctx: ChildContext, handle: DiskHandle) -> None:
     """Child main: write each document the supervisor sends, acknowledge each."""
+    path = handle.path
     ctx.title(f"disk-writer {path}")
     try:
-        disk = MetricsDisk(path, size)
-    except (OSError, DiskTooSmall) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        ctx.send(("disk-failed", f"cannot open metrics disk {path}: {reason}"))
+        disk = MetricsDisk(handle)
+    except DiskRefused as exc:
+        ctx.send(("disk-failed", str(exc)))
+        raise SystemExit(1) from None
+    except OSError as exc:
+        ctx.send(("disk-failed", f"cannot map metrics disk {path}: {exc.strerror or exc}"))
         raise SystemExit(1) from None
     ctx.send(("disk-ready", path))
     idle = f"disk-writer {path}"
 
-    def handle(message: tuple[int, bytes]) -> None:
+    def write_one(message: tuple[int, bytes]) -> None:
         seq, content = message
         ctx.title(f"{idle} writing")
         try:
             disk.write(content)
         except DiskTooSmall as exc:
             ctx.send(("disk-written", seq, "too-large", str(exc)))
+        except DiskShrunk as exc:
+            ctx.send(("disk-written", seq, "truncated", str(exc)))
         except OSError as exc:
             ctx.send(("disk-written", seq, f"os-error {exc.errno}", str(exc)))
         else:
             ctx.send(("disk-written", seq, None, None))
 
-    serve(ctx, handle, idle)
+    serve(ctx, write_one, idle)

@@ -10,18 +10,32 @@ Typical use::
 
 or, one value per read: ``get_metric("NumCPUs")``. Every error is a
 :class:`vhostmd.guest.errors.MetricsError` with a one-line message.
+
+A document is refused only when it is not well-formed XML. A metric whose value
+does not fit its type (a C daemon writes empty values when an action failed)
+is still in ``doc.metrics``, with its ``raw`` text and the ``problem``; asking
+for its value raises :class:`~vhostmd.guest.errors.InvalidMetricValue`, and
+every other metric reads as usual.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from vhostmd.document import CONTEXTS, DocumentError, InvalidValue, Metric, parse_document
+from vhostmd.document import (
+    CONTEXTS,
+    DocumentError,
+    Metric,
+    ReadMetric,
+    describe,
+    read_document_metrics,
+)
 from vhostmd.guest import vbd, virtio
 from vhostmd.guest.errors import (
     AmbiguousMetric,
     InvalidDocument,
+    InvalidMetricValue,
     MetricNotFound,
     MetricsError,
     NoMetricsFound,
@@ -42,14 +56,18 @@ class MetricsDocument:
     """One document as read from a transport.
 
     ``raw`` is exactly what the host published (disk content, or the virtio
-    response including its closing blank line); ``metrics`` are its parsed,
-    type-checked metrics in document order.
+    response including its closing blank line); ``metrics`` are all its metrics
+    in document order, each a :class:`~vhostmd.document.ReadMetric` with its raw
+    text and either a typed value or the ``problem`` why there is none;
+    ``problems`` has one line for each metric with a problem (and each element
+    that is not a metric), naming where.
     """
 
     raw: bytes
     metrics: tuple[Metric, ...]
     source: str
     transport: str
+    problems: tuple[str, ...] = ()
 
     def find(self, name: str, context: str = "host", *, uuid: str | None = None) -> Metric:
         """The metric ``name`` in ``context``; for ``vm``, this VM's own (or ``uuid``'s)."""
@@ -63,15 +81,33 @@ class MetricsDocument:
         return _own_vm_metric(matches, name, uuid, self.source)
 
     def get(self, name: str, context: str = "host", *, uuid: str | None = None) -> Value:
-        """Typed value: int for the int types, float for real32/64, str for string."""
-        return self.find(name, context, uuid=uuid).typed_value()
+        """Typed value: int for the int types, float for real32/64, str for string.
+
+        Raises InvalidMetricValue when the metric is published but has no typed
+        value (``find(...).raw`` still gives its text).
+        """
+        return self.value_of(self.find(name, context, uuid=uuid))
+
+    def value_of(self, metric: Metric) -> Value:
+        """Typed value of a metric of this document; InvalidMetricValue if it has none."""
+        problem = _problem(metric)
+        if problem is not None:
+            raise InvalidMetricValue(f"{self.source}: {describe(metric)}: {problem}")
+        return metric.typed_value()
 
     def as_json_objects(self) -> list[dict[str, Any]]:
         return [metric_as_json(m) for m in self.metrics]
 
 
+def _problem(metric: Metric) -> str | None:
+    # Plain Metric objects (built by hand, not read) were checked when published.
+    return metric.problem if isinstance(metric, ReadMetric) else None
+
+
 def metric_as_json(metric: Metric) -> dict[str, Any]:
-    """The ``--format json`` object of one metric, with its typed value."""
+    """The ``--format json`` object of one metric: the typed value (null when
+    there is none), the raw text as published, and the problem (null if none)."""
+    problem = _problem(metric)
     return {
         "name": metric.name,
         "type": metric.type,
@@ -79,7 +115,9 @@ def metric_as_json(metric: Metric) -> dict[str, Any]:
         "unit": metric.unit,
         "id": metric.vm_id,
         "uuid": metric.uuid,
-        "value": metric.typed_value(),
+        "value": None if problem is not None else metric.typed_value(),
+        "raw": metric.raw if isinstance(metric, ReadMetric) else metric.value,
+        "problem": problem,
     }
 
 
@@ -111,17 +149,16 @@ def own_vm_uuid(path: str | None = None) -> str | None:
 
 
 def parse_metrics(raw: bytes, *, source: str = "document", transport: str = "") -> MetricsDocument:
-    """Parse and type-check a published document; raises InvalidDocument."""
+    """Parse a published document, type-checking each metric on its own.
+
+    Raises InvalidDocument only when ``raw`` is not well-formed XML; a metric
+    that does not check is kept with its ``problem`` (see :class:`MetricsDocument`).
+    """
     try:
-        metrics = parse_document(raw, where=source)
+        metrics, problems = read_document_metrics(raw, where=source)
     except DocumentError as exc:
         raise InvalidDocument(str(exc)) from None
-    for metric in metrics:
-        try:
-            metric.typed_value()
-        except InvalidValue as exc:
-            raise InvalidDocument(f"{source}: metric {metric.name}: {exc}") from None
-    return MetricsDocument(raw, tuple(metrics), source, transport)
+    return MetricsDocument(raw, tuple(metrics), source, transport, tuple(problems))
 
 
 def read_vbd(
@@ -190,8 +227,9 @@ def get_metric(
 ) -> Value:
     """Typed value of one metric, read fresh unless ``document`` is given.
 
-    Raises MetricNotFound when the metric is not published, and the errors
-    of :func:`read_metrics` when nothing can be read.
+    Raises MetricNotFound when the metric is not published, InvalidMetricValue
+    when it is but has no typed value, and the errors of :func:`read_metrics`
+    when nothing can be read.
     """
     if document is None:
         document = read_metrics(transport, disk=disk, port=port, timeout=timeout)
@@ -214,6 +252,8 @@ class MemoryMetrics:
     paged_out: Number | None
     page_in_rate: Number | None
     page_fault_rate: Number | None
+    # Field -> why it is None although its metric is published (e.g. an empty value).
+    problems: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +263,8 @@ class CpuMetrics:
     total_phys_cpus: Number | None
     num_cpus_utilized: Number | None
     total_cpu_time: Number | None  # seconds
+    # Field -> why it is None although its metric is published (e.g. an empty value).
+    problems: dict[str, str] = field(default_factory=dict)
 
 
 # Field -> metric names, the default config's name first, then older spellings
@@ -249,24 +291,31 @@ def _group_values(
     context: str,
     uuid: str | None,
     group: str,
-) -> dict[str, Number | None]:
-    values: dict[str, Number | None] = {}
-    for field, candidates in names.items():
-        values[field] = None
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for field_name, candidates in names.items():
+        values[field_name] = None
         for name in candidates:
             try:
-                value = document.get(name, context, uuid=uuid)
+                metric = document.find(name, context, uuid=uuid)
             except MetricNotFound:
                 continue
-            if isinstance(value, str):
-                raise InvalidDocument(f"{document.source}: metric {name} is a string, not a number")
-            values[field] = value
+            # One bad metric leaves its own field None and says why; the group still reads.
+            problem = _problem(metric)
+            if problem is None and metric.type == "string":
+                problem = "is a string, not a number"
+            if problem is not None:
+                problems[field_name] = f"{describe(metric)}: {problem}"
+            else:
+                values[field_name] = metric.typed_value()
             break
-    if all(value is None for value in values.values()):
+    if all(value is None for value in values.values()) and not problems:
         wanted = ", ".join(candidates[0] for candidates in names.values())
         raise MetricNotFound(
             f"none of the {context} {group} metrics ({wanted}) is published in {document.source}"
         )
+    values["problems"] = problems
     return values
 
 

@@ -1,7 +1,12 @@
 """``vm-dump-metrics``: print the metrics the host publishes to this VM.
 
 Exit status 0 on success, 1 when no metrics can be read or the requested
-metric is missing, 2 for bad usage; every error is one line on stderr.
+metric is missing or has no value of its type, 2 for bad usage; every error is
+one line on stderr.
+
+Any well-formed document is printed in xml mode, byte for byte, as the C tool
+does; ``--format json`` lists every metric and names each one whose value does
+not fit its type on stderr (documents written by a C daemon carry empty values).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from vhostmd.document import CONTEXTS
@@ -85,14 +90,23 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--timeout must be a positive number of seconds")
 
 
-def render_output(document: MetricsDocument, args: argparse.Namespace) -> bytes:
+def render_output(
+    document: MetricsDocument, args: argparse.Namespace, log: Callable[[str], None]
+) -> bytes:
     if args.metric is not None:
         metric = document.find(args.metric, args.context or "host", uuid=args.uuid)
+        document.value_of(metric)  # one line and exit 1 for a metric without a typed value
         if args.format == "json":
             return _json_bytes(metric_as_json(metric))
         return metric.value.encode() + b"\n"
     if args.format == "json":
+        # Every metric is delivered; the ones without a value are named once each.
+        for problem in document.problems:
+            log(problem)
         return _json_bytes(document.as_json_objects())
+    if args.verbose:
+        for problem in document.problems:
+            log(problem)
     return document.raw
 
 
@@ -126,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         sys.stderr.write(f"{PROG}: {message}\n")
 
-    transport = "vbd" if args.vbd else "virtio" if args.virtio else None
+    # --disk names the one disk to read: no fallback to virtio when it fails.
+    transport = "vbd" if args.vbd or args.disk else "virtio" if args.virtio else None
     try:
         document = read_metrics(
             transport,
@@ -137,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.verbose:
             log(f"read {len(document.raw)} bytes over {document.transport} from {document.source}")
-        _write(render_output(document, args), args.dest)
+        _write(render_output(document, args, log), args.dest)
     except MetricsError as exc:
         return _fail(str(exc))
     except BrokenPipeError:

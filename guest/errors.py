@@ -41,8 +41,14 @@ class VirtioTimeout(VirtioError):
 
 
 class InvalidDocument(MetricsError, DocumentError):
-    """The document is not valid XML, not a metrics document, or a value does
-    not parse as its type."""
+    """The document is not well-formed XML (or, as InvalidMetricValue, one
+    metric's value does not parse as its type)."""
+
+
+class InvalidMetricValue(InvalidDocument):
+    """A published metric has no typed value (empty, or not of its type); the
+    rest of the document reads as usual. An InvalidDocument, so code that
+    caught that for a bad value keeps working."""
 
 
 class MetricNotFound(MetricsError, LookupError):

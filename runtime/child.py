@@ -40,6 +40,7 @@ import logging.handlers
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing import reduction
@@ -239,16 +240,6 @@ def serve(ctx: ChildContext, handle: Any, idle_title: str) -> None:
         ctx.title(idle_title)
 
 
-# What the forkserver imports once, so that every child starts with it loaded
-# (and shares those pages): the title module first, then what children run.
-PRELOAD = (
-    "vhostmd.runtime.forkserver",
-    "vhostmd.workers.worker",
-    "vhostmd.disk.writer",
-    "vhostmd.virtio.manager",
-)
-
-
 def start_forkserver() -> None:
     """Start the process children are forked from; call before any thread exists.
 
@@ -257,5 +248,48 @@ def start_forkserver() -> None:
     """
     from multiprocessing import forkserver
 
-    CTX.set_forkserver_preload(list(PRELOAD))
+    # multiprocessing re-runs the parent's main script (or module, with -m)
+    # in every child it starts, to find functions defined there, unless
+    # __main__ has neither a spec nor a file.
+    # Ours is the launcher: re-running it would import the supervisor, and
+    # all it imports, into every child. Children need nothing from it.
+    main = sys.modules["__main__"]
+    main.__spec__ = None
+    if hasattr(main, "__file__"):
+        del main.__file__
+    CTX.set_forkserver_preload(["vhostmd.runtime.forkserver"])
     forkserver.ensure_running()
+
+
+# The libraries the forkserver imports for the children, besides our own packages.
+_CHILD_LIBRARIES = ("libvirt", "lxml", "psutil", "setproctitle")
+
+
+def unreadable_by_us() -> str | None:
+    """Why this process (e.g. after dropping root) could not import what children run.
+
+    The forkserver starts as the daemon's user and imports the children's
+    modules itself; a tree that user cannot read would leave every child
+    failing at start. None when everything is readable.
+    """
+    import importlib.util
+
+    places = {os.path.dirname(m.__file__) for name, m in list(sys.modules.items())
+              if name.split(".")[0] == "vhostmd" and getattr(m, "__file__", None)}
+    for place in sorted(places):
+        if not os.access(place, os.R_OK | os.X_OK):
+            return f"cannot read {place}"
+    for name in _CHILD_LIBRARIES:
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None)
+        if origin is None:
+            try:
+                spec = importlib.util.find_spec(name)
+            except Exception:
+                spec = None
+            origin = getattr(spec, "origin", None)
+            if origin is None:
+                return f"cannot find the {name} module"
+        if not os.access(os.path.dirname(origin), os.R_OK | os.X_OK):
+            return f"cannot read {os.path.dirname(origin)}"
+    return None

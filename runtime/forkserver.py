@@ -1,9 +1,21 @@
-"""Imported only by the forkserver (first of its preloads): names it for `ps`.
+"""The forkserver's only preload: everything children run, imported once, then frozen.
 
-Python starts the forkserver as ``python3 -c 'from multiprocessing.forkserver
-import main; ...'``; operators watching ``ps`` should see what it is.
+Children are forked from the forkserver and share its pages. Importing what
+they run here (libvirt and lxml included) makes each child start with it
+loaded; ``gc.freeze`` then moves those objects out of the collector's sight,
+so a child's garbage collections never write to (and so never copy) the
+pages it shares. The title tells operators watching ``ps`` what this is
+(Python starts it as ``python3 -c 'from multiprocessing.forkserver ...'``).
 """
+
+import gc
 
 import setproctitle
 
+import vhostmd.disk.writer
+import vhostmd.virtio.manager
+import vhostmd.workers.worker  # noqa: F401
+
 setproctitle.setproctitle("vhostmd: forkserver")
+gc.collect()
+gc.freeze()

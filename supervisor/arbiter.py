@@ -1,20 +1,21 @@
-"""The supervisor's main loop: signals, the cycle clock, and its children.
+"""The supervisor's main loop: signals, children's messages, and what they start.
 
 Modelled on gunicorn's arbiter: signal handlers only queue the signal and
-wake the loop through a self-pipe; the loop handles signals (handle_term,
-handle_hup), takes the children's messages, runs the cycle (plan, dispatch,
-gather, publish), and lets the pool converge on the wanted children. The
-supervisor itself never calls libvirt, a shell or /proc, and never imports
-what its children run: everything external runs in a child under a deadline.
+wake the loop through a self-pipe; each step handles signals (handle_term,
+handle_hup), routes the children's messages, lets the cycle runner step, and
+lets the pool converge on the wanted children. The supervisor itself never
+calls libvirt, a shell or /proc, and never imports what its children run.
 
-The parts live beside it: ``pool`` (children), ``planning`` (which jobs),
-``cycle`` (gathering one cycle's results), ``publisher`` (to the disk-writer
-and virtio), ``status`` (the status file).
+The parts live beside it: ``scheduler`` (running cycles), ``planning``
+(which jobs, in which order), ``cycle`` (one cycle's results, the document),
+``publisher`` (to the disk-writer and virtio), ``pool`` and ``children``
+(the children), ``status`` (the status file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -24,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import wait
 
-from vhostmd.supervisor import planning
+from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
 from vhostmd.supervisor.children import (
     DISK_SLOT,
     VIRTIO_SLOT,
@@ -33,20 +34,11 @@ from vhostmd.supervisor.children import (
     wanted_children,
 )
 from vhostmd.supervisor.config import Config, ConfigError, load_config
-from vhostmd.supervisor.cycle import (
-    DOMAIN_LIST_FAILURE,
-    Cycle,
-    CycleClock,
-    FailureLog,
-    failure_key,
-)
-from vhostmd.supervisor.cycle import domain_list_failure as list_failure
 from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
 from vhostmd.supervisor.publisher import Publisher
-from vhostmd.supervisor.status import build_status, remove_status, write_status
-from vhostmd.wire import Failure, Job, JobResult, ListDomains, RunAction, needs_libvirt
-from vhostmd.workers.collectors import CollectorPlan
-from vhostmd.workers.collectors import plan as plan_collectors
+from vhostmd.supervisor.scheduler import CycleRunner
+from vhostmd.supervisor.status import StatusFile, build_status
+from vhostmd.wire import JobResult
 
 log = logging.getLogger("vhostmd")
 
@@ -57,16 +49,20 @@ class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
     def __init__(self, config: Config, *, uri: str | None, config_path: str,
-                 status_path: str | None = None, log_level: int = logging.INFO,
+                 status_file: StatusFile | None = None, disk: DiskHandle | None = None,
+                 dropped_to: str | None = None, log_level: int = logging.INFO,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.uri = uri
         self.config_path = config_path
-        self.status_path = status_path
+        self.status_file = status_file
+        # The open, locked metrics disk (None without vbd): only the disk-writer
+        # child gets its descriptor. dropped_to: the -u user, once root is gone.
+        self.disk = disk
+        self.dropped_to = dropped_to
         self.status_error: str | None = None
         self.clock = clock
         self.started_wall = time.time()
-        self.last_cycle_wall = 0.0
         self.virtio_status: tuple[int, int, int] | None = None
         self.events: queue.SimpleQueue[tuple[Child, object]] = queue.SimpleQueue()
         self.signal_queue: deque[int] = deque()
@@ -77,16 +73,8 @@ class Supervisor:
                               on_started=self.on_started, clock=clock)
         self.publisher = Publisher(lambda: self.pool.get(DISK_SLOT),
                                    lambda: self.pool.get(VIRTIO_SLOT))
-        self.failures = FailureLog()
-        self.cycle: Cycle | None = None
-        self.cycle_number = 0
-        self.new_job_id = planning.job_ids().__next__
-        self.pending: deque[Job] = deque()
-        self.collector_state: dict[tuple[str, str], object] = {}
-        self._plans: list[CollectorPlan] = []
-        self._plans_for: Config | None = None
-        self.cycle_clock = CycleClock(config.update_period, clock())
-        self.stats = {"cycles": 0, "last_cycle_seconds": 0.0, "published": 0, "left_out": 0}
+        self.cycles = CycleRunner(lambda: self.config, self.pool, self.publisher, clock,
+                                  self.write_status)
 
     # -- signals -------------------------------------------------------------
 
@@ -121,15 +109,39 @@ class Supervisor:
         for warning in new.warnings:
             log.warning("%s", warning)
         old = self.config
+        new = self.reload_disk(new)
         self.config = new
         if new.update_period != old.update_period:
             now = self.clock()
-            self.cycle_clock.period = new.update_period
-            self.cycle_clock.reanchor(now if self.cycle is None else now + new.update_period)
+            self.cycles.new_period(new.update_period, now)
             self.pool.beat_interval = beat_interval(new.update_period)
         log.info("reloaded %s: %d metrics, period %d s", self.config_path,
-                 len(new.metrics) + sum(len(p.metric_names) for p in self.collector_plans()),
+                 len(new.metrics) + sum(len(p.metric_names) for p in self.cycles.collector_plans()),
                  new.update_period)
+
+    def reload_disk(self, new: Config) -> Config:
+        """Open the disk a reload names before switching to it.
+
+        The running writer keeps publishing to the old disk until the new one
+        is open and locked; a new disk that cannot be used (full filesystem,
+        symlink, foreign owner, or a new path after -u dropped root) rejects
+        that part of the reload with one line, and the rest applies.
+        """
+        current = self.disk
+        try:
+            disk = switch_disk(current, new.disk_path if new.vbd else None, new.disk_size,
+                               dropped_to=self.dropped_to)
+        except DiskRefused as exc:
+            if current is None:
+                log.error("reload: %s; not writing a metrics disk", exc)
+                return dataclasses.replace(
+                    new, transports=tuple(t for t in new.transports if t != "vbd"))
+            log.error("reload: %s; still writing %s (%d bytes)", exc, current.path, current.size)
+            return dataclasses.replace(new, disk_path=current.path, disk_size=current.size)
+        if current is not None and (disk is None or disk.fd != current.fd):
+            current.close()  # the old writer, killed at the next converge, keeps its own copy
+        self.disk = disk
+        return new
 
     # -- main loop -------------------------------------------------------------
 
@@ -153,7 +165,7 @@ class Supervisor:
         (about a second on a slow machine); a first cycle started before would
         miss its deadline for nothing.
         """
-        self.pool.converge(wanted_children(self.config, self.uri),
+        self.pool.converge(wanted_children(self.config, self.uri, self.disk),
                            hang_timeout(self.config.update_period))
         until = self.clock() + timeout
         workers = list(range(self.config.workers))
@@ -161,32 +173,25 @@ class Supervisor:
             self.handle_signals()
             self.handle_events()
             self.sleep_until(until)
-        self.cycle_clock.reanchor(self.clock())
+        self.cycles.clock_.reanchor(self.clock())
 
     def recover(self) -> None:
         # A bug must not take every guest's metrics down with the supervisor:
         # log it, drop the cycle, and go on.
         log.exception("internal error in the supervisor loop; skipping this cycle")
-        self.cycle = None
-        self.pending.clear()
-        self.cycle_clock.reanchor(self.clock() + self.config.update_period)
+        self.cycles.drop_cycle(self.clock() + self.config.update_period)
 
     def step(self) -> None:
         self.handle_signals()
         if self.stopping:
             return
         self.handle_events()
-        now = self.clock()
-        if self.cycle is None and now >= self.cycle_clock.next:
-            self.start_cycle(now)
-        self.dispatch()
-        if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
-            self.finish_cycle()
-        self.pool.converge(wanted_children(self.config, self.uri),
+        self.cycles.step()
+        self.pool.converge(wanted_children(self.config, self.uri, self.disk),
                            hang_timeout(self.config.update_period))
 
     def sleep(self) -> None:
-        self.sleep_until(self.cycle_clock.next if self.cycle is None else self.cycle.deadline)
+        self.sleep_until(self.cycles.next_wakeup)
 
     def sleep_until(self, until: float) -> None:
         """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
@@ -222,24 +227,9 @@ class Supervisor:
                 self.pool.replace(child, f"sent an unreadable message ({message.why}); killed")
             elif isinstance(message, JobResult):
                 child.busy_with = None
-                self.handle_result(message)
+                self.cycles.handle_result(message)
             elif isinstance(message, tuple) and message:
                 self.handle_child_message(child, message)
-
-    def handle_result(self, result: JobResult) -> None:
-        if self.cycle is None:
-            return
-        job = self.cycle.accept(result)
-        if job is None:
-            return
-        if result.state is not None and hasattr(job, "collector"):
-            self.collector_state[(job.collector, job.context)] = result.state
-        if isinstance(job, ListDomains):
-            self.pending.extend(planning.plan_vms(self.cycle, self.config,
-                                                  self.collector_plans(), self.new_job_id,
-                                                  self.collector_state))
-            if self.cycle.domains_error is not None:
-                self.cycle.failures.append(list_failure(self.cycle.domains_error))
 
     def handle_child_message(self, child: Child, message: tuple) -> None:
         kind = message[0]
@@ -255,6 +245,9 @@ class Supervisor:
         elif kind == "virtio-status":
             self.virtio_status = tuple(message[1:4])  # type: ignore[assignment]
 
+    def on_lost(self, child: Child, why: str) -> None:
+        self.cycles.on_lost(child, why)
+
     def on_started(self, child: Child) -> None:
         if child.slot == DISK_SLOT:
             self.publisher.writer_started()
@@ -262,109 +255,25 @@ class Supervisor:
             # A restarted virtio process serves guests without waiting a cycle.
             self.publisher.send_fragments()
 
-    def on_lost(self, child: Child, why: str) -> None:
-        job = child.busy_with
-        child.busy_with = None
-        if self.cycle is None or job is None:
-            return
-        # Its result will never come: leave it out of this cycle now.
-        reason = f"{child.role} {why}"
-        if isinstance(job, RunAction):
-            failure = Failure(job.metric.name, job.metric.context, job.domain, reason)
-            self.handle_result(JobResult(job.job_id, failures=(failure,)))
-        else:
-            self.handle_result(JobResult(job.job_id, error=reason))
-
-    # -- cycles --------------------------------------------------------------
-
-    def collector_plans(self) -> list[CollectorPlan]:
-        if self._plans_for is not self.config:
-            self._plans = plan_collectors(self.config.builtins)
-            self._plans_for = self.config
-        return self._plans
-
-    def start_cycle(self, now: float) -> None:
-        period = self.config.update_period
-        self.cycle_number += 1
-        deadline = now + max(0.5, 0.8 * period)
-        cycle = Cycle(self.cycle_number, now, deadline)
-        # Jobs end a little before the cycle does, so a timed-out action is
-        # reported as such instead of as a missing result.
-        cycle.job_deadline = deadline - max(0.05, min(0.25, 0.05 * period))
-        cycle.attempted.add(failure_key(DOMAIN_LIST_FAILURE))
-        self.cycle = cycle
-        listing_pending = any(isinstance(self.pool.children[s].busy_with, ListDomains)
-                              for s in self.pool.children)
-        self.pending.extend(planning.plan_start(cycle, self.config, self.collector_plans(),
-                                                self.new_job_id, self.collector_state,
-                                                listing_pending))
-
-    def dispatch(self) -> None:
-        """Hand pending jobs to idle workers, one job per worker at a time.
-
-        libvirt jobs prefer the lowest worker slots and the others the highest,
-        so the domain listing and the bulk VM stats of a cycle usually meet the
-        same worker and its open connection: fewer connections to libvirtd,
-        and one copy of whatever a libvirt client caches.
-        """
-        if not self.pending:
-            return
-        idle = [slot for slot in range(self.config.workers)
-                if (c := self.pool.get(slot)) is not None and c.busy_with is None]
-        while idle and self.pending:
-            job = self.pending.popleft()
-            slot = idle.pop(0) if needs_libvirt(job) else idle.pop()
-            child = self.pool.children[slot]
-            child.busy_with = job
-            child.send(job)
-
-    def finish_cycle(self) -> None:
-        cycle = self.cycle
-        assert cycle is not None
-        self.cycle = None
-        self.pending.clear()
-        for job in cycle.abandon():
-            if isinstance(job, RunAction):
-                cycle.failures.append(Failure(job.metric.name, job.metric.context, job.domain,
-                                              "no result before the cycle deadline"))
-            elif isinstance(job, ListDomains):
-                cycle.domains_error = "listing domains did not finish before the cycle deadline"
-                cycle.failures.append(list_failure(cycle.domains_error))
-            else:
-                cycle.failures.append(Failure(job.describe(), job.context, None,
-                                              "no result before the cycle deadline"))
-        rendered = cycle.render()
-        self.failures.update(cycle.failures, cycle.attempted)
-        self.publisher.publish(rendered)
-        now = self.clock()
-        took = now - cycle.started
-        self.stats.update(cycles=self.stats["cycles"] + 1, last_cycle_seconds=took,
-                          published=rendered.published, left_out=rendered.left_out)
-        self.last_cycle_wall = time.time()
-        self.write_status()
-        log.debug("cycle %d: %d metrics, %d left out, %.3f s", cycle.number,
-                  rendered.published, rendered.left_out, took)
-        late = self.cycle_clock.advance(now)
-        if late:
-            log.warning("cycle %d overran the %d s update period (%.2f s late)",
-                        cycle.number, self.config.update_period, late)
-
     # -- status and shutdown -----------------------------------------------------
 
     def write_status(self) -> None:
-        if self.status_path is None:
+        if self.status_file is None:
             return
         try:
-            write_status(self.status_path, build_status(self))
+            if not self.status_file.write(build_status(self)):
+                log.debug("status file %s locked by a reader; not rewritten this cycle",
+                          self.status_file.path)
         except OSError as exc:
             if self.status_error != exc.strerror:
-                log.warning("cannot write status file %s: %s", self.status_path, exc.strerror)
+                log.warning("cannot write status file %s: %s", self.status_file.path,
+                            exc.strerror)
             self.status_error = exc.strerror
         else:
             self.status_error = None
 
     def shutdown(self) -> None:
         self.pool.shutdown(STOP_GRACE)
-        if self.status_path is not None:
-            remove_status(self.status_path)
+        if self.status_file is not None:
+            self.status_file.remove()
         log.info("stopped")

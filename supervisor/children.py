@@ -6,6 +6,7 @@ have fixed slots after the largest worker pool.
 
 from __future__ import annotations
 
+from vhostmd.disk.handle import DiskHandle
 from vhostmd.supervisor.config import MAX_WORKERS, Config
 from vhostmd.supervisor.pool import ChildSpec
 
@@ -24,18 +25,22 @@ def beat_interval(period: int) -> float:
     return min(1.0, max(0.25, hang_timeout(period) / 6))
 
 
-def wanted_children(config: Config, uri: str | None) -> dict[int, ChildSpec]:
-    """What should run for ``config``: the workers, the disk-writer, the virtio process."""
+def wanted_children(config: Config, uri: str | None,
+                    disk: DiskHandle | None = None) -> dict[int, ChildSpec]:
+    """What should run for ``config``: the workers, the disk-writer, the virtio process.
+
+    The disk-writer maps ``disk``, which the supervisor opened and locked; it
+    is the only child that gets its descriptor.
+    """
     specs = {
         i: ChildSpec(f"worker {i + 1}", i, "vhostmd.workers.worker:worker_main",
                      {"index": i + 1, "uri": uri}, ("worker",))
         for i in range(config.workers)
     }
-    if config.vbd:
+    if config.vbd and disk is not None:
         specs[DISK_SLOT] = ChildSpec(
             "disk-writer", DISK_SLOT, "vhostmd.disk.writer:disk_writer_main",
-            {"path": config.disk_path, "size": config.disk_size},
-            ("disk", config.disk_path, config.disk_size))
+            {"handle": disk}, ("disk", disk.path, disk.size, disk.fd))
     if config.virtio:
         specs[VIRTIO_SLOT] = ChildSpec(
             "virtio", VIRTIO_SLOT, "vhostmd.virtio.manager:virtio_main",

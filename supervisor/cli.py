@@ -5,23 +5,30 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 import setproctitle
 
 from vhostmd import __version__
-from vhostmd.runtime.child import start_forkserver
+from vhostmd.disk.handle import DiskHandle, DiskRefused, open_disk
+from vhostmd.runtime.child import start_forkserver, unreadable_by_us
+from vhostmd.runtime.files import UnsafeFile
 from vhostmd.supervisor.arbiter import Supervisor
 from vhostmd.supervisor.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from vhostmd.supervisor.daemon import (
+    DEFAULT_LOG_FILE,
+    SYSLOG_SOCKET,
     PidFile,
     StartupError,
     daemonize,
     drop_privileges,
     lookup_user,
+    open_log_target,
     setup_logging,
 )
-from vhostmd.supervisor.status import prepare_status_file, status_path_for
+from vhostmd.supervisor.sizing import check_vms
+from vhostmd.supervisor.status import StatusFile, status_path_for
 
 log = logging.getLogger("vhostmd")
 DEFAULT_PID_FILE = "/var/run/vhostmd.pid"
@@ -44,8 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop root and run as USER after opening the metrics disk")
     p.add_argument("-c", "--connect", metavar="URI",
                    help="libvirt URI to connect to (default: libvirt's default)")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="when daemonized, log to FILE instead of syslog (default: syslog, "
+                   f"or {DEFAULT_LOG_FILE} when there is no {SYSLOG_SOCKET})")
     p.add_argument("--check", action="store_true",
                    help="validate the configuration file and exit")
+    p.add_argument("--vms", type=int, metavar="N",
+                   help="with --check: tell whether the configured disk holds N running VMs "
+                   "(exit status 1 if not)")
     p.add_argument("--list-builtins", action="store_true",
                    help="list the built-in metrics and exit")
     p.add_argument("--status", action="store_true",
@@ -60,18 +73,19 @@ def fail(message: str, status: int = 1) -> int:
     return status
 
 
-def prepare_disk(config: Config, owner: tuple[int, int] | None) -> None:
-    """Create the metrics disk now, so a bad path fails before we daemonize."""
-    from vhostmd.disk.writer import DiskTooSmall, MetricsDisk
-
+def prepare_disk(config: Config) -> DiskHandle:
+    """Open and lock the metrics disk now, as root: a bad path fails before we daemonize."""
     try:
-        disk = MetricsDisk(config.disk_path, config.disk_size)
-    except (OSError, DiskTooSmall) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise StartupError(f"cannot create metrics disk {config.disk_path}: {detail}") from None
-    disk.close()
-    if owner is not None:
-        os.chown(config.disk_path, *owner)
+        return open_disk(config.disk_path, config.disk_size)
+    except DiskRefused as exc:
+        raise StartupError(str(exc)) from None
+
+
+def count_metrics(config: Config) -> int:
+    """Shell-action metrics plus the built-in metrics the config selects."""
+    from vhostmd.workers.collectors import plan
+
+    return len(config.metrics) + sum(len(p.metric_names) for p in plan(config.builtins))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args.config = os.path.abspath(args.config)
     if args.pid_file:
         args.pid_file = os.path.abspath(args.pid_file)
+    if args.log_file:
+        args.log_file = os.path.abspath(args.log_file)
     if args.list_builtins:
         from vhostmd.workers.collectors import describe_builtins
 
@@ -98,34 +114,68 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(str(exc))
     if args.check:
-        print(f"{args.config}: OK ({len(config.metrics)} metrics, "
+        print(f"{args.config}: OK ({count_metrics(config)} metrics, "
               f"transports {', '.join(config.transports)})")
+        if args.vms is not None:
+            fits, line = check_vms(config, args.vms)
+            print(f"{args.config}: {line}" if config.vbd
+                  else f"{args.config}: no metrics disk (vbd transport off)")
+            return 0 if fits or not config.vbd else 1
         return 0
+    if args.vms is not None:
+        return fail("--vms goes with --check")
 
-    setup_logging(foreground=args.no_daemonize, verbose=args.verbose)
+    # Lines go to stderr until the daemon detaches.
+    setup_logging(verbose=args.verbose)
     pid_path = args.pid_file or (DEFAULT_PID_FILE if os.geteuid() == 0 else None)
     pid_file = PidFile(pid_path) if pid_path else None
+    status_file = StatusFile(status_path_for(pid_path)) if pid_path else None
+    disk: DiskHandle | None = None
     daemonized = False
+    # Everything below that needs root (pid, status and log files, the disk)
+    # is opened here, before -u drops it; the processes keep the descriptors
+    # and the files stay root's.
     try:
         run_as = lookup_user(args.user) if args.user else None
         if run_as is not None and os.geteuid() != 0:
             raise StartupError(f"-u {run_as.user} needs root to switch users")
         if pid_file is not None:
             pid_file.acquire()
+        if status_file is not None:
+            try:
+                status_file.open()
+            except UnsafeFile as exc:
+                raise StartupError(str(exc)) from None
+            except OSError as exc:
+                raise StartupError(f"cannot create status file {status_file.path}: "
+                                   f"{exc.strerror}") from None
         if config.vbd:
-            prepare_disk(config, (run_as.uid, run_as.gid) if run_as else None)
+            disk = prepare_disk(config)
         if not args.no_daemonize:
+            target = open_log_target(args.log_file)
+            if target.file is not None:
+                why = "" if args.log_file else f" (no syslog at {SYSLOG_SOCKET})"
+                print(f"vhostmd: logging to {target.file}{why}", file=sys.stderr)
             daemonize()
             daemonized = True
-            setup_logging(foreground=False, verbose=args.verbose)
+            setup_logging(verbose=args.verbose, target=target)
+        # Before the pid appears: whoever reads the pid file sees what it runs.
+        setproctitle.setproctitle("vhostmd: supervisor")
         if pid_file is not None:
             pid_file.write(os.getpid())
-            if run_as is not None:
-                pid_file.chown(run_as.uid, run_as.gid)
-                prepare_status_file(status_path_for(pid_file.path), run_as.uid, run_as.gid)
+        log.info("vhostmd %s starting: %s", __version__,
+                 shlex.join(sys.argv[1:] if argv is None else argv))
         if run_as is not None:
             drop_privileges(run_as)
+            # What children run is imported by the forkserver, as this user.
+            problem = unreadable_by_us()
+            if problem is not None:
+                raise StartupError(f"-u {run_as.user}: {problem}; install vhostmd where "
+                                   f"{run_as.user} can read it (the Debian package does) "
+                                   "or run without -u")
     except StartupError as exc:
+        if status_file is not None:
+            status_file.remove()
         if pid_file is not None:
             pid_file.release()
         if daemonized:
@@ -135,15 +185,15 @@ def main(argv: list[str] | None = None) -> int:
 
     for warning in config.warnings:
         log.warning("%s", warning)
-    setproctitle.setproctitle("vhostmd: supervisor")
     # Children are forked from the forkserver, started now: as the user we
-    # run as, before the supervisor starts any thread.
+    # run as (it imports what children run as that user), before the
+    # supervisor starts any thread.
     start_forkserver()
-    log.info("vhostmd %s starting: config %s, period %d s, transports %s, %d workers",
-             __version__, args.config, config.update_period, ", ".join(config.transports),
-             config.workers)
+    log.info("config %s: period %d s, transports %s, %d workers", args.config,
+             config.update_period, ", ".join(config.transports), config.workers)
     supervisor = Supervisor(config, uri=args.connect, config_path=args.config,
-                            status_path=status_path_for(pid_path) if pid_path else None,
+                            status_file=status_file, disk=disk,
+                            dropped_to=run_as.user if run_as is not None else None,
                             log_level=logging.DEBUG if args.verbose else logging.INFO)
     try:
         status = supervisor.run()

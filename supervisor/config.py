@@ -201,7 +201,8 @@ def _disk_size(reader: _Reader, elem: etree._Element) -> int:
     size = number * UNITS.get(unit, 1)
     if not mdisk.MIN_SIZE <= size <= mdisk.MAX_SIZE:
         raise reader.error(
-            elem, f"disk size {size} bytes is out of range (1024 bytes .. 256 MiB)"
+            elem, f"disk size {size} bytes is out of range (64 KiB .. 256 MiB; guests read "
+            "the disk in 64 KiB blocks)"
         )
     return size
 

@@ -9,11 +9,12 @@ workers finish in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vhostmd.document import assemble
-from vhostmd.wire import Domain, Failure, Job, JobResult
+from vhostmd.logtext import loggable
+from vhostmd.wire import Domain, Failure, Job, JobResult, RunAction
 
 log = logging.getLogger("vhostmd")
 
@@ -26,13 +27,51 @@ class Rendered:
     host_fragment: bytes
     vm_fragments: dict[int, bytes]
     domains: tuple[Domain, ...]
-    published: int
-    left_out: int
+    published: int  # metrics in the fragments (virtio serves them all)
+    left_out: int  # failures this cycle
+    carried: int = 0  # fragments kept from an earlier cycle (not refreshed in this one)
+    vms_not_on_disk: int = 0  # VMs that did not fit the disk
 
 
 # Where a job's metrics go in the document: (config line, position in the
 # config); unique even when several metrics share one line.
 Order = tuple[int, int]
+# A cycle's rendered metrics: by document position, then by VM id (None: host).
+Fragments = dict[Order, dict[int | None, bytes]]
+_METRIC = b"<metric "
+
+
+class Attempted:
+    """The failure keys a cycle tried (so a key that did not fail again has recovered).
+
+    Built-in VM metrics are tried for every listed domain at once: they are
+    kept as metric names plus the listed domains, not one key per VM each cycle.
+    """
+
+    def __init__(self) -> None:
+        self.keys: set[tuple] = set()
+        self.vm_builtins: set[str] = set()
+        self._domains: tuple[Domain, ...] = ()
+        self._listed: set[tuple[int, str]] | None = None
+
+    def add(self, key: tuple) -> None:
+        self.keys.add(key)
+
+    def add_vm_builtins(self, names: Iterable[str], domains: tuple[Domain, ...]) -> None:
+        self.vm_builtins.update(names)
+        self._domains = domains  # the set is built only if a VM key is ever asked about
+        self._listed = None
+
+    def __contains__(self, key: object) -> bool:
+        if key in self.keys:
+            return True
+        if not isinstance(key, tuple) or len(key) != 4 or key[0] != "vm":
+            return False
+        if key[1] not in self.vm_builtins:
+            return False
+        if self._listed is None:
+            self._listed = {(d.id, d.name) for d in self._domains}
+        return (key[2], key[3]) in self._listed
 
 
 @dataclass
@@ -42,18 +81,20 @@ class Cycle:
     deadline: float
     job_deadline: float = 0.0
     outstanding: dict[int, tuple[Order, Job]] = field(default_factory=dict)
-    host: dict[Order, bytes] = field(default_factory=dict)
-    vms: dict[int, dict[Order, bytes]] = field(default_factory=dict)
-    published: int = 0
+    fresh: Fragments = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     domains: tuple[Domain, ...] | None = None
     domains_job: int | None = None
     domains_error: str | None = None
-    attempted: set[tuple] = field(default_factory=set)  # failure keys tried this cycle
+    attempted: Attempted = field(default_factory=lambda: Attempted())
+    shell_jobs: int = 0  # shell actions planned
+    shell_done: int = 0  # ... and answered within this cycle
 
     def expect(self, order: Order, job: Job) -> None:
         """Register a job whose metrics go to position ``order`` in the document."""
         self.outstanding[job.job_id] = (order, job)
+        if isinstance(job, RunAction):
+            self.shell_jobs += 1
 
     @property
     def complete(self) -> bool:
@@ -71,39 +112,108 @@ class Cycle:
             else:
                 self.domains = result.domains or ()
             return job
+        if isinstance(job, RunAction):
+            self.shell_done += 1
+            domain = job.domain
+            self.attempted.add((job.context, job.metric.name, domain.id if domain else None,
+                                domain.name if domain else None))
         self.failures.extend(result.failures)
         if result.error is not None:
             self.failures.append(Failure(job.describe(), job.context, None, result.error))
-        if result.host:
-            self.host[order] = result.host
-        for vm_id, fragment in result.vms:
-            self.vms.setdefault(vm_id, {})[order] = fragment
-        self.published += result.count
+        store_fragments(self.fresh, order, result)
         return job
 
-    def abandon(self) -> Iterator[Job]:
-        """Jobs with no result by the deadline (each becomes a failure)."""
-        for _order, job in self.outstanding.values():
-            yield job
+    def abandon(self) -> list[Job]:
+        """Jobs with no result by the deadline."""
+        jobs = [job for _order, job in self.outstanding.values()]
         self.outstanding.clear()
+        return jobs
 
-    def render(self) -> Rendered:
-        """Join the fragments in document order (the workers rendered them)."""
-        host_fragment = b"".join(fragment for _, fragment in sorted(self.host.items()))
-        domains = self.domains or ()
-        live = {d.id for d in domains}
-        vm_fragments: dict[int, bytes] = {}
-        for vm_id in sorted(self.vms):
-            if vm_id in live:  # else a stale result for a VM that is gone
-                vm_fragments[vm_id] = b"".join(f for _, f in sorted(self.vms[vm_id].items()))
-        return Rendered(
-            document=assemble([host_fragment, *vm_fragments.values()]),
-            host_fragment=host_fragment,
-            vm_fragments=vm_fragments,
-            domains=domains,
-            published=self.published,
-            left_out=len(self.failures),
-        )
+
+def store_fragments(into: Fragments, order: Order, result: JobResult) -> None:
+    slot = into.setdefault(order, {})
+    if result.host:
+        slot[None] = result.host
+    slot.update(result.vms)  # one dict update for all VMs of a job, not a loop
+
+
+class LatestValues:
+    """Each fragment's latest version, carried into documents while it is young.
+
+    A metric not refreshed in a cycle (its job not reached, still running, or
+    failed) keeps its last value in the document for at most ``max_age``
+    seconds; a VM that is gone takes its values with it.
+    """
+
+    def __init__(self) -> None:
+        self.fragments: Fragments = {}
+        self.stamps: dict[Order, dict[int | None, float]] = {}
+
+    def store(self, fresh: Fragments, now: float) -> None:
+        for order, slot in fresh.items():
+            self.fragments.setdefault(order, {}).update(slot)
+            self.stamps.setdefault(order, {}).update(dict.fromkeys(slot, now))
+
+    def fill(self, fresh: Fragments, live: set[int] | None, now: float, max_age: float) -> int:
+        """Add the young fragments ``fresh`` lacks; forget the old ones. How many added.
+
+        ``live``: the running VMs' ids, or None when libvirt could not list
+        them (then no VM is published, and none is forgotten).
+        """
+        carried = 0
+        for order, kept in self.fragments.items():
+            stamps = self.stamps[order]
+            forget = [k for k, stamp in stamps.items() if now - stamp > max_age]
+            if live is not None:
+                forget += [k for k in kept.keys() - live if k is not None]
+            for key in forget:
+                kept.pop(key, None)
+                stamps.pop(key, None)
+            slot = fresh.setdefault(order, {})
+            for key in kept.keys() - slot.keys():
+                if key is not None and live is None:
+                    continue
+                slot[key] = kept[key]
+                carried += 1
+        return carried
+
+
+def render(fragments: Fragments, domains: tuple[Domain, ...], capacity: int | None,
+           failures: int = 0, carried: int = 0) -> Rendered:
+    """Join the fragments in document order (the workers rendered them).
+
+    ``capacity``: the most document bytes the disk holds (None: no disk). A
+    document that does not fit keeps the host metrics and as many whole VMs
+    as fit, lowest domain ids first; virtio still serves every VM.
+    """
+    slots = [fragments[order] for order in sorted(fragments)]
+    host = b"".join(slot[None] for slot in slots if None in slot)
+    live = {d.id for d in domains}
+    vm_slots = [slot for slot in slots if len(slot) > (None in slot)]
+    vm_fragments: dict[int, bytes] = {}
+    if len(vm_slots) == 1:  # the common case: one job (the built-ins) for every VM
+        only = vm_slots[0]
+        vm_fragments = {vm_id: only[vm_id] for vm_id in sorted(live & only.keys())}
+    else:
+        for vm_id in sorted(live):  # VMs not listed this cycle are gone: never published
+            parts = [slot[vm_id] for slot in vm_slots if vm_id in slot]
+            if parts:
+                vm_fragments[vm_id] = b"".join(parts)
+    published = host.count(_METRIC) + sum(f.count(_METRIC) for f in vm_fragments.values())
+    document = assemble([host, *vm_fragments.values()])
+    not_on_disk = 0
+    if capacity is not None and len(document) > capacity:
+        room = capacity - (len(document) - sum(map(len, vm_fragments.values())))
+        parts = [host]
+        for fragment in vm_fragments.values():
+            if len(fragment) > room:
+                break
+            parts.append(fragment)
+            room -= len(fragment)
+        not_on_disk = len(vm_fragments) - (len(parts) - 1)
+        document = assemble(parts)
+    return Rendered(document, host, vm_fragments, domains, published, failures, carried,
+                    not_on_disk)
 
 
 class CycleClock:
@@ -155,7 +265,7 @@ def describe_target(context: str, metric: str, vm_id: int | None, name: str | No
     what = metric if " " in metric else f"{context} metric {metric}"
     if vm_id is None:
         return what
-    return f"{what} of domain id {vm_id} ({name!r})"
+    return f"{what} of domain id {vm_id} ({loggable(name or '')})"
 
 
 class FailureLog:
@@ -164,7 +274,7 @@ class FailureLog:
     def __init__(self) -> None:
         self.failing: dict[tuple[str, str, int | None, str | None], str] = {}
 
-    def update(self, failures: list[Failure], attempted: set[tuple]) -> None:
+    def update(self, failures: list[Failure], attempted: Attempted) -> None:
         """``attempted``: keys of everything tried this cycle (to notice recoveries)."""
         now: dict[tuple[str, str, int | None, str | None], Failure] = {}
         for failure in failures:

@@ -7,10 +7,14 @@ import fcntl
 import grp
 import logging
 import logging.handlers
+import multiprocessing
 import os
 import pwd
+import socket
 import sys
 from dataclasses import dataclass
+
+from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow
 
 log = logging.getLogger("vhostmd")
 
@@ -23,7 +27,8 @@ class PidFile:
     """An exclusively locked pid file (flock), removed on exit.
 
     The lock, not the file's existence, says whether vhostmd runs: a stale file
-    left by a crash is simply taken over.
+    left by a crash is simply taken over. It stays root's under -u: the
+    supervisor writes and truncates it through the descriptor it opened as root.
     """
 
     def __init__(self, path: str) -> None:
@@ -31,9 +36,31 @@ class PidFile:
         self.fd = -1
 
     def acquire(self) -> None:
+        fd = self._open_locked()
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644)
+            check_private(fd, self.path, what="pid file")
+        except UnsafeFile:
+            # A stale file that is not root's alone (an older vhostmd chowned it
+            # for -u; or planted): its owner could write another pid into it,
+            # which `stop` would then signal. Replace it, keeping the old lock
+            # until the new file is locked.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            try:
+                new = self._open_locked()
+                check_private(new, self.path, what="pid file")
+            except UnsafeFile as exc:
+                raise StartupError(str(exc)) from None
+            finally:
+                os.close(fd)
+            fd = new
+        self.fd = fd
+
+    def _open_locked(self) -> int:
+        try:
+            fd, _created = open_no_follow(self.path, os.O_RDWR, what="pid file")
+        except UnsafeFile as exc:
+            raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"cannot open pid file {self.path}: {exc.strerror}") from None
         try:
@@ -44,15 +71,11 @@ class PidFile:
             raise StartupError(
                 f"another vhostmd is running (pid {other}, pid file {self.path})"
             ) from None
-        self.fd = fd
+        return fd
 
     def write(self, pid: int) -> None:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{pid}\n".encode(), 0)
-
-    def chown(self, uid: int, gid: int) -> None:
-        with contextlib.suppress(OSError):
-            os.fchown(self.fd, uid, gid)
 
     def release(self) -> None:
         if self.fd < 0:
@@ -130,30 +153,112 @@ class _ProcessNameFilter(logging.Filter):
     """Tags each record with the role of the process that logged it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        import multiprocessing
-
         if not hasattr(record, "role"):  # set by a child whose record we write
             name = multiprocessing.current_process().name
             record.role = "supervisor" if name == "MainProcess" else name
         return True
 
 
-def setup_logging(*, foreground: bool, verbose: bool) -> None:
+DEFAULT_LOG_FILE = "/var/log/vhostmd.log"
+SYSLOG_SOCKET = "/dev/log"
+_FULL_FORMAT = "%(asctime)s vhostmd[%(process)d] %(role)s: %(levelname)s: %(message)s"
+
+
+@dataclass
+class LogTarget:
+    """Where a daemonized vhostmd logs: syslog, or a file (``file`` names it)."""
+
+    handler: logging.Handler
+    file: str | None = None
+
+
+def _syslog_answers() -> bool:
+    """Whether a syslog daemon listens on SYSLOG_SOCKET (SysLogHandler hides a failure)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(SYSLOG_SOCKET)
+            except OSError:
+                continue
+            return True
+    return False
+
+
+def open_log_target(log_file: str | None) -> LogTarget:
+    """Open the daemon's log before detaching (and before -u): syslog, else a file.
+
+    Without ``log_file``, syslog when its socket answers, else DEFAULT_LOG_FILE:
+    a daemon in a container or in early boot must not lose every line. The
+    file is opened as root (it stays root's, mode 0640) and appended to
+    through the descriptor, so rotate it with copytruncate.
+    """
+    if log_file is None:
+        if _syslog_answers():
+            handler = logging.handlers.SysLogHandler(
+                address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            handler.setFormatter(logging.Formatter("vhostmd[%(process)d]: %(role)s: %(message)s"))
+            return LogTarget(handler)
+        log_file = DEFAULT_LOG_FILE
+    try:
+        fd, _created = open_no_follow(log_file, os.O_WRONLY | os.O_APPEND, what="log file",
+                                      mode=0o640)
+    except UnsafeFile as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot open log file {log_file}: {exc.strerror}") from None
+    try:
+        check_private(fd, log_file, what="log file")
+    except UnsafeFile as exc:
+        os.close(fd)
+        raise StartupError(str(exc)) from None
+    # Line-buffered, appending: each line is one write(), whichever process logs it.
+    stream = os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="replace")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(_FULL_FORMAT))
+    return LogTarget(handler, log_file)
+
+
+# sd-daemon(3) priority prefixes: journald strips them and files the line under it.
+_JOURNAL_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4,
+                     logging.INFO: 6, logging.DEBUG: 7}
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<N>`` + the line, no timestamp (journald adds its own)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _JOURNAL_PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
+def stderr_is_journal() -> bool:
+    """True when systemd connected our stderr to the journal (JOURNAL_STREAM, systemd.exec(5))."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def setup_logging(*, verbose: bool, target: LogTarget | None = None) -> None:
+    """Log to ``target`` (daemonized), or else to stderr (foreground, and until detached)."""
     root = logging.getLogger("vhostmd")
     root.handlers.clear()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
     handler: logging.Handler
-    if foreground:
+    if target is not None:
+        handler = target.handler
+    else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s vhostmd[%(process)d] %(role)s: "
-                                               "%(levelname)s: %(message)s"))
-    elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
-        )
-        handler.setFormatter(logging.Formatter("vhostmd[%(process)d]: %(role)s: %(message)s"))
-    else:  # no syslog socket (container): nowhere useful to write; stay quiet
-        handler = logging.NullHandler()
+        if stderr_is_journal():
+            handler.setFormatter(_JournalFormatter(
+                "vhostmd[%(process)d] %(role)s: %(levelname)s: %(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter(_FULL_FORMAT))
     handler.addFilter(_ProcessNameFilter())
     root.addHandler(handler)

@@ -4,6 +4,12 @@ Nothing here starts a process, reads a clock or talks to a child: given the
 config, the collector plans, the domains and a job-id counter, they return
 the jobs and register them with the cycle. Tests call them directly.
 
+Which job runs first is ``WorkOrder``'s decision: the domain listing and the
+built-ins, then shell actions, the least recently answered first and those
+that timed out last time after the others. So when the work does not fit
+the period, every VM is refreshed in turn (what one cycle did not reach
+goes first in the next), and a few hung actions cannot starve quick ones.
+
 Document order: host metrics first (config order; a <builtin> element sits
 where it is in the config), then each VM by domain id with its metrics in
 config order. ``Order`` is (config line, position) and is unique per job.
@@ -11,7 +17,8 @@ config order. ``Order`` is (config line, position) and is unique per job.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from vhostmd.supervisor.config import Config
 from vhostmd.supervisor.cycle import Cycle, domain_list_failure
@@ -51,7 +58,6 @@ def plan_start(cycle: Cycle, config: Config, plans: Sequence[CollectorPlan], new
         if metric.context == "host":
             job = RunAction(new_id(), cycle.job_deadline, metric, None, config.exec_path)
             cycle.expect((metric.line, index), job)
-            cycle.attempted.add(("host", metric.name, None, None))
             jobs.append(job)
     for position, plan in enumerate(plans):
         if plan.context == "host":
@@ -81,7 +87,6 @@ def plan_vms(cycle: Cycle, config: Config, plans: Sequence[CollectorPlan], new_i
                 "VM name is not plain ([A-Za-z0-9._+:@-]), so no shell action runs for it"))
             continue
         for index, metric in vm_metrics:
-            cycle.attempted.add(("vm", metric.name, domain.id, domain.name))
             job = RunAction(new_id(), cycle.job_deadline, metric, domain, config.exec_path)
             cycle.expect((metric.line, index), job)
             jobs.append(job)
@@ -100,5 +105,47 @@ def _collect(cycle: Cycle, plan: CollectorPlan, position: int,
     # noticed only if those keys count as tried.
     for name in plan.metric_names:
         cycle.attempted.add(("host", name, None, None))
-        cycle.attempted.update(("vm", name, d.id, d.name) for d in domains or ())
+    if domains is not None:
+        cycle.attempted.add_vm_builtins(plan.metric_names, domains)
     return job
+
+
+# A shell job's identity across cycles: (config line, metric name, domain id).
+JobKey = tuple[int, str, int | None]
+
+
+def job_key(job: RunAction) -> JobKey:
+    return (job.metric.line, job.metric.name, job.domain.id if job.domain else None)
+
+
+class WorkOrder:
+    """The order workers take jobs in, from what happened to each job before."""
+
+    def __init__(self) -> None:
+        self.answered_at: dict[JobKey, float] = {}
+        self.timed_out: set[JobKey] = set()
+
+    def rank(self, job: Job) -> tuple:
+        if isinstance(job, ListDomains):
+            return (0,)
+        if isinstance(job, Collect):
+            return (1,)
+        key = job_key(job)
+        return (2, key in self.timed_out, self.answered_at.get(key, -math.inf))
+
+    def sort(self, jobs: Iterable[Job]) -> list[Job]:
+        return sorted(jobs, key=self.rank)  # stable: config and id order among equals
+
+    def answered(self, job: RunAction, now: float, timed_out: bool) -> None:
+        key = job_key(job)
+        self.answered_at[key] = now
+        if timed_out:
+            self.timed_out.add(key)
+        else:
+            self.timed_out.discard(key)
+
+    def forget_gone(self, live: set[int]) -> None:
+        """Drop what is known about VMs that are gone (keeps memory bounded)."""
+        for key in [k for k in self.answered_at if k[2] is not None and k[2] not in live]:
+            del self.answered_at[key]
+            self.timed_out.discard(key)

@@ -53,7 +53,7 @@ class Publisher:
         rendered = self.latest
         if virtio is not None and rendered is not None:
             virtio.send(("metrics", rendered.host_fragment, rendered.vm_fragments,
-                         tuple(d.id for d in rendered.domains)))
+                         tuple((d.id, d.name) for d in rendered.domains)))
 
     def writer_started(self) -> None:
         self.acked = False  # until the new writer says it is ready

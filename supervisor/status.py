@@ -1,7 +1,7 @@
 """The status file the supervisor keeps, and `vhostmd --status` that prints it.
 
-The supervisor rewrites a small JSON file after every cycle (atomically:
-write to a temporary file, then rename), next to its pid file:
+The supervisor rewrites a small JSON file after every cycle (in place, under
+a lock: see StatusFile), next to its pid file:
 ``/var/run/vhostmd.pid`` -> ``/var/run/vhostmd.status``. `vhostmd --status`
 reads it and checks the pid file's lock to tell whether the daemon runs.
 """
@@ -9,6 +9,7 @@ reads it and checks the pid file's lock to tell whether the daemon runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 from vhostmd import __version__
+from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow
 from vhostmd.supervisor.children import DISK_SLOT, wanted_children
 
 STATUS_VERSION = 1
@@ -28,43 +30,84 @@ def status_path_for(pid_path: str) -> str:
     return f"{base}.status"
 
 
-def write_status(path: str, status: dict[str, Any]) -> None:
-    """Replace the status file atomically; raises OSError.
+class StatusFile:
+    """The status file: created by the supervisor as root at start, rewritten through its fd.
 
-    After dropping privileges (-u) the directory (/var/run) may not be
-    writable: then the file created for us before the drop is rewritten in
-    place. Symlinks are never followed.
+    Opened once, before -u drops privileges, so the file stays root's and the
+    unprivileged supervisor needs no write access to its directory (/run).
+    It is rewritten in place (truncate, write) under an exclusive flock;
+    `vhostmd --status` reads it under a shared flock, so it never sees a
+    half-written file. The supervisor never waits for that lock: if a reader
+    holds it (another user may hold it forever), that cycle's rewrite is
+    skipped and the next one tries again.
     """
-    data = (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
-    tmp = f"{path}.tmp"
-    try:
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def open(self) -> None:
+        """Create it afresh; raises UnsafeFile or OSError."""
+        # Whatever is there is a previous run's (we hold the pid file's lock):
+        # replace it, so the file is ours whoever owned the old one.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644)
-    except PermissionError:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.unlink(self.path)
+        fd, _created = open_no_follow(self.path, os.O_RDWR, what="status file")
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
-        finally:
+            check_private(fd, self.path, what="status file")
+        except UnsafeFile:
             os.close(fd)
-        return
+            raise
+        self.fd = fd
+
+    def write(self, status: dict[str, Any]) -> bool:
+        """Rewrite it; False if a reader holds the lock now. Raises OSError."""
+        data = (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, data, 0)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return True
+
+    def remove(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            # No write access to the directory after -u: leave it empty; the
+            # pid file's free lock already says that vhostmd is not running.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def read_status(path: str, timeout: float = 2.0) -> dict[str, Any]:
+    """The status file's content, read under a shared lock; raises OSError or ValueError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        os.write(fd, data)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise OSError(errno.EWOULDBLOCK, "locked by its writer for too long") \
+                        from None
+                time.sleep(0.01)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return json.loads(b"".join(chunks))
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-
-
-def prepare_status_file(path: str, uid: int, gid: int) -> None:
-    """Before dropping privileges: a status file the unprivileged daemon may rewrite."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            os.fchown(fd, uid, gid)
-        finally:
-            os.close(fd)
 
 
 def child_state(supervisor: Any, slot: int, child: Any) -> str:
@@ -82,7 +125,8 @@ def child_state(supervisor: Any, slot: int, child: Any) -> str:
 def build_status(supervisor: Any) -> dict[str, Any]:
     """What the status file holds, from the running supervisor."""
     children = []
-    for slot, spec in sorted(wanted_children(supervisor.config, supervisor.uri).items()):
+    wanted = wanted_children(supervisor.config, supervisor.uri, supervisor.disk)
+    for slot, spec in sorted(wanted.items()):
         child = supervisor.pool.get(slot)
         children.append({
             "role": spec.role,
@@ -95,20 +139,20 @@ def build_status(supervisor: Any) -> dict[str, Any]:
     if supervisor.virtio_status is not None:
         connected, known, maximum = supervisor.virtio_status
         virtio = {"connected": connected, "known": known, "max": maximum}
-    stats = supervisor.stats
+    stats = supervisor.cycles.stats
     return {
         "version": __version__, "pid": os.getpid(), "config": supervisor.config_path,
         "update_period": supervisor.config.update_period, "started": supervisor.started_wall,
-        "updated": time.time(), "last_cycle_at": supervisor.last_cycle_wall,
+        "updated": time.time(), "last_cycle_at": supervisor.cycles.last_cycle_wall,
         "last_cycle_seconds": round(stats["last_cycle_seconds"], 4),
         "cycles": stats["cycles"], "published": stats["published"],
-        "left_out": stats["left_out"], "children": children, "virtio": virtio,
+        "left_out": stats["left_out"], "carried": stats["carried"],
+        "vms_not_on_disk": stats["vms_not_on_disk"],
+        "shell_jobs": stats["shell_jobs"], "shell_done": stats["shell_done"],
+        "refresh_seconds": round(supervisor.config.update_period * stats["shell_jobs"]
+                                 / max(1, stats["shell_done"]), 1),
+        "children": children, "virtio": virtio,
     }
-
-
-def remove_status(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 def daemon_running(pid_path: str) -> int | None:
@@ -164,6 +208,7 @@ def format_status(status: dict[str, Any], pid: int) -> str:
         f"last cycle: {_ago(status.get('last_cycle_at'), now)}, took "
         f"{status.get('last_cycle_seconds', 0.0):.3f} s; {status.get('published', 0)} metrics "
         f"published, {status.get('left_out', 0)} left out; {status.get('cycles', 0)} cycles",
+        *_work_lines(status),
         f"{'CHILD':<14} {'PID':>7} {'RESTARTS':>8} {'HEARTBEAT':>10} {'CPU':>9} {'RSS':>9}  STATE",
     ]
     rows = [{"role": "supervisor", "pid": pid, "restarts": "-", "state": "running"},
@@ -182,6 +227,22 @@ def format_status(status: dict[str, Any], pid: int) -> str:
     return "\n".join(lines)
 
 
+def _work_lines(status: dict[str, Any]) -> list[str]:
+    """Lines only shown when something does not fit: the disk, or the period."""
+    lines = []
+    if status.get("carried"):
+        lines.append(f"{status['carried']} metric fragments kept from earlier cycles "
+                     "(not refreshed in the last one)")
+    jobs, done = status.get("shell_jobs", 0), status.get("shell_done", 0)
+    if jobs and done < jobs:
+        lines.append(f"shell actions: {done} of {jobs} ran in the last cycle; each is "
+                     f"refreshed about every {status.get('refresh_seconds', '?')} s")
+    if status.get("vms_not_on_disk"):
+        lines.append(f"metrics disk: {status['vms_not_on_disk']} VMs do not fit and are left "
+                     "out of it (virtio still serves them)")
+    return lines
+
+
 def show_status(pid_path: str) -> tuple[int, str]:
     """(exit status, text) for `vhostmd --status`."""
     pid = daemon_running(pid_path)
@@ -191,8 +252,7 @@ def show_status(pid_path: str) -> tuple[int, str]:
             else (NOT_RUNNING, "vhostmd is not running")
     path = status_path_for(pid_path)
     try:
-        with open(path, encoding="utf-8") as f:
-            status = json.load(f)
+        status = read_status(path)
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "unreadable"
         return UNKNOWN, f"vhostmd is running (pid {pid}) but {path} is {reason}"

@@ -112,11 +112,11 @@ def test_hung_action_times_out_without_delaying_other_metrics(tmp_path: Path) ->
     ])
     with Daemon(tmp_path, config_xml(disk, metrics, period=2)) as daemon:
         wait_document(disk)
-        # The first document comes at the cycle deadline (0.8 x period), not when the
+        # The first document comes by the cycle deadline (0.8 x period), not when the
         # hung action would end: the daemon's own measure of its first cycle says so.
         took = float(daemon.wait_log_match(r"cycle 1: \d+ metrics, \d+ left out, "
                                            r"([\d.]+) s").group(1))
-        assert 0.8 * 2 - 0.25 <= took < 2, took  # cut at the deadline, within the period
+        assert took < 2, took  # within its period
         assert values(disk)[("host", "Quick", None)] == "3"
         assert ("host", "Hung", None) not in values(disk)
         daemon.wait_log("host metric Hung left out: timed out")
@@ -232,8 +232,9 @@ def test_readers_never_see_a_torn_document(tmp_path: Path) -> None:
 
 WRITER = """
 import random, select, sys, time
+from vhostmd.disk.handle import open_disk
 from vhostmd.disk.writer import MetricsDisk
-disk = MetricsDisk({path!r}, 65536)
+disk = MetricsDisk(open_disk({path!r}, 65536))
 docs = [("<metrics>" + c * n + "</metrics>\\n").encode() for c, n in (("a", 30000), ("\xe9", 9000))]
 print("ready", flush=True)
 writes = 0
@@ -304,15 +305,17 @@ def test_document_too_large_keeps_the_previous_one(tmp_path: Path) -> None:
     size_file = tmp_path / "size"
     size_file.write_text("10")
     conf = config_xml(disk, metric_xml("Blob", f"head -c $(cat {size_file}) /dev/zero | tr "
-                                                "'\\000' x"), size_k=1)
+                                                "'\\000' x"), size_k=64)
     with Daemon(tmp_path, conf) as daemon:
         wait_document(disk)
         assert values(disk)[("host", "Blob", None)] == "x" * 10
-        size_file.write_text("2000")
+        # The host metrics alone no longer fit a 64 KiB disk (an action prints
+        # at most 64 KiB).
+        size_file.write_text("65500")
         daemon.wait_log("does not fit")
         assert values(disk)[("host", "Blob", None)] == "x" * 10
         # Another size, still too large: the same problem, not logged again.
-        size_file.write_text("2100")
+        size_file.write_text("65510")
         cycles = daemon.log().count("cycle ")
         wait_for(lambda: daemon.log().count("cycle ") >= cycles + 2, 5, "two more cycles")
         size_file.write_text("20")
@@ -348,7 +351,8 @@ def test_daemonizes_with_an_exclusive_pid_file(tmp_path: Path) -> None:
     conf.write_text(config_xml(disk, metric_xml("A", "echo 1", mtype="uint32")))
     pid_file = tmp_path / "run" / "vhostmd.pid"
     pid_file.parent.mkdir()
-    cmd = [VHOSTMD, "-f", str(conf), "-p", str(pid_file), "-c", "test:///default"]
+    cmd = [VHOSTMD, "-f", str(conf), "-p", str(pid_file), "-c", "test:///default",
+           "--log-file", str(tmp_path / "vhostmd.log")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     assert first.returncode == 0, first.stderr
     pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 5, "pid"))
@@ -384,7 +388,9 @@ def test_user_option_refuses_root_and_drops_privileges(tmp_path: Path) -> None:
         with Daemon(tmp_path, conf.read_text(), args=("-u", "nobody")) as daemon:
             wait_document(disk)
             assert values(disk)[("host", "Uid", None)] == str(nobody.pw_uid)
-            assert os.stat(disk).st_uid == nobody.pw_uid
+            # The files stay root's: the processes write them through what root opened.
+            for path in (disk, daemon.pid_file, daemon.pid_file.with_suffix(".status")):
+                assert os.stat(path).st_uid == 0, path
             for pid in [daemon.pid, *daemon.titles()]:
                 uids = psutil.Process(pid).uids()  # real, effective, saved
                 assert set(uids) == {nobody.pw_uid}, (pid, uids)
@@ -414,19 +420,19 @@ def test_crash_looping_child_is_backed_off_not_spun(tmp_path: Path) -> None:
     with Daemon(tmp_path, config_xml(disk, metric_xml("Nanos", "date +%s%N",
                                                       mtype="uint64"))) as daemon:
         wait_document(disk)
+        # Every new disk-writer dies at once: 5 deaths within 30 s are a crash loop.
         writer = daemon.child_pid("disk-writer")
-        disk.unlink()
-        disk.mkdir()  # every new disk-writer now fails to open its disk
+        for _ in range(4):
+            os.kill(writer, signal.SIGKILL)
+            writer = daemon.child_pid("disk-writer", other_than=writer)
         os.kill(writer, signal.SIGKILL)
         daemon.wait_log("(crash loop)")
-        assert "Is a directory" in daemon.log()
-        looped_at = daemon.log().count("disk-writer (pid")
-        disk.rmdir()
-        # After the back-off a new writer starts, re-creates the disk and updates resume.
-        wait_for(lambda: published(disk), 15, "the disk back after the back-off")
+        started = daemon.log().count("started disk-writer")
+        # After the back-off a new writer starts and updates resume.
+        daemon.child_pid("disk-writer", 15, other_than=writer)
         first = values(disk)[("host", "Nanos", None)]
         wait_for(lambda: values(disk)[("host", "Nanos", None)] != first, 5, "updates")
-        assert daemon.log().count("disk-writer (pid") <= looped_at + 1  # no spinning
+        assert daemon.log().count("started disk-writer") == started + 1  # no spinning
         assert daemon.stop() == 0
 
 
@@ -435,7 +441,8 @@ def test_relative_paths_keep_their_meaning_after_daemonizing(tmp_path: Path) -> 
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "r.conf").write_text(
         config_xml("vhostmd0", metric_xml("A", "echo 1", mtype="uint32")))
-    cmd = [VHOSTMD, "-f", "etc/r.conf", "-p", "r.pid", "-c", "test:///default"]
+    cmd = [VHOSTMD, "-f", "etc/r.conf", "-p", "r.pid", "-c", "test:///default",
+           "--log-file", "r.log"]
     started = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr
     pid_file = tmp_path / "r.pid"
@@ -447,3 +454,24 @@ def test_relative_paths_keep_their_meaning_after_daemonizing(tmp_path: Path) -> 
         os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not alive(pid), 10, "the daemon to exit")
     assert not pid_file.exists() and not (tmp_path / "r.status").exists()
+
+
+def test_action_escaping_into_its_own_session_is_killed(tmp_path: Path) -> None:
+    # setsid moves the sleep out of the action's process group (and session):
+    # the group kill misses it, but the worker adopted it as an orphan.
+    disk = tmp_path / "vhostmd0"
+    action = "setsid sleep 1000.75 &gt;/dev/null 2&gt;&amp;1 &amp; echo 1"
+    conf = config_xml(disk, metric_xml("Escape", action, mtype="uint32"))
+    with Daemon(tmp_path, conf) as daemon:
+        wait_for(lambda: published(disk) and ("host", "Escape", None) in values(disk), 10,
+                 "the action's value")
+        daemon.wait_log("action Escape left 1 process(es) behind in other sessions; killed them")
+
+        def sleepers() -> list[int]:
+            return [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+                    if "sleep 1000.75" in cmdline(p) and alive(p)]
+
+        # While the daemon runs: at most the one of the current cycle, never a pile.
+        wait_for(lambda: len(sleepers()) <= 1, 10, "escaped sleeps to be killed")
+        assert daemon.stop() == 0
+    wait_for(lambda: not sleepers(), 10, "no escaped sleep after stop")

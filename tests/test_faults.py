@@ -129,7 +129,7 @@ def test_unusable_files_are_one_clear_line(tmp_path: Path) -> None:
     proc = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-p", str(tmp_path / "v.pid")],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == (f"vhostmd: cannot create metrics disk "
+    assert proc.stderr.strip() == (f"vhostmd: cannot open metrics disk "
                                    f"{tmp_path / 'no-such-dir' / 'vhostmd0'}: "
                                    "No such file or directory")
     conf.write_text(config_xml(tmp_path / "vhostmd0", NANOS))

@@ -55,6 +55,9 @@ def test_escaped_values_round_trip(value: str) -> None:
     ("uint32", "-1"), ("uint32", "4294967296"), ("int32", "2147483648"), ("int32", "12abc"),
     ("uint64", "18446744073709551616"), ("int64", "1.5"), ("uint64", ""), ("real64", "nan"),
     ("real64", "1e999"), ("real32", "1e39"), ("real64", "12,5"), ("string", "bell\x07"),
+    ("uint64", "236.5"), ("int32", "-0.000001"), ("uint32", "4294967296.000000"),
+    ("uint32", "-1.0"), ("uint64", ".0"), ("uint64", "1.0e3"), ("string", ""),
+    ("string", " \n\t"), ("real64", "\n"),
 ])
 def test_values_outside_their_type_are_rejected(mtype: str, text: str) -> None:
     with pytest.raises(InvalidValue):
@@ -66,10 +69,21 @@ def test_values_outside_their_type_are_rejected(mtype: str, text: str) -> None:
     ("uint64", "18446744073709551615", "18446744073709551615"),
     ("real64", "846.600000", "846.600000"),
     ("real32", "-1.5e3", "-1.5e3"), ("string", "  padded  \n", "padded"),
+    # C configs print integers with printf("%f"): the integer is published.
+    ("uint64", "400.000000", "400"), ("uint64", "236.000000\n", "236"), ("int32", "-7.0", "-7"),
+    ("int64", "-0.000", "0"), ("uint32", "4294967295.", "4294967295"), ("uint32", "007.00", "7"),
 ])
 def test_values_inside_their_type_are_published_stripped(mtype: str, text: str,
                                                           published: str) -> None:
     assert check_value(mtype, text) == published
+
+
+def test_reasons_for_fractions_and_empty_values_are_clear() -> None:
+    with pytest.raises(InvalidValue, match=r"^'236\.5' has a fractional part; uint64 takes whole"):
+        check_value("uint64", "236.5")
+    for mtype in ("string", "uint64", "real64"):
+        with pytest.raises(InvalidValue, match=r"^the value is empty$"):
+            check_value(mtype, "  \n")
 
 
 def test_header_round_trip_and_busy_reader_gives_up() -> None:

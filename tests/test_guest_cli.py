@@ -83,6 +83,8 @@ def test_json_output_has_typed_values(disk: Path) -> None:
         "id": None,
         "uuid": None,
         "value": 16,
+        "raw": "16",
+        "problem": None,
     }
     assert [o["value"] for o in objects] == [16, 7962, "node-1 & <co>", "Grüße", 42.5, 69.25]
     assert (objects[4]["id"], objects[4]["uuid"]) == (7, UUID_7)
@@ -119,7 +121,6 @@ def test_dest_file(disk: Path, tmp_path: Path) -> None:
         ("length past end", "past the end"),
         ("checksum mismatch", "checksum mismatch"),
         ("invalid XML", "invalid XML"),
-        ("bad typed value", "not an integer"),
         ("busy forever", "still busy"),
         ("missing file", "No such file"),
     ],
@@ -134,14 +135,85 @@ def test_bad_disks_fail_with_one_line(tmp_path: Path, kind: str, reason: str) ->
         write_disk_image(path, DOCUMENT, checksum=0xBAD)
     elif kind == "invalid XML":
         write_disk_image(path, DOCUMENT[:-20])
-    elif kind == "bad typed value":
-        write_disk_image(path, DOCUMENT.replace(b"<value>16</value>", b"<value>16 cpus</value>"))
     elif kind == "busy forever":
         write_disk_image(path, DOCUMENT, busy=1)
     started = time.monotonic()
     result = run_cli("-b", "--disk", str(path), "--timeout", "0.3")
     assert time.monotonic() - started < 10
     assert reason in assert_one_line_error(result)
+    # --disk alone names the disk to read too: its problem, not a virtio fallback.
+    alone = assert_one_line_error(run_cli("--disk", str(path), "--timeout", "0.3"))
+    assert reason in alone and "virtio" not in alone
+
+
+# What C daemons write: printf("%f") integers, empty values when an action
+# failed, trailing newlines; and a value that fits no type.
+C_STYLE = (
+    b"<metrics>\n"
+    b"  <metric type='uint64' context='host'>\n    <name>PageInRate</name>\n"
+    b"    <value>400.000000\n</value>\n  </metric>\n"
+    b"  <metric type='string' context='host'>\n    <name>VirtualizationVendor</name>\n"
+    b"    <value></value>\n  </metric>\n"
+    b"  <metric type='uint32' context='host'>\n    <name>NumCPUs</name>\n"
+    b"    <value>16 cpus\n</value>\n  </metric>\n"
+    b"  <metric type='string' context='host'>\n    <name>HostName</name>\n"
+    b"    <value>c-host\n</value>\n  </metric>\n"
+    b"</metrics>\n"
+)
+
+
+@pytest.fixture
+def c_style_disk(tmp_path: Path) -> Path:
+    return write_disk_image(tmp_path / "c-style.img", C_STYLE)
+
+
+def test_xml_mode_prints_a_c_style_document_unchanged(c_style_disk: Path) -> None:
+    result = run_cli("--disk", str(c_style_disk))
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout == C_STYLE
+
+
+def test_json_delivers_every_metric_and_names_each_problem(c_style_disk: Path) -> None:
+    result = run_cli("--disk", str(c_style_disk), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    objects = json.loads(result.stdout)
+    got = {o["name"]: (o["value"], o["raw"], o["problem"]) for o in objects}
+    assert got == {
+        "PageInRate": (400, "400.000000\n", None),
+        "VirtualizationVendor": (None, "", "the value is empty"),
+        "NumCPUs": (None, "16 cpus\n", "'16 cpus' is not an integer"),
+        "HostName": ("c-host", "c-host\n", None),
+    }
+    lines = result.stderr.decode().splitlines()
+    assert lines == [
+        f"vm-dump-metrics: {c_style_disk} line 7: metric VirtualizationVendor (host): "
+        "the value is empty",
+        f"vm-dump-metrics: {c_style_disk} line 11: metric NumCPUs (host): "
+        "'16 cpus' is not an integer",
+    ]
+
+
+def test_one_metric_of_a_c_style_document(c_style_disk: Path) -> None:
+    assert run_cli("--disk", str(c_style_disk), "--metric", "PageInRate").stdout == b"400\n"
+    result = run_cli("--disk", str(c_style_disk), "--metric", "HostName", "--format", "json")
+    assert json.loads(result.stdout)["value"] == "c-host"
+    for fmt in ("xml", "json"):
+        stderr = assert_one_line_error(
+            run_cli("--disk", str(c_style_disk), "--metric", "NumCPUs", "--format", fmt))
+        assert stderr == (f"vm-dump-metrics: {c_style_disk}: metric NumCPUs (host): "
+                          "'16 cpus' is not an integer\n")
+
+
+def test_c_original_disk_as_json_and_one_metric() -> None:
+    result = run_cli("--disk", str(UPSTREAM_DISK), "--format", "json")
+    assert (result.returncode, result.stderr) == (0, b"")
+    objects = json.loads(result.stdout)
+    assert [(o["name"], o["value"]) for o in objects] == [
+        ("PageInRate", 12), ("PageFaultRate", 34), ("NumCPUs", 16), ("Greeting", "Grüße"),
+        ("HostName", "compat-host"), ("TotalCPUTime", 42.5)]
+    assert objects[2]["raw"] == "16\n"
+    result = run_cli("--disk", str(UPSTREAM_DISK), "--metric", "TotalCPUTime", "--context", "vm")
+    assert (result.returncode, result.stdout) == (0, b"42.5\n")
 
 
 def test_without_transport_option_both_failures_are_reported(tmp_path: Path) -> None:

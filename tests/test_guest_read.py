@@ -15,6 +15,7 @@ from vhostmd.guest import (
     CorruptDisk,
     DiskBusy,
     InvalidDocument,
+    InvalidMetricValue,
     MetricNotFound,
     MetricsError,
     NoMetricsFound,
@@ -167,6 +168,7 @@ def test_upstream_c_disk_is_read_unchanged() -> None:
     assert document.get("Greeting") == "Grüße"
     assert document.get("TotalCPUTime", "vm") == 42.5
     assert document.find("NumCPUs").unit == "count"
+    assert document.find("NumCPUs").raw == "16\n" and document.problems == ()
 
 
 def test_unsigned_checksum_is_accepted(tmp_path: Path) -> None:
@@ -203,25 +205,119 @@ def test_corrupt_disks_raise_corrupt_disk(tmp_path: Path, kind: str, match: str)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(
-    ("content", "match"),
-    [
-        (b"<metrics>\n  <metric type='uint32' context='host'>\n", "invalid XML"),
-        (b"<notmetrics/>\n", "expected <metrics>"),
-        (DOCUMENT.replace(b"<value>8</value>", b"<value>eight</value>"), "NumCPUs.*not an integer"),
-        (DOCUMENT.replace(b"<value>16</value>", b"<value>-16</value>"), "TotalPhyCPUs.*range"),
-        (DOCUMENT.replace(b"<value>846.6</value>", b"<value>1,5</value>"), "not a number"),
-    ],
-    ids=["truncated XML", "wrong root", "not an integer", "out of range", "not a real"],
-)
-def test_invalid_documents_raise_invalid_document(
-    tmp_path: Path, content: bytes, match: str
-) -> None:
-    path = write_disk(tmp_path / "bad.img", content)
-    with pytest.raises(InvalidDocument, match=match) as info:
+def test_only_a_document_that_is_not_well_formed_is_refused(tmp_path: Path) -> None:
+    truncated = b"<metrics>\n  <metric type='uint32' context='host'>\n"
+    path = write_disk(tmp_path / "bad.img", truncated)
+    with pytest.raises(InvalidDocument, match="invalid XML") as info:
         read_vbd(str(path))
     assert isinstance(info.value, DocumentError)
-    assert "\n" not in str(info.value)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_wrong_root_is_a_problem_not_an_error(tmp_path: Path) -> None:
+    path = write_disk(tmp_path / "other.img", b"<notmetrics/>\n")
+    document = read_vbd(str(path))
+    assert document.metrics == ()
+    assert document.problems == (f"{path}: root element is <notmetrics>, expected <metrics>",)
+    with pytest.raises(MetricNotFound):
+        document.get("NumCPUs")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "name", "reason"),
+    [
+        (b"<value>8</value>", b"<value>eight</value>", "NumCPUs", "'eight' is not an integer"),
+        (b"<value>16</value>", b"<value>-16</value>", "TotalPhyCPUs", "-16 is out of range"),
+        (b"<value>846.6</value>", b"<value>1,5</value>", "TotalCPUTime", "'1,5' is not a number"),
+        (b"<value>8</value>", b"<value>8.5</value>", "NumCPUs", "'8.5' has a fractional part"),
+        (b"<value>node-1 &amp; &lt;co&gt;</value>", b"<value>\n</value>", "HostName",
+         "the value is empty"),
+    ],
+    ids=["not an integer", "out of range", "not a real", "fraction", "empty string"],
+)
+def test_one_bad_value_leaves_every_other_metric_readable(
+    tmp_path: Path, old: bytes, new: bytes, name: str, reason: str
+) -> None:
+    assert DOCUMENT.count(old) == 1
+    path = write_disk(tmp_path / "bad.img", DOCUMENT.replace(old, new))
+    document = read_vbd(str(path))
+    assert len(document.metrics) == len(HOST_METRICS) + len(VM_METRICS)
+    bad = document.find(name)
+    assert bad.raw == new[len(b"<value>"):-len(b"</value>")].decode()
+    assert bad.typed is None and bad.problem is not None and reason in bad.problem
+    with pytest.raises(InvalidMetricValue, match=f"metric {name} \\(host\\): {reason}") as info:
+        document.get(name)
+    assert isinstance(info.value, InvalidDocument)  # what callers caught before
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert len(document.problems) == 1 and reason in document.problems[0]
+    for metric in HOST_METRICS + VM_METRICS:
+        if metric.name != name:
+            assert document.get(metric.name, metric.context, uuid=metric.uuid) == (
+                metric.typed_value())
+
+
+# What C daemons write: printf("%f") integers, empty values when virsh failed,
+# the action's trailing newline, and whatever else an action printed.
+C_STYLE = (
+    "<metrics>\n"
+    "  <metric type='uint64' context='host'>\n    <name>PageInRate</name>\n"
+    "    <value>400.000000\n</value>\n  </metric>\n"
+    "  <metric type='uint64' context='host'>\n    <name>PageFaultRate</name>\n"
+    "    <value>236.000000</value>\n  </metric>\n"
+    "  <metric type='uint64' context='host' unit='MiB'>\n    <name>TotalPhyMem</name>\n"
+    "    <value></value>\n  </metric>\n"
+    "  <metric type='uint64' context='host'>\n    <name>FreeMem</name>\n"
+    "    <value>4962\n</value>\n  </metric>\n"
+    "  <metric type='string' context='host'>\n    <name>VirtualizationVendor</name>\n"
+    "    <value>\n</value>\n  </metric>\n"
+    "  <metric type='string' context='host'>\n    <name>HostName</name>\n"
+    "    <value>c-host\n</value>\n  </metric>\n"
+    "  <metric type='uint32' context='host'>\n    <name>NumCPUs</name>\n"
+    "    <value>8 cpus</value>\n  </metric>\n"
+    "  <metric type='group' context='host'>\n    <name>Odd</name>\n"
+    "    <value>1,2</value>\n  </metric>\n"
+    "  <metric type='real64' context='vm' id='3' uuid='" + UUID_7 + "' unit='s'>\n"
+    "    <name>TotalCPUTime</name>\n    <value>\n</value>\n  </metric>\n"
+    "</metrics>\n"
+).encode()
+
+
+def test_c_style_disk_delivers_every_metric_with_raw_text_and_reason(tmp_path: Path) -> None:
+    path = write_disk(tmp_path / "c-style.img", C_STYLE)
+    document = read_vbd(str(path))
+    assert document.raw == C_STYLE
+    by_name = {m.name: m for m in document.metrics}
+    assert len(by_name) == 9
+    # Integer decimals: typed as the integer, raw kept as written.
+    assert document.get("PageInRate") == 400 and by_name["PageInRate"].raw == "400.000000\n"
+    assert by_name["PageInRate"].value == "400"
+    assert document.get("PageFaultRate") == 236
+    assert document.get("FreeMem") == 4962
+    assert document.get("HostName") == "c-host"
+    # No typed value, and why; the text is still there.
+    expected = {
+        "TotalPhyMem": ("", "the value is empty"),
+        "VirtualizationVendor": ("\n", "the value is empty"),
+        "NumCPUs": ("8 cpus", "'8 cpus' is not an integer"),
+        "Odd": ("1,2", "metric type 'group' is not a value type"),
+    }
+    for name, (raw, reason) in expected.items():
+        metric = by_name[name]
+        assert (metric.raw, metric.typed, metric.problem) == (raw, None, reason)
+        with pytest.raises(InvalidMetricValue, match=reason):
+            document.get(name)
+    with pytest.raises(InvalidMetricValue, match=r"TotalCPUTime \(vm 3\): the value is empty"):
+        document.get("TotalCPUTime", "vm")
+    assert len(document.problems) == 5
+    assert all(p.startswith(f"{path} line ") for p in document.problems)
+    # The libmetrics-style groups: one bad member is None with its reason.
+    mem = get_host_mem_metrics(document)
+    assert (mem.free, mem.page_in_rate, mem.page_fault_rate, mem.total) == (4962, 400, 236, None)
+    assert mem.problems == {"total": "metric TotalPhyMem (host): the value is empty"}
+    cpu = get_host_cpu_metrics(document)
+    assert cpu.num_cpus_utilized is None and "not an integer" in cpu.problems["num_cpus_utilized"]
+    vm_cpu = get_vm_cpu_metrics(document)
+    assert vm_cpu.total_cpu_time is None and set(vm_cpu.problems) == {"total_cpu_time"}
 
 
 def test_busy_forever_gives_a_bounded_error(tmp_path: Path) -> None:

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from vhostmd.disk.handle import open_disk
 from vhostmd.document import parse_document
 from vhostmd.supervisor import planning, pool
 from vhostmd.supervisor.arbiter import Supervisor
 from vhostmd.supervisor.children import DISK_SLOT, VIRTIO_SLOT, wanted_children
 from vhostmd.supervisor.config import Config, load_config, parse_config_bytes
-from vhostmd.supervisor.cycle import Cycle, CycleClock
+from vhostmd.supervisor.cycle import Cycle, CycleClock, render
 from vhostmd.supervisor.pool import ChildPool, ChildSpec, SlotHistory, describe_exit
 from vhostmd.wire import Collect, Domain, JobResult, ListDomains, RunAction, needs_libvirt
 from vhostmd.workers.collectors import plan as plan_collectors
@@ -388,7 +389,7 @@ def test_document_keeps_config_order_whatever_order_results_come_in() -> None:
         frags = fragment(job.metric.name, str(job.job_id), job.domain)
         assert cycle.accept(frags.result(job.job_id)) is job
     assert cycle.complete
-    got = [(m.name, m.vm_id) for m in parse_document(cycle.render().document)]
+    got = [(m.name, m.vm_id) for m in parse_document(render(cycle.fresh, domains, None).document)]
     assert got == [("H1", None), ("H2", None), ("V1", 2), ("V2", 2), ("V1", 7), ("V2", 7)]
 
 
@@ -403,7 +404,11 @@ class SupervisorRig:
         self.conf = conf
         self.clock = FakeClock()
         self.started: list[FakeChild] = []
-        self.sup = Supervisor(load_config(conf), uri=None, config_path=str(conf),
+        config = load_config(conf)
+        # The supervisor opens and locks the disk (a real file, no process) and
+        # hands it to the disk-writer.
+        disk = open_disk(config.disk_path, config.disk_size) if config.vbd else None
+        self.sup = Supervisor(config, uri=None, config_path=str(conf), disk=disk,
                               clock=self.clock)
         self.sup.pool.child_factory = self.make  # type: ignore[assignment]
 
@@ -439,6 +444,8 @@ class SupervisorRig:
     def close(self) -> None:
         os.close(self.sup.wake_r)
         os.close(self.sup.wake_w)
+        if self.sup.disk is not None:
+            self.sup.disk.close()
 
 
 @pytest.fixture
@@ -459,14 +466,15 @@ def written(disk: FakeChild) -> list[bytes]:
 
 
 def test_loop_recovers_from_an_internal_error(sup_rig: Callable[[str], SupervisorRig],
+                                              tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     period = 5
-    rig = sup_rig(config_xml("/tmp/unused-disk", metric_xml("A", "echo 1", mtype="uint32"),
+    rig = sup_rig(config_xml(tmp_path / "disk", metric_xml("A", "echo 1", mtype="uint32"),
                              period=period, globals_extra="<workers>1</workers>"))
     rig.run_once()  # cycle 1 planned; the children start
-    assert rig.sup.cycle is not None and rig.sup.cycle.number == 1
+    assert rig.sup.cycles.cycle is not None and rig.sup.cycles.cycle.number == 1
     worker, disk = rig.child(0), rig.child(DISK_SLOT)
-    rig.say(disk, ("disk-ready", "/tmp/unused-disk"))
+    rig.say(disk, ("disk-ready", str(tmp_path / "disk")))
     rig.run_once()  # the listing goes out
     [listing] = worker.sent
     worker.sent.clear()
@@ -482,20 +490,20 @@ def test_loop_recovers_from_an_internal_error(sup_rig: Callable[[str], Superviso
     assert "TypeError" in caplog.text
     # The cycle is dropped and the next one is a whole period away.
     error_at = rig.clock()
-    assert rig.sup.cycle is None and not rig.sup.pending
-    assert rig.sup.cycle_clock.next == error_at + period
+    assert rig.sup.cycles.cycle is None and not rig.sup.cycles.pending
+    assert rig.sup.cycles.clock_.next == error_at + period
     rig.clock.advance(period - 0.25)
     rig.run_once()
-    assert rig.sup.cycle is None
+    assert rig.sup.cycles.cycle is None
     rig.clock.advance(0.25)
     rig.run_once()  # cycle 2, dispatched this time
-    assert rig.sup.cycle is not None and rig.sup.cycle.number == 2
+    assert rig.sup.cycles.cycle is not None and rig.sup.cycles.cycle.number == 2
     assert {type(j) for j in worker.sent} == {ListDomains}  # one job per worker at a time
     for _ in range(3):
         rig.answer_jobs()
         rig.run_once()
     # Cycle 2 published (the worker did not die: the loop's bug cost one cycle).
-    assert rig.sup.cycle is None and rig.sup.stats["cycles"] == 1
+    assert rig.sup.cycles.cycle is None and rig.sup.cycles.stats["cycles"] == 1
     [document] = written(disk)
     assert [(m.name, m.value) for m in parse_document(document)] == [("A", "1")]
     assert worker.signals == [] and rig.child(0) is worker
@@ -519,16 +527,17 @@ def test_reload_changing_workers_and_virtio_replaces_exactly_those(
     rig.run_once()
     before = dict(rig.sup.pool.children)
     assert set(before) == {0, 1, DISK_SLOT, VIRTIO_SLOT}
-    old_specs = wanted_children(rig.sup.config, None)
+    old_specs = wanted_children(rig.sup.config, None, rig.sup.disk)
 
     reload(rig, conf(3, 8))  # one more worker
-    assert set(wanted_children(rig.sup.config, None)) == {0, 1, 2, DISK_SLOT, VIRTIO_SLOT}
+    wanted = wanted_children(rig.sup.config, None, rig.sup.disk)
+    assert set(wanted) == {0, 1, 2, DISK_SLOT, VIRTIO_SLOT}
     assert all(rig.sup.pool.children[s] is c for s, c in before.items())
     assert all(c.signals == [] for c in before.values())
     assert 2 in rig.sup.pool.children
 
     reload(rig, conf(3, 9))  # a virtio setting
-    new_specs = wanted_children(rig.sup.config, None)
+    new_specs = wanted_children(rig.sup.config, None, rig.sup.disk)
     changed = {s for s in new_specs if s in old_specs and new_specs[s].key != old_specs[s].key}
     assert changed == {VIRTIO_SLOT}
     old_virtio = before[VIRTIO_SLOT]

@@ -484,7 +484,15 @@ def test_vm_without_metrics_of_its_own_gets_none_not_not_yet() -> None:
     assert manager.response_for(7) == build_response(None, None)
     host = b"  <metric type='uint32' context='host'>\n    <name>A</name>\n" \
            b"    <value>1</value>\n  </metric>\n"
-    manager.update_metrics(host, {}, (7,), 0.0)
+    manager.update_metrics(host, {}, ((7, "seven"),), 0.0)
     response = manager.response_for(7)
     assert NOT_YET_VM not in response and NOT_YET_HOST not in response
     assert response == b"<metrics>\n" + host + b"</metrics>\n\n"
+
+
+def test_a_directory_with_the_id_but_another_name_is_not_served() -> None:
+    # Another libvirt (a test driver, a second hypervisor) may have a domain
+    # with the same id: its channel directory names another VM.
+    with running_rig(["alpha", "beta"], {1: "1-alpha", 2: "2-intruder"}) as rig:
+        check_own_metrics(rig.fake(1).request(), 1)
+        assert not rig.fake(2).connection_waiting(2.5), "served a directory of another VM"

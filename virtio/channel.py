@@ -31,6 +31,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 
+from vhostmd.logtext import loggable
 from vhostmd.protocol import BLANK_LINE, INVALID_RESPONSE, MAX_REQUEST, Request, parse_request
 
 log = logging.getLogger("vhostmd")
@@ -41,17 +42,9 @@ OUTPUT_LIMIT = 64 * 1024  # bytes queued per channel before responses are droppe
 # A blank line is at most 4 bytes (\r\n\r\n): keep 3 when skipping, so one that
 # straddles two reads is still seen.
 _SKIP_KEEP = 3
-_LOG_NAME_MAX = 64
 
 # What serving a channel can end in, besides going on.
 THROTTLED = "throttled"
-
-
-def loggable(name: str) -> str:
-    """A VM name as it may appear in a log line: escaped, bounded."""
-    if len(name) > _LOG_NAME_MAX:
-        name = name[:_LOG_NAME_MAX] + "..."
-    return repr(name)
 
 
 class ChannelClosed(Exception):

@@ -32,9 +32,10 @@ import selectors
 import socket
 import time
 
+from vhostmd.logtext import loggable
 from vhostmd.protocol import CHANNEL_NAME, build_response
 from vhostmd.runtime.child import ChildContext, release_free_memory
-from vhostmd.virtio.channel import THROTTLED, Channel, ChannelClosed, loggable
+from vhostmd.virtio.channel import THROTTLED, Channel, ChannelClosed
 
 log = logging.getLogger("vhostmd")
 
@@ -57,6 +58,7 @@ class ChannelManager:
         self.channels: dict[int, Channel] = {}
         self.known = 0  # channel directories of current VMs found by the last scan
         self.last_seen: dict[int, float] = {}  # VM id -> when a metrics message listed it
+        self.names: dict[int, str] = {}  # VM id -> its name, as libvirt listed it
         self.host_fragment: bytes | None = None
         self.vm_fragments: dict[int, bytes] = {}
         self.responses: dict[int, bytes] = {}  # built lazily, once per VM per cycle
@@ -70,12 +72,13 @@ class ChannelManager:
     # -- metrics from the supervisor ------------------------------------------
 
     def update_metrics(self, host_fragment: bytes, vm_fragments: dict[int, bytes],
-                       domain_ids: tuple[int, ...], now: float) -> None:
+                       domains: tuple[tuple[int, str], ...], now: float) -> None:
         self.host_fragment = host_fragment
         self.vm_fragments = vm_fragments
         self.responses.clear()
-        for vm_id in domain_ids:
+        for vm_id, name in domains:
             self.last_seen[vm_id] = now
+            self.names[vm_id] = name
 
     def response_for(self, vm_id: int) -> bytes:
         response = self.responses.get(vm_id)
@@ -128,8 +131,15 @@ class ChannelManager:
         return found
 
     def discover(self, now: float) -> None:
-        """Connect the channels of current VMs that are not connected yet."""
-        found = self.scan()
+        """Connect the channels of current VMs that are not connected yet.
+
+        A directory must carry the VM's id *and* the start of its name (libvirt
+        shortens long names): ids alone would let another libvirt's domain with
+        the same id (a test driver, a second hypervisor) take a guest's channel.
+        """
+        found = {vm_id: matching for vm_id, dirs in self.scan().items()
+                 if (matching := [(d, n) for d, n in dirs
+                                  if self.names.get(vm_id, "").startswith(n)])}
         current = sorted(vm_id for vm_id in found if self.is_current(vm_id, now))
         self.known = len(current)
         current_set = set(current)
@@ -212,6 +222,7 @@ class ChannelManager:
         for vm_id, seen in list(self.last_seen.items()):
             if now - seen > self.expiration_time:
                 del self.last_seen[vm_id]
+                self.names.pop(vm_id, None)
 
     def close(self, channel: Channel, why: str, level: int = logging.DEBUG) -> None:
         if self.channels.get(channel.vm_id) is channel:
@@ -352,8 +363,8 @@ def receive_messages(ctx: ChildContext, manager: ChannelManager, now: float) -> 
             return True
         timeout = 0.0
         if isinstance(message, tuple) and len(message) == 4 and message[0] == "metrics":
-            _, host_fragment, vm_fragments, domain_ids = message
-            manager.update_metrics(host_fragment, vm_fragments, domain_ids, now)
+            _, host_fragment, vm_fragments, domains = message
+            manager.update_metrics(host_fragment, vm_fragments, domains, now)
             release_free_memory()
         else:
             log.debug("ignoring an unknown message from the supervisor")

@@ -52,6 +52,10 @@ class ActionFailed(Exception):
     """The action did not produce a usable value; str() says why in one line."""
 
 
+class ActionTimedOut(ActionFailed):
+    """The action did not finish before its deadline (and was killed)."""
+
+
 def is_plain_name(name: str) -> bool:
     return bool(PLAIN_NAME.match(name))
 
@@ -155,7 +159,7 @@ def run_shell(
         proc.stderr.close()  # type: ignore[union-attr]
         on_start(0)
     if problem is not None:
-        raise ActionFailed(problem)
+        raise (ActionTimedOut if problem.startswith("timed out") else ActionFailed)(problem)
     if proc.returncode != 0:
         first = err.decode("utf-8", "replace").strip().splitlines()
         detail = f": {first[0][:200]}" if first else ""

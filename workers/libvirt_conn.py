@@ -1,6 +1,8 @@
 """The workers' libvirt connection: opened lazily, read-only, re-opened when lost.
 
-Only worker processes import this; the supervisor never talks to libvirt.
+Only worker processes use this; the supervisor never talks to libvirt (it
+imports this module before dropping privileges, so that workers it forks later
+find it in memory: see DAEMON_MODULES in supervisor/cli.py).
 """
 
 from __future__ import annotations

@@ -17,11 +17,9 @@ class Fragments:
     def __init__(self) -> None:
         self.host: list[str] = []
         self.vms: dict[int, tuple[str, list[str]]] = {}  # id -> (id/uuid attributes, parts)
-        self.count = 0
 
     def add_host(self, name: str, mtype: str, value: str, unit: str | None) -> None:
         self.host.append(render_metric(name, mtype, "host", value, unit))
-        self.count += 1
 
     def add_vm(self, domain: Domain, name: str, mtype: str, value: str,
                unit: str | None) -> None:
@@ -29,14 +27,12 @@ class Fragments:
         if entry is None:
             entry = self.vms[domain.id] = (vm_attributes(domain.id, domain.uuid), [])
         entry[1].append(render_metric(name, mtype, "vm", value, unit, entry[0]))
-        self.count += 1
 
     def add(self, metric: Metric) -> None:
         if metric.vm_id is None:
             self.host.append(metric.render())
         else:
             self.vms.setdefault(metric.vm_id, ("", []))[1].append(metric.render())
-        self.count += 1
 
     def result(self, job_id: int, failures: tuple[Failure, ...] = (),
                state: object = None) -> JobResult:
@@ -45,7 +41,6 @@ class Fragments:
             host="".join(self.host).encode(),
             vms=tuple((vm_id, "".join(parts).encode())
                       for vm_id, (_attrs, parts) in sorted(self.vms.items())),
-            count=self.count,
             failures=failures,
             state=state,
         )

@@ -12,8 +12,10 @@ import time
 
 from vhostmd.runtime.child import ChildContext, serve
 from vhostmd.wire import Collect, Failure, Job, JobResult, ListDomains, RunAction
+from vhostmd.workers import strays
 from vhostmd.workers.actions import (
     ActionFailed,
+    ActionTimedOut,
     action_env,
     metrics_from_output,
     run_shell,
@@ -46,6 +48,19 @@ class Worker:
         return JobResult(getattr(job, "job_id", -1), error=f"unknown job {job!r}")
 
     def run_action(self, job: RunAction) -> JobResult:
+        before = strays.children()
+        try:
+            return self._run_action(job)
+        finally:
+            # An action may have left processes in sessions of their own
+            # (setsid, daemonizing): the kill of its process group missed
+            # them, but as orphans they became ours (a subreaper).
+            killed = strays.kill_new(before)
+            if killed:
+                log.warning("action %s left %d process(es) behind in other sessions; "
+                            "killed them", job.metric.name, killed)
+
+    def _run_action(self, job: RunAction) -> JobResult:
         metric = job.metric
         deadline = job.deadline
         if metric.timeout is not None:
@@ -62,7 +77,8 @@ class Worker:
             metrics = metrics_from_output(metric, output, job.domain)
         except ActionFailed as exc:
             failure = Failure(metric.name, metric.context, job.domain, str(exc))
-            return JobResult(job.job_id, failures=(failure,))
+            return JobResult(job.job_id, failures=(failure,),
+                             timed_out=isinstance(exc, ActionTimedOut))
         out = Fragments()
         for m in metrics:
             out.add(m)
@@ -70,6 +86,7 @@ class Worker:
 
 
 def worker_main(ctx: ChildContext, index: int, uri: str | None) -> None:
+    strays.become_subreaper()
     worker = Worker(ctx, index, uri)
 
     def handle(job: Job) -> None:

@@ -42,6 +42,8 @@ DEFAULT_BACKUP=""
 POLICY_BACKUP=""
 SHM_DISK_EXISTED=1
 SESSIONS=()   # session ids of every daemon this script started
+BUSY=""       # pid of the busy loop of slow_down
+LOCK_HOLDER=""  # pid of the process that holds the lock of this test
 
 say() { printf '==> [%3ds] %s\n' "$(($(date +%s) - START_TIME))" "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
@@ -83,6 +85,48 @@ no_process_left() {
     done
 }
 
+# Make the daemon of session $1 slow to exit, for a few seconds: its
+# processes on CPU 0 at nice 19, next to a busy loop there. The pid file's
+# lock goes some 50-100 ms before the supervisor exits; now it is seconds, so
+# a "stop" that returned on the lock alone would leave it. Nice 19 for the
+# daemon's autogroup (its session) where the kernel groups sessions so, which
+# makes the nice of single threads count only within the session; for every
+# thread too where it does not.
+slow_down() {
+    local pid task
+    for pid in $(session_pids "$1"); do
+        taskset -a -p -c 0 "$pid" >/dev/null 2>&1 || true
+        for task in /proc/"$pid"/task/*; do
+            renice -n 19 -p "${task##*/}" >/dev/null 2>&1 || true
+        done
+        if [ -w "/proc/$pid/autogroup" ]; then
+            echo 19 >"/proc/$pid/autogroup" 2>/dev/null || true
+        fi
+    done
+    taskset -c 0 sh -c 'while :; do :; done' &
+    BUSY=$!
+}
+
+end_slow_down() {
+    kill "$BUSY"
+    wait "$BUSY" 2>/dev/null || true
+    BUSY=""
+}
+
+# Like no_process_left, for every session but that of the daemon $1, which runs.
+no_process_left_but() {
+    local sid keep left
+    keep=$(ps -o sid= -p "$1" | tr -d ' ')
+    for sid in ${SESSIONS[@]+"${SESSIONS[@]}"}; do
+        [ "$sid" != "$keep" ] || continue
+        left=$(session_pids "$sid")
+        if [ -n "$left" ]; then
+            ps -o pid,stat,cmd -p "$(echo "$left" | paste -sd,)" >&2 || true
+            fail "$2: processes of an earlier daemon (session $sid) are left"
+        fi
+    done
+}
+
 kill_sessions() {
     local sid pids signal
     for signal in TERM KILL; do
@@ -99,6 +143,7 @@ cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
+    [ -z "$BUSY" ] || kill "$BUSY" 2>/dev/null
     [ "$rc" -eq 0 ] || [ "$rc" -eq "$SKIP" ] || say "cleaning up after a failure"
     kill_sessions
     if [ -n "$DEFAULT_BACKUP" ] && [ -f "$DEFAULT_BACKUP" ] && [ -d /etc/default ]; then
@@ -122,6 +167,7 @@ cleanup() {
             rm -rf "$WORK"
         fi
     fi
+    [ -z "$LOCK_HOLDER" ] || kill "$LOCK_HOLDER" 2>/dev/null
     if [ "$rc" -eq 0 ]; then
         say "packaging test passed"
     fi
@@ -189,6 +235,19 @@ write_config() {
 # --- can it run here? ----------------------------------------------------------
 
 [ "$(id -u)" -eq 0 ] || skip "needs root (installs packages)"
+# One packaging test at a time on a machine (several checkouts, several test
+# runs): a second one would install and purge the packages under the first.
+LOCK=/run/lock/vhostmd-packaging-test.lock
+exec 8>>"$LOCK"
+if ! flock -n 8; then
+    say "another packaging test runs on this machine: waiting for it (at most 300 s)"
+    flock -w 300 8 || skip "another packaging test still runs after 300 s ($LOCK)"
+fi
+# The lock stays with a small process that ends with this script, not with
+# fd 8, which every daemon started here would inherit and keep.
+tail --pid=$$ -f /dev/null </dev/null >/dev/null 2>&1 &
+LOCK_HOLDER=$!
+exec 8>&-
 if ! [ -r /etc/debian_version ] || ! command -v apt-get >/dev/null; then
     skip "needs Debian (apt-get, dpkg)"
 fi
@@ -225,7 +284,8 @@ WORK=$(mktemp -d /tmp/vhostmd-packaging.XXXXXX)
 SRC=$WORK/src
 mkdir "$SRC" "$WORK/run"
 say "copying the checkout to $SRC"
-if [ -d "$REPO/.git" ] && command -v git >/dev/null; then
+# .git is a file in a worktree ("git worktree add"), a directory elsewhere.
+if [ -e "$REPO/.git" ] && command -v git >/dev/null; then
     # What git knows of, with the working tree's content (uncommitted changes
     # too), not what it ignores (.venv, build/, run/...).
     git -C "$REPO" ls-files -z -co --exclude-standard \
@@ -236,7 +296,8 @@ if [ -d "$REPO/.git" ] && command -v git >/dev/null; then
         | tar -C "$REPO" --null -T - -cf - | tar -C "$SRC" -xf -
 else
     tar -C "$REPO" --exclude=.git --exclude=.venv --exclude=run --exclude=build \
-        --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$SRC" -xf -
+        --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
+        --exclude=.ruff_cache --exclude=.hypothesis -cf - . | tar -C "$SRC" -xf -
 fi
 
 VERSION=$(dpkg-parsechangelog -l "$SRC/debian/changelog" -S Version)
@@ -244,11 +305,26 @@ CODE_VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$SRC/core/__init__.py")
 [ "$VERSION" = "$CODE_VERSION" ] \
     || fail "debian/changelog says $VERSION, core/__init__.py says $CODE_VERSION: add a changelog entry"
 
+# Every path of the source tree, to compare with what "debian/rules clean"
+# leaves after the build.
+source_tree() {
+    (cd "$SRC" && find . | sort)
+}
+source_tree >"$WORK/tree.before"
+
 say "building $VERSION: dpkg-buildpackage -us -uc -b (log: $WORK/build.log)"
 if ! (cd "$SRC" && env -i PATH="$PATH" HOME="$WORK" LC_ALL=C.UTF-8 \
         dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1; then
     tail -n 40 "$WORK/build.log" >&2
     fail "dpkg-buildpackage failed"
+fi
+
+say "debian/rules clean leaves the source tree as it was"
+(cd "$SRC" && env -i PATH="$PATH" HOME="$WORK" LC_ALL=C.UTF-8 debian/rules clean) \
+    >"$WORK/clean.log" 2>&1 || { cat "$WORK/clean.log" >&2; fail "debian/rules clean failed"; }
+source_tree >"$WORK/tree.after"
+if ! diff "$WORK/tree.before" "$WORK/tree.after" >&2; then
+    fail "debian/rules clean leaves build leftovers in the source tree (> above), or removes sources (<)"
 fi
 DAEMON_DEB=$WORK/vhostmd_${VERSION}_all.deb
 GUEST_DEB=$WORK/vm-dump-metrics_${VERSION}_all.deb
@@ -268,10 +344,10 @@ deb_files "$DAEMON_DEB" >"$WORK/vhostmd.files"
 deb_files "$GUEST_DEB" >"$WORK/vm-dump-metrics.files"
 
 expect_files() {
-    local list=$WORK/$1.files path
+    local package=$1 path
     shift
     for path in "$@"; do
-        grep -qxF "$path" "$list" || fail "package $1 lacks $path"
+        grep -qxF "$path" "$WORK/$package.files" || fail "package $package lacks $path"
     done
 }
 expect_files vhostmd \
@@ -281,7 +357,15 @@ expect_files vhostmd \
     usr/share/man/man8/vhostmd.8.gz usr/share/man/man8/rcvhostmd.8.gz \
     usr/share/doc/vhostmd/copyright usr/share/doc/vhostmd/changelog.gz \
     usr/share/doc/vhostmd/examples/vhostmd.conf \
-    "$PRIVATE/etc/vhostmd.dtd" "$PRIVATE/etc/metric.dtd"
+    usr/share/doc/vhostmd/examples/vhostmd-pvc.conf \
+    "$PRIVATE/etc/vhostmd.dtd" "$PRIVATE/etc/metric.dtd" usr/share/vhostmd/scripts/pagerate.pl
+# Upstream configs run it through PATH: it must stay executable.
+# (grep without -q: an early exit would fail the pipeline under pipefail.)
+dpkg-deb -c "$DAEMON_DEB" | grep -E '^-rwxr-xr-x .* \./usr/share/vhostmd/scripts/pagerate\.pl$' \
+    >/dev/null || fail "package vhostmd lacks an executable usr/share/vhostmd/scripts/pagerate.pl"
+# dh_compress compresses the README (long enough) or not (short): either.
+grep -qxE 'usr/share/doc/vhostmd/README\.md(\.gz)?' "$WORK/vhostmd.files" \
+    || fail "package vhostmd lacks usr/share/doc/vhostmd/README.md"
 grep -qxE '(usr/)?lib/systemd/system/vhostmd\.service' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks vhostmd.service"
 expect_files vm-dump-metrics \
@@ -290,7 +374,7 @@ expect_files vm-dump-metrics \
     usr/share/doc/vm-dump-metrics/copyright usr/share/doc/vm-dump-metrics/changelog.gz
 
 # Every module of the checkout is in exactly the package it belongs to.
-for pair in core: guest:guest supervisor:supervisor workers:workers disk:disk virtio:virtio etc:etc; do
+for pair in core: guest:guest supervisor:supervisor workers:workers disk:disk virtio:virtio runtime:runtime etc:etc; do
     folder=${pair%%:*}
     sub=${pair#*:}
     case $folder in core|guest) owner=vm-dump-metrics ;; *) owner=vhostmd ;; esac
@@ -306,7 +390,7 @@ if grep -hE '^usr/lib/python3|^usr/bin/|\.pyc$|__pycache__|\.dist-info/|\.egg-in
         "$WORK/vhostmd.files" "$WORK/vm-dump-metrics.files"; then
     fail "public modules, bytecode, metadata or /usr/bin files in the packages (above)"
 fi
-if grep -E "^$PRIVATE/(supervisor|workers|disk|virtio|etc)/" "$WORK/vm-dump-metrics.files"; then
+if grep -E "^$PRIVATE/(supervisor|workers|disk|virtio|runtime|etc)/" "$WORK/vm-dump-metrics.files"; then
     fail "host-side modules in vm-dump-metrics (above)"
 fi
 
@@ -318,6 +402,8 @@ dpkg-deb --fsys-tarfile "$DAEMON_DEB" | tar -xOf - ./etc/vhostmd/vhostmd.conf \
     || fail "/etc/vhostmd/vhostmd.conf is not etc/vhostmd-pvc.conf"
 
 say "checking the dependencies"
+# grep -q reads from here-strings, not "echo ... |": it may exit before echo
+# has written everything, and with pipefail the SIGPIPE fails the check.
 # Package names of a Depends field, one a line.
 depends() {
     dpkg-deb -f "$1" Depends | tr ',' '\n' | sed -e 's/^ *//' -e 's/ *$//'
@@ -328,12 +414,12 @@ echo "vhostmd Depends: $(echo "$daemon_depends" | paste -sd,)"
 echo "vm-dump-metrics Depends: $(echo "$guest_depends" | paste -sd,)"
 for dep in python3-libvirt python3-lxml python3-psutil python3-setproctitle \
            "vm-dump-metrics (= $VERSION)"; do
-    echo "$daemon_depends" | grep -qxF "$dep" || fail "vhostmd does not depend on $dep"
+    grep -qxF "$dep" <<<"$daemon_depends" || fail "vhostmd does not depend on $dep"
 done
-echo "$daemon_depends" | grep -qE '^python3(:any)? ' || fail "vhostmd does not depend on python3"
-echo "$guest_depends" | grep -qxF python3-lxml || fail "vm-dump-metrics does not depend on python3-lxml"
-echo "$guest_depends" | grep -qE '^python3(:any)? ' || fail "vm-dump-metrics does not depend on python3"
-if echo "$guest_depends" | grep -E 'libvirt|psutil|setproctitle|vhostmd'; then
+grep -qE '^python3(:any)? ' <<<"$daemon_depends" || fail "vhostmd does not depend on python3"
+grep -qxF python3-lxml <<<"$guest_depends" || fail "vm-dump-metrics does not depend on python3-lxml"
+grep -qE '^python3(:any)? ' <<<"$guest_depends" || fail "vm-dump-metrics does not depend on python3"
+if grep -E 'libvirt|psutil|setproctitle|vhostmd' <<<"$guest_depends"; then
     fail "vm-dump-metrics depends on host-side packages (above)"
 fi
 for deb in "$DAEMON_DEB" "$GUEST_DEB"; do
@@ -400,11 +486,29 @@ for pkg in "${PACKAGES[@]}"; do
     [ "$(installed_state "$pkg")" = ii ] || fail "$pkg is not installed"
 done
 ls /etc/rc2.d/S*vhostmd >/dev/null 2>&1 || fail "not enabled: no /etc/rc2.d/S*vhostmd"
-/usr/sbin/vhostmd --check -f /etc/vhostmd/vhostmd.conf || fail "the shipped configuration is invalid"
+say "checking the shipped configurations"
+for conf in /etc/vhostmd/vhostmd.conf /usr/share/doc/vhostmd/examples/vhostmd.conf \
+            /usr/share/doc/vhostmd/examples/vhostmd-pvc.conf; do
+    /usr/sbin/vhostmd --check -f "$conf" || fail "the shipped configuration $conf is invalid"
+    # Every directory of the actions' PATH (<globals><path>) is there.
+    python3 -I - "$conf" <<'EOF' || fail "$conf: its <path> names a directory that does not exist"
+import os, sys
+import xml.etree.ElementTree as ET
+entries = ET.parse(sys.argv[1]).getroot().findtext("globals/path", "").split(":")
+missing = [e for e in entries if not os.path.isdir(e)]
+if missing:
+    sys.exit(f"{sys.argv[1]}: no directory {', '.join(missing)}")
+EOF
+done
 if command -v systemd-analyze >/dev/null; then
     for unit in /lib/systemd/system/vhostmd.service /usr/lib/systemd/system/vhostmd.service; do
         [ -e "$unit" ] || continue
         systemd-analyze verify --man=no "$unit" || fail "systemd-analyze verify $unit"
+        # The sandboxing stays (5.0 with systemd 252; 9.6 without it). The
+        # threshold is the exposure times 10.
+        systemd-analyze security --offline=true --threshold=55 "$unit" >"$WORK/security.log" 2>&1 \
+            || { tail -n 3 "$WORK/security.log" >&2; fail "systemd-analyze security: exposure above 5.5"; }
+        tail -n 1 "$WORK/security.log"
         break
     done
 fi
@@ -436,7 +540,7 @@ retry 10 sh -c "/usr/sbin/vm-dump-metrics --disk '$WORK/run/fg-vhostmd0' | grep 
     || fail "no vm metrics from test:///default"
 titles=$(ps -o args= --sid "$fg_pid")
 for title in "vhostmd: supervisor" "vhostmd: worker" "vhostmd: disk-writer"; do
-    echo "$titles" | grep -q "^$title" || fail "no process titled '$title': $titles"
+    grep -q "^$title" <<<"$titles" || fail "no process titled '$title': $titles"
 done
 kill -TERM "$fg_pid"
 fg_rc=0
@@ -482,11 +586,28 @@ rc=0
 out=$(/etc/init.d/vhostmd reload 2>&1) || rc=$?
 echo "$out"
 [ "$rc" -ne 0 ] || fail "reload with a broken configuration reported success"
-echo "$out" | grep -q "init.conf:[0-9]*: " || fail "reload does not say what is wrong in the configuration"
+grep -q "init.conf:[0-9]*: " <<<"$out" || fail "reload does not say what is wrong in the configuration"
 init_script 0 status
 metric_is "$INIT_DISK" PackagingTest second || fail "the daemon lost its configuration on a broken reload"
 mv "$WORK/init.conf.good" "$WORK/init.conf"
 init_script 0 force-reload
+
+# restart and try-restart check the configuration before they stop anything:
+# with a broken file the running daemon stays, and they say why.
+cp "$WORK/init.conf" "$WORK/init.conf.good"
+echo "<broken" >>"$WORK/init.conf"
+for command in restart try-restart; do
+    rc=0
+    out=$(/etc/init.d/vhostmd "$command" 2>&1) || rc=$?
+    echo "$out"
+    [ "$rc" -eq 1 ] || fail "$command with a broken configuration: exit status $rc, expected 1"
+    grep -q "init.conf:[0-9]*: " <<<"$out" \
+        || fail "$command does not say what is wrong in the configuration"
+    [ "$(daemon_pid)" = "$pid" ] || fail "$command with a broken configuration stopped the daemon"
+    init_script 0 status
+    kill -0 "$pid" || fail "$command with a broken configuration stopped the daemon"
+done
+mv "$WORK/init.conf.good" "$WORK/init.conf"
 
 init_script 0 restart
 new_pid=$(daemon_pid) || fail "no pid in $PIDFILE after restart"
@@ -495,21 +616,94 @@ track "$new_pid"
 init_script 0 status
 /usr/sbin/rcvhostmd status >/dev/null || fail "rcvhostmd status"
 
+pid=$new_pid
+init_script 0 try-restart
+new_pid=$(daemon_pid) || fail "no pid in $PIDFILE after try-restart"
+[ "$new_pid" != "$pid" ] || fail "try-restart kept the same daemon"
+track "$new_pid"
+retry 15 metric_is "$INIT_DISK" PackagingTest second || fail "no metrics after try-restart"
+no_process_left_but "$new_pid" "after try-restart"
+
+# The usage line names the command that was run.
+for command in /etc/init.d/vhostmd /usr/sbin/rcvhostmd; do
+    rc=0
+    out=$("$command" no-such-command 2>&1) || rc=$?
+    [ "$rc" -ne 0 ] || fail "$command no-such-command reported success"
+    expected="Usage: ${command#/usr/sbin/} {"
+    case $out in
+        "$expected"*) ;;
+        *) fail "$command no-such-command says: $out (expected: $expected...)" ;;
+    esac
+done
+
+# stop returns once every process of the daemon is gone, not when the lock is.
+slow_down "$(ps -o sid= -p "$new_pid" | tr -d ' ')"
 init_script 0 stop
+no_process_left "after /etc/init.d/vhostmd stop (slow to exit)"
+end_slow_down
 init_script 3 status
 [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stop"
-no_process_left "after /etc/init.d/vhostmd stop"
 init_script 0 stop
 init_script 7 reload
 init_script 0 force-reload
+# try-restart leaves a daemon that does not run alone.
+init_script 0 try-restart
+init_script 3 status
 
+cp "$WORK/init.conf" "$WORK/init.conf.good"
 echo "<broken" >>"$WORK/init.conf"
 rc=0
 out=$(/etc/init.d/vhostmd start 2>&1) || rc=$?
 echo "$out"
 [ "$rc" -ne 0 ] || fail "start with a broken configuration reported success"
-echo "$out" | grep -q "init.conf:[0-9]*: " || fail "start does not say what is wrong in the configuration"
+grep -q "init.conf:[0-9]*: " <<<"$out" || fail "start does not say what is wrong in the configuration"
 init_script 3 status
+mv "$WORK/init.conf.good" "$WORK/init.conf"
+
+if [ -d /run/systemd/system ]; then
+    say "not stopping a hung daemon through the init script: systemd runs here"
+else
+    say "stopping a hung daemon (all its processes stopped with SIGSTOP, an action running)"
+    echo "VHOSTMD_STOP_TIMEOUT=2" >>/etc/default/vhostmd
+    # An action that runs until the cycle's deadline: "sleep" is there most
+    # of the time, in a session of its own (the workers start actions so),
+    # and without a parent-death signal: when its worker dies, it stays.
+    write_config "$WORK/init.conf" "$INIT_DISK" "hung; exec sleep 600"
+    init_script 0 start
+    pid=$(daemon_pid) || fail "no pid in $PIDFILE after start"
+    track "$pid"
+    retry 15 metric "$INIT_DISK" HostName || fail "no metrics on $INIT_DISK"
+    sid=$(ps -o sid= -p "$pid" | tr -d ' ')
+    # The supervisor, 4 workers, the disk-writer and the virtio process.
+    count=$(pgrep -c -s "$sid" '^vhostmd' || true)
+    [ "$count" -ge 7 ] || fail "only $count vhostmd processes in the daemon's session"
+    # Freeze the daemon (the supervisor first) while a worker runs the action.
+    action=""
+    for _ in $(seq 50); do
+        kill -STOP "$pid"
+        # shellcheck disable=SC2046 # a list of pids
+        kill -STOP $(session_pids "$sid")
+        action=$(pgrep -x -P "$(session_pids "$sid" | paste -sd,)" sleep || true)
+        [ -z "$action" ] || break
+        # shellcheck disable=SC2046 # a list of pids
+        kill -CONT $(session_pids "$sid")
+        sleep 0.2
+    done
+    [ -n "$action" ] || fail "the action never ran: no sleep under the daemon's workers"
+    # Its own session: the cleanup kills it if the test fails.
+    SESSIONS+=("$action")
+    rc=0
+    out=$(/etc/init.d/vhostmd stop 2>&1) || rc=$?
+    echo "$out"
+    [ "$rc" -eq 0 ] || fail "stop of a hung daemon: exit status $rc"
+    grep -q "killing" <<<"$out" || fail "stop does not say that it kills a hung daemon"
+    if [ -n "$(session_pids "$action")" ]; then
+        fail "the hung daemon's action (pid $action) is left"
+    fi
+    no_process_left "after stopping a hung daemon"
+    [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stopping a hung daemon"
+    init_script 3 status
+fi
 
 cp -p "$DEFAULT_BACKUP" /etc/default/vhostmd
 DEFAULT_BACKUP=""

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Cycle cost against its floor, and memory, at N VMs (default 1000), in one run.
+
+The *floor* is what a cycle cannot avoid, measured piece by piece in this
+process, on the same libvirt test-driver node the daemon then runs on:
+
+- listing the running domains (id, name, UUID of each);
+- the bulk stats call (with the per-domain info() the test driver needs);
+- reading the /proc files the host built-ins read;
+- rendering the document with a plain join (one f-string per metric);
+- checksum and writing it into an mmap with the three msyncs of the protocol.
+
+Then a real vhostmd runs the shipped configuration (both built-in sets) at a
+1 s period on the same node, and the CPU time of all its processes
+(psutil: user + system, children included) is divided by the cycles it ran.
+PSS (psutil's memory_full_info) is summed over its processes, by role.
+
+Usage: .venv/bin/python bench/bench_floor.py [--domains 1000] [--seconds 20]
+Prints markdown tables and the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import libvirt
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from vhostmd import mdisk  # noqa: E402
+
+import nodes  # noqa: E402
+
+VHOSTMD = str(Path(sys.executable).parent / "vhostmd")
+SHIPPED = HERE.parent / "etc" / "vhostmd.conf"
+PROC_FILES = ("/proc/meminfo", "/proc/vmstat", "/proc/stat", "/proc/cpuinfo", "/proc/uptime")
+CYCLE_LINE = re.compile(r"cycle (\d+): ")
+
+
+def cpu_ms(fn: Callable[[], object], rounds: int = 20) -> float:
+    """Median CPU milliseconds of one call (process time, not wall)."""
+    times = []
+    for _ in range(rounds):
+        start = time.process_time()
+        fn()
+        times.append((time.process_time() - start) * 1000)
+    return statistics.median(times)
+
+
+def floor(uri: str, tmp: Path) -> dict[str, float]:
+    conn = libvirt.openReadOnly(uri)
+    groups = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+              | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_VCPU)
+
+    def listing() -> list:
+        return [(d.ID(), d.name(), d.UUIDString())
+                for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+
+    def stats() -> list:
+        out = []
+        for dom, record in conn.getAllDomainStats(
+                groups, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE):
+            if "cpu.time" not in record:  # the test driver has no such group
+                record = dict(record, info=dom.info())
+            out.append((dom.ID(), record))
+        return out
+
+    def proc() -> None:
+        for path in PROC_FILES:
+            with open(path, "rb") as f:
+                f.read()
+
+    domains = listing()
+    metrics = [(name, "uint64", "vm", "123456789", d[0], d[2]) for d in domains
+               for name in ("TotalCPUTime", "ResourceProcessorLimit",
+                            "PhysicalMemoryAllocatedToVirtualSystem", "ResourceMemoryLimit")]
+
+    def render() -> bytes:
+        return ("<metrics>\n" + "".join(
+            f"  <metric type='{t}' context='{c}' id='{i}' uuid='{u}'>\n"
+            f"    <name>{n}</name>\n    <value>{v}</value>\n  </metric>\n"
+            for n, t, c, v, i, u in metrics) + "</metrics>\n").encode()
+
+    document = render()
+    path = tmp / "floor-disk"
+    path.write_bytes(bytes(1024 * 1024))
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 1024 * 1024)
+
+    def write() -> None:
+        m[4:8] = b"\0\0\0\1"
+        m.flush()
+        m[0:16] = mdisk.pack_header(1, mdisk.checksum_signed(document), len(document))
+        m[16:16 + len(document)] = document
+        m.flush()
+        m[4:8] = b"\0\0\0\0"
+        m.flush()
+
+    pieces = {"listing the domains": cpu_ms(listing), "bulk stats": cpu_ms(stats),
+              "reading /proc": cpu_ms(proc), "rendering with a plain join": cpu_ms(render),
+              "checksum + mmap write": cpu_ms(write)}
+    m.close()
+    conn.close()
+    return pieces
+
+
+def daemon(uri: str, tmp: Path, seconds: float) -> tuple[float, int, dict[str, float]]:
+    conf = SHIPPED.read_text().replace("/dev/shm/vhostmd0", str(tmp / "vhostmd0"))
+    conf = conf.replace("<update_period>5</update_period>", "<update_period>1</update_period>")
+    conf = conf.replace("<virtio>", f"<virtio><channel_path>{tmp}/channels</channel_path>")
+    (tmp / "bench.conf").write_text(conf)
+    log_path = tmp / "log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([VHOSTMD, "-d", "-v", "-f", str(tmp / "bench.conf"), "-c", uri,
+                                 "-p", str(tmp / "pid")], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while len(CYCLE_LINE.findall(log_path.read_text())) < 3:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit(f"the daemon did not run cycles; see {log_path}")
+                time.sleep(0.2)
+            root = psutil.Process(proc.pid)
+            procs = [root, *root.children(recursive=True)]
+
+            def cpu() -> float:
+                total = 0.0
+                for p in procs:
+                    try:
+                        t = p.cpu_times()
+                    except psutil.Error:
+                        continue
+                    total += t.user + t.system + t.children_user + t.children_system
+                return total
+
+            before, cycles_before = cpu(), len(CYCLE_LINE.findall(log_path.read_text()))
+            time.sleep(seconds)
+            after, cycles_after = cpu(), len(CYCLE_LINE.findall(log_path.read_text()))
+            pss: dict[str, float] = {}
+            for p in procs:
+                try:
+                    title = " ".join(p.cmdline())
+                    role = title.split(": ", 1)[1].split(" ")[0] if ": " in title else (
+                        "resource_tracker" if "resource_tracker" in title else title[:20])
+                    pss[role] = pss.get(role, 0.0) + p.memory_full_info().pss / 2**20
+                except psutil.Error:
+                    continue
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    cycles = max(1, cycles_after - cycles_before)
+    return (after - before) * 1000 / cycles, cycles, pss
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    mem = psutil.virtual_memory().total / 2**30
+    return (f"{os.cpu_count()} CPUs ({cpu}), {mem:.1f} GiB, {platform.platform()}, "
+            f"Python {platform.python_version()}, libvirt {libvirt.getVersion() // 1000000}."
+            f"{libvirt.getVersion() // 1000 % 1000}.{libvirt.getVersion() % 1000} (test driver)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--domains", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vhostmd-floor-") as name:
+        tmp = Path(name)
+        uri, _ = nodes.write_node(tmp / "node.xml", args.domains)
+        pieces = floor(uri, tmp)
+        per_cycle, cycles, pss = daemon(uri, tmp, args.seconds)
+    total = sum(pieces.values())
+    print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}\n")
+    print(f"{args.domains} VMs, shipped configuration (both built-in sets), period 1 s\n")
+    print("| piece of the floor | CPU ms |")
+    print("|---|---:|")
+    for piece, ms in pieces.items():
+        print(f"| {piece} | {ms:.1f} |")
+    print(f"| **floor** | **{total:.1f}** |")
+    print(f"| **vhostmd, all processes, per cycle ({cycles} cycles)** | **{per_cycle:.1f}** "
+          f"({per_cycle / total:.1f}x the floor) |\n")
+    print("| process | PSS MiB |")
+    print("|---|---:|")
+    for role, mib in sorted(pss.items(), key=lambda item: -item[1]):
+        print(f"| {role} | {mib:.1f} |")
+    print(f"| **total** | **{sum(pss.values()):.1f}** |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

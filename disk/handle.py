@@ -1,0 +1,142 @@
+"""The metrics disk as the supervisor opens it: path, size and one locked descriptor.
+
+The supervisor opens the disk as root, before it drops privileges (-u), and
+keeps the descriptor for its whole life; the disk-writer child maps the disk
+from that descriptor and never opens the path itself. So the file stays
+root's (no chown), a restarted writer gets the same file whatever now sits at
+the path, and a reload that names a new disk opens it before the old writer is
+replaced.
+
+One daemon per disk: the descriptor holds an exclusive flock(2). flock locks
+and the POSIX/OFD byte-range locks (fcntl) that QEMU takes on disk images are
+separate lock types on Linux and never conflict (flock(2), NOTES), so guests
+attached to the disk keep working; only on NFS, where the kernel emulates
+flock with byte-range locks, would the two meet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+
+from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow, unlink_if_same
+
+
+class DiskRefused(Exception):
+    """A metrics disk that cannot be used; str() is one line naming it and why."""
+
+
+@dataclass(frozen=True)
+class DiskHandle:
+    """An open, locked metrics disk. ``fd`` is O_RDWR and holds the disk's flock.
+
+    Passed to the disk-writer child as is: with the fork start method the child
+    inherits ``fd``; through a spawn/forkserver start method the descriptor is
+    sent along when the handle is pickled (see __reduce__).
+    """
+
+    path: str
+    size: int
+    fd: int
+    regular: bool  # a regular file (we size it) or a block device (it must be large enough)
+
+    def __reduce__(self) -> tuple:
+        from multiprocessing import reduction
+        from multiprocessing.context import get_spawning_popen
+
+        if get_spawning_popen() is None:
+            raise TypeError("a DiskHandle only travels to a child process being started")
+        return (_rebuild, (self.path, self.size, reduction.DupFd(self.fd), self.regular))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _rebuild(path: str, size: int, dup: object, regular: bool) -> DiskHandle:
+    return DiskHandle(path, size, dup.detach(), regular)  # type: ignore[attr-defined]
+
+
+def fit(handle: DiskHandle, *, shrink: bool = True) -> None:
+    """Make the disk ``handle.size`` bytes long, with its blocks reserved.
+
+    Reserving (posix_fallocate) turns a full filesystem into a clear error now,
+    instead of a SIGBUS on a later write into the mapping. With shrink=False a
+    larger file is left as it is (someone may still map the old size).
+    """
+    fd, size, path = handle.fd, handle.size, handle.path
+    if not handle.regular:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end < size:
+            raise DiskRefused(f"metrics disk {path}: block device has {end} bytes, need {size}")
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+        if shrink and os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        raise DiskRefused(f"cannot make metrics disk {path} {size} bytes long: "
+                          f"{exc.strerror}") from None
+
+
+def open_disk(path: str, size: int) -> DiskHandle:
+    """Open (or create) and lock the metrics disk; raises DiskRefused with one line."""
+    try:
+        # O_NONBLOCK: opening an odd device node planted at the path must not hang us.
+        fd, created = open_no_follow(path, os.O_RDWR | os.O_NONBLOCK, what="metrics disk")
+    except UnsafeFile as exc:
+        raise DiskRefused(str(exc)) from None
+    except OSError as exc:
+        raise DiskRefused(f"cannot open metrics disk {path}: {exc.strerror}") from None
+    try:
+        try:
+            st = check_private(fd, path, what="metrics disk")
+        except UnsafeFile as exc:
+            raise DiskRefused(str(exc)) from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise DiskRefused(f"metrics disk {path} is not a regular file or block device")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DiskRefused(f"cannot lock metrics disk {path}: {exc.strerror}") from None
+            raise DiskRefused(f"metrics disk {path} is in use by another vhostmd "
+                              "(it holds the disk's lock)") from None
+        handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode))
+        fit(handle)
+    except BaseException:
+        if created:
+            unlink_if_same(path, fd)  # leave no half-made disk behind
+        os.close(fd)
+        raise
+    return handle
+
+
+def switch_disk(current: DiskHandle | None, path: str | None, size: int, *,
+                dropped_to: str | None) -> DiskHandle | None:
+    """The disk to use after a reload that names ``path`` (None: no vbd transport).
+
+    Returns ``current`` itself when nothing changes, a handle sharing its
+    descriptor for a new size of the same disk, or a newly opened disk. Raises
+    DiskRefused (and changes nothing) when the new disk cannot be used, so the
+    running writer keeps publishing to the old one. The caller closes
+    ``current`` when the result has another descriptor.
+    """
+    if path is None:
+        return None
+    if current is not None and current.path == path:
+        if current.size == size:
+            return current
+        # Same file, held open: resizing needs no privileges. Only grow it now
+        # (the running writer maps the old size); the new writer shrinks it.
+        resized = DiskHandle(path, size, current.fd, current.regular)
+        fit(resized, shrink=False)
+        return resized
+    if dropped_to is not None:
+        raise DiskRefused(f"opening metrics disk {path} needs root, and vhostmd runs as "
+                          f"{dropped_to} (-u); restart vhostmd to use it")
+    return open_disk(path, size)

@@ -1,0 +1,85 @@
+"""Opening files the daemon writes as root in places other users may write to.
+
+The default metrics disk lives in /dev/shm, which every local user can write
+to (sticky, mode 1777), and operators point pid and log files at such places
+too. A root daemon that follows a symlink there, or adopts a file another user
+planted, writes wherever that user wants or publishes what that user writes.
+So these files are opened without following a symlink (O_NOFOLLOW, last path
+component), created only exclusively (O_EXCL: never through a dangling link or
+a file planted between a check and the open), and an existing regular file is
+used only if it belongs to the daemon's user and nobody else can write it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import stat
+
+
+class UnsafeFile(Exception):
+    """A file the daemon refuses to use; str() is one line naming it and why."""
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def open_no_follow(path: str, flags: int, *, what: str, mode: int = 0o644) -> tuple[int, bool]:
+    """Open ``path`` (or create it exclusively with ``mode``): (fd, created).
+
+    ``flags`` get O_NOFOLLOW | O_CLOEXEC | O_NOCTTY; a symlink at ``path`` is an
+    UnsafeFile, other errors stay OSError.
+    """
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    for _ in range(3):
+        try:
+            try:
+                return os.open(path, flags), False
+            except FileNotFoundError:
+                pass
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+            except FileExistsError:
+                continue  # created by someone else since: check what it is
+            # The umask must not make it unreadable to guests' QEMU (disk) or to
+            # `vhostmd --status` (status file).
+            os.fchmod(fd, mode)
+            return fd, True
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeFile(f"{what} {path} is a symbolic link; vhostmd does not follow "
+                                 "links there (name the real file)") from None
+            raise
+    raise UnsafeFile(f"{what} {path} keeps appearing and disappearing; not using it")
+
+
+def check_private(fd: int, path: str, *, what: str) -> os.stat_result:
+    """Refuse a regular file that another user owns or may write, or that has other names."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return st
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise UnsafeFile(f"{what} {path} belongs to {_user(st.st_uid)}, not to {_user(me)}; "
+                         "remove it or give it to that user")
+    if st.st_mode & 0o022:
+        raise UnsafeFile(f"{what} {path} can be written by group or others "
+                         f"(mode {stat.S_IMODE(st.st_mode):04o}); remove it or chmod go-w it")
+    if st.st_nlink != 1:
+        # Another name for the same file, possibly in a place another user controls.
+        raise UnsafeFile(f"{what} {path} has {st.st_nlink} hard links; not using it")
+    return st
+
+
+def unlink_if_same(path: str, fd: int) -> None:
+    """Remove ``path`` if it still names the file open as ``fd`` (undo an exclusive create)."""
+    try:
+        if os.path.samestat(os.lstat(path), os.fstat(fd)):
+            os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,281 @@
+"""Running cycles: plan, hand jobs to idle workers, gather, render, publish.
+
+The arbiter's main loop calls ``step`` (start a cycle when the clock says so,
+dispatch, finish a complete or overdue cycle) and routes the workers'
+results and losses here. Which jobs a cycle has is ``planning``'s decision,
+their order ``WorkOrder``'s; the document is ``cycle.render``'s; sending it
+is the ``Publisher``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from vhostmd.mdisk import HEADER_SIZE
+from vhostmd.runtime.child import release_free_memory
+from vhostmd.supervisor import planning
+from vhostmd.supervisor.config import Config
+from vhostmd.supervisor.cycle import (
+    DOMAIN_LIST_FAILURE,
+    Cycle,
+    CycleClock,
+    FailureLog,
+    LatestValues,
+    Order,
+    Rendered,
+    failure_key,
+    render,
+    store_fragments,
+)
+from vhostmd.supervisor.cycle import domain_list_failure as list_failure
+from vhostmd.supervisor.pool import Child, ChildPool
+from vhostmd.supervisor.publisher import Publisher
+from vhostmd.wire import Collect, Failure, Job, JobResult, ListDomains, RunAction, needs_libvirt
+from vhostmd.workers.collectors import CollectorPlan
+from vhostmd.workers.collectors import plan as plan_collectors
+
+log = logging.getLogger("vhostmd")
+
+
+def default_action_timeout(period: int) -> float:
+    """How long a shell action without its own timeout= may run: half a period, 1..30 s.
+
+    Shorter than the cycle (0.8 x period), so hung actions cannot hold every
+    worker through a whole cycle; an action may still outlive its cycle, and
+    its value then goes into the next document.
+    """
+    return min(30.0, max(1.0, 0.5 * period))
+
+
+def max_value_age(period: int) -> float:
+    """How long a metric not refreshed in a cycle keeps its last value: 12 periods, >= 60 s."""
+    return max(60.0, 12.0 * period)
+
+
+def refresh_interval(period: int, cycle: Cycle) -> float:
+    """About how often each shell action runs when not all of them fit in a cycle."""
+    return period * cycle.shell_jobs / max(1, cycle.shell_done)
+
+
+class CycleRunner:
+    """One cycle at a time, and the work that outlives it (late results, kept values)."""
+
+    def __init__(self, config: Callable[[], Config], pool: ChildPool, publisher: Publisher,
+                 clock: Callable[[], float], on_cycle_end: Callable[[], None]) -> None:
+        self.config = config
+        self.pool = pool
+        self.publisher = publisher
+        self.clock = clock
+        self.on_cycle_end = on_cycle_end
+        self.failures = FailureLog()
+        self.cycle: Cycle | None = None
+        self.cycle_number = 0
+        self.new_job_id = planning.job_ids().__next__
+        self.pending: list[Job] = []  # planned, not handed to a worker yet (in order)
+        self.inflight: dict[int, tuple[Order, Job]] = {}  # handed to a worker, no result yet
+        self.work_order = planning.WorkOrder()
+        self.latest = LatestValues()
+        self.disk_short = 0  # VMs left out of the disk last cycle (logged once per episode)
+        self.behind = False  # shell work exceeds the period (logged once per episode)
+        self.collector_state: dict[tuple[str, str], object] = {}
+        self._plans: list[CollectorPlan] = []
+        self._plans_for: Config | None = None
+        self.clock_ = CycleClock(config().update_period, clock())
+        self.last_cycle_wall = 0.0
+        self.stats: dict[str, float] = {
+            "cycles": 0, "last_cycle_seconds": 0.0, "published": 0, "left_out": 0,
+            "carried": 0, "vms_not_on_disk": 0, "shell_jobs": 0, "shell_done": 0}
+
+    @property
+    def next_wakeup(self) -> float:
+        return self.clock_.next if self.cycle is None else self.cycle.deadline
+
+    def step(self) -> None:
+        now = self.clock()
+        if self.cycle is None and now >= self.clock_.next:
+            self.start_cycle(now)
+        self.dispatch()
+        if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
+            self.finish_cycle()
+
+    def drop_cycle(self, restart_at: float) -> None:
+        """After an internal error: no cycle, nothing pending, the next at ``restart_at``."""
+        self.cycle = None
+        self.pending.clear()
+        self.clock_.reanchor(restart_at)
+
+    def new_period(self, period: int, now: float) -> None:
+        self.clock_.period = period
+        self.clock_.reanchor(now if self.cycle is None else now + period)
+
+    def handle_result(self, result: JobResult) -> None:
+        entry = self.inflight.pop(result.job_id, None)
+        if entry is None:
+            return
+        order, job = entry
+        now = self.clock()
+        if isinstance(job, RunAction):
+            self.work_order.answered(job, now, result.timed_out)
+        if result.state is not None and isinstance(job, Collect):
+            self.collector_state[(job.collector, job.context)] = result.state
+        cycle = self.cycle
+        if cycle is not None and cycle.accept(result) is not None:
+            if isinstance(job, ListDomains):
+                self.plan_vms(cycle)
+            return
+        # A result after its cycle ended (an action may outlive a cycle): its
+        # values go into the next document, its failures into this cycle's log.
+        fresh: dict = {}
+        store_fragments(fresh, order, result)
+        self.latest.store(fresh, now)
+        if cycle is not None:
+            cycle.failures.extend(result.failures)
+            if isinstance(job, RunAction):
+                domain = job.domain
+                cycle.attempted.add((job.context, job.metric.name,
+                                     domain.id if domain else None,
+                                     domain.name if domain else None))
+
+    def plan_vms(self, cycle: Cycle) -> None:
+        if cycle.domains_error is not None:
+            cycle.failures.append(list_failure(cycle.domains_error))
+            return
+        self.work_order.forget_gone({d.id for d in cycle.domains or ()})
+        jobs = planning.plan_vms(cycle, self.config(), self.collector_plans(), self.new_job_id,
+                                 self.collector_state)
+        self.pending = self.work_order.sort([*self.pending, *jobs])
+
+    def on_lost(self, child: Child, why: str) -> None:
+        job = child.busy_with
+        child.busy_with = None
+        if job is None:
+            return
+        # Its result will never come: count it as failed (and slow) now.
+        reason = f"{child.role} {why}"
+        if isinstance(job, RunAction):
+            failure = Failure(job.metric.name, job.metric.context, job.domain, reason)
+            self.handle_result(JobResult(job.job_id, failures=(failure,), timed_out=True))
+        else:
+            self.handle_result(JobResult(job.job_id, error=reason, timed_out=True))
+
+    def collector_plans(self) -> list[CollectorPlan]:
+        if self._plans_for is not self.config:
+            self._plans = plan_collectors(self.config().builtins)
+            self._plans_for = self.config
+        return self._plans
+
+    def start_cycle(self, now: float) -> None:
+        period = self.config().update_period
+        self.cycle_number += 1
+        deadline = now + max(0.5, 0.8 * period)
+        cycle = Cycle(self.cycle_number, now, deadline)
+        # Jobs end a little before the cycle does, so a timed-out job is
+        # reported as such instead of as a missing result.
+        cycle.job_deadline = deadline - max(0.05, min(0.25, 0.05 * period))
+        cycle.attempted.add(failure_key(DOMAIN_LIST_FAILURE))
+        self.cycle = cycle
+        listing_pending = any(isinstance(job, ListDomains) for _o, job in self.inflight.values())
+        jobs = planning.plan_start(cycle, self.config(), self.collector_plans(), self.new_job_id,
+                                   self.collector_state, listing_pending)
+        self.pending = self.work_order.sort(jobs)
+
+    def dispatch(self) -> None:
+        """Hand pending jobs to idle workers, one job per worker at a time.
+
+        libvirt jobs prefer the lowest worker slots and the others the highest,
+        so the domain listing and the bulk VM stats of a cycle usually meet the
+        same worker and its open connection. With more than one worker, shell
+        actions never take the first: a cycle's listing and built-ins always
+        find it free, however long actions run.
+        """
+        cycle = self.cycle
+        if not self.pending or cycle is None:
+            return
+        idle = [slot for slot in range(self.config().workers)
+                if (c := self.pool.get(slot)) is not None and c.busy_with is None]
+        action_timeout = default_action_timeout(self.config().update_period)
+        while idle and self.pending:
+            job = self.pending[0]
+            if needs_libvirt(job):
+                slot = idle[0]
+            elif isinstance(job, RunAction) and self.config().workers > 1 and idle[-1] == 0:
+                break  # only the first worker is free: keep it for libvirt and built-ins
+            else:
+                slot = idle[-1]
+            idle.remove(slot)
+            self.pending.pop(0)
+            order = cycle.outstanding[job.job_id][0]
+            if isinstance(job, RunAction):
+                # An action may outlive its cycle: it runs for its own timeout.
+                timeout = job.metric.timeout or action_timeout
+                job = replace(job, deadline=self.clock() + timeout)
+            self.inflight[job.job_id] = (order, job)
+            child = self.pool.children[slot]
+            child.busy_with = job
+            child.send(job)
+
+    def finish_cycle(self) -> None:
+        cycle = self.cycle
+        assert cycle is not None
+        self.cycle = None
+        self.pending.clear()  # not reached: planned again next cycle, and first
+        for job in cycle.abandon():
+            if isinstance(job, ListDomains) and job.job_id in self.inflight:
+                cycle.domains_error = "listing domains did not finish before the cycle deadline"
+                cycle.failures.append(list_failure(cycle.domains_error))
+            # Anything else still running reports later; its values count then.
+        now = self.clock()
+        period = self.config().update_period
+        self.latest.store(cycle.fresh, now)
+        live = {d.id for d in cycle.domains} if cycle.domains is not None else None
+        carried = self.latest.fill(cycle.fresh, live, now, max_value_age(period))
+        capacity = self.config().disk_size - HEADER_SIZE if self.config().vbd else None
+        rendered = render(cycle.fresh, cycle.domains or (), capacity, len(cycle.failures),
+                          carried)
+        self.failures.update(cycle.failures, cycle.attempted)
+        self.note_disk_fit(rendered)
+        self.note_shell_work(cycle)
+        self.publisher.publish(rendered)
+        took = self.clock() - cycle.started
+        self.stats.update(cycles=self.stats["cycles"] + 1, last_cycle_seconds=took,
+                          published=rendered.published, left_out=rendered.left_out,
+                          carried=rendered.carried, vms_not_on_disk=rendered.vms_not_on_disk,
+                          shell_jobs=cycle.shell_jobs, shell_done=cycle.shell_done)
+        self.last_cycle_wall = time.time()
+        self.on_cycle_end()
+        release_free_memory()
+        log.debug("cycle %d: %d metrics, %d left out, %.3f s, %d kept from earlier cycles",
+                  cycle.number, rendered.published, rendered.left_out, took, rendered.carried)
+        late = self.clock_.advance(self.clock())
+        if late:
+            log.warning("cycle %d overran the %d s update period (%.2f s late)",
+                        cycle.number, self.config().update_period, late)
+
+    def note_disk_fit(self, rendered: Rendered) -> None:
+        short = rendered.vms_not_on_disk
+        if short and not self.disk_short:
+            log.warning("the metrics disk %s (%d bytes) cannot hold every VM: %d of %d VMs "
+                        "(the highest domain ids) are left out of it while this lasts "
+                        "(virtio still serves them); raise <size> in <disk>",
+                        self.config().disk_path, self.config().disk_size, short,
+                        len(rendered.vm_fragments))
+        elif self.disk_short and not short:
+            log.info("the metrics disk holds every VM again")
+        self.disk_short = short
+
+    def note_shell_work(self, cycle: Cycle) -> None:
+        behind = cycle.shell_done < cycle.shell_jobs
+        if behind and not self.behind:
+            log.warning("shell actions need more than the %d s update period: %d of %d ran "
+                        "in this cycle; the rest run first in the next, so each is refreshed "
+                        "about every %.0f s (a value is kept for at most %.0f s)",
+                        self.config().update_period, cycle.shell_done, cycle.shell_jobs,
+                        refresh_interval(self.config().update_period, cycle),
+                        max_value_age(self.config().update_period))
+        elif self.behind and not behind:
+            log.info("shell actions fit the update period again")
+        self.behind = behind
+

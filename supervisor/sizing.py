@@ -1,0 +1,79 @@
+"""How big the document gets: does the configured disk hold N running VMs?
+
+The estimate renders one host part and one VM part with the exact layout
+(``vhostmd.document``) and values as wide as their type allows: 20 digits
+for 64-bit integers, 10 for 32-bit ones, seconds with six decimals for
+reals; a shell metric's string (or xml) value is taken as ``STRING_WIDTH``
+characters, since only the action knows. VM ids are taken as 5 digits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vhostmd.document import assemble, render_metric, vm_attributes
+from vhostmd.mdisk import HEADER_SIZE
+from vhostmd.supervisor.config import Config
+from vhostmd.workers.collectors import BY_KIND
+from vhostmd.workers.collectors import plan as plan_collectors
+
+STRING_WIDTH = 32
+_WIDTHS = {"int32": 11, "uint32": 10, "int64": 20, "uint64": 20,
+           "real32": 17, "real64": 17, "string": STRING_WIDTH, "xml": STRING_WIDTH}
+_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    host: int  # bytes of the host part
+    per_vm: int  # bytes each running VM adds
+    capacity: int  # bytes the disk holds for the document
+
+    def total(self, vms: int) -> int:
+        return len(assemble([])) + self.host + vms * self.per_vm
+
+    def vms_that_fit(self) -> int:
+        room = self.capacity - len(assemble([])) - self.host
+        return max(0, room // self.per_vm) if self.per_vm else 0
+
+
+def estimate(config: Config) -> SizeEstimate:
+    host: list[str] = []
+    vm: list[str] = []
+    attrs = vm_attributes(99999, _UUID)
+
+    def add(name: str, mtype: str, context: str, unit: str | None) -> None:
+        value = "9" * _WIDTHS.get(mtype, STRING_WIDTH)
+        if context == "host":
+            host.append(render_metric(name, mtype, "host", value, unit))
+        else:
+            vm.append(render_metric(name, mtype, "vm", value, unit, attrs))
+
+    for metric in config.metrics:
+        if metric.type == "group":
+            for variable in metric.variables:
+                add(variable.name, variable.type, metric.context, None)
+        else:
+            add(metric.name, "string" if metric.type == "xml" else metric.type,
+                metric.context, metric.unit)
+    for plan in plan_collectors(config.builtins):
+        for name in plan.metric_names:
+            spec = BY_KIND[plan.context][name][1]
+            add(spec.name, spec.type, spec.context, spec.unit)
+    return SizeEstimate(len("".join(host).encode()), len("".join(vm).encode()),
+                        config.disk_size - HEADER_SIZE)
+
+
+def check_vms(config: Config, vms: int) -> tuple[bool, str]:
+    """Whether the configured disk holds ``vms`` running VMs, and one line saying so."""
+    size = estimate(config)
+    total = size.total(vms)
+    detail = (f"about {total:,} bytes for {vms} VMs (host {size.host:,} + {size.per_vm:,} "
+              f"per VM, string values taken as {STRING_WIDTH} characters)")
+    if total <= size.capacity:
+        return True, (f"the {config.disk_size:,}-byte disk holds {vms} VMs: {detail}; "
+                      f"room for about {size.vms_that_fit()} VMs")
+    needed_k = -(-(total + HEADER_SIZE) // 1024)
+    return False, (f"the {config.disk_size:,}-byte disk does NOT hold {vms} VMs: {detail}; "
+                   f"it holds about {size.vms_that_fit()} VMs; use <size unit=\"k\">{needed_k}"
+                   "</size> or more")

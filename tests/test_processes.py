@@ -1,0 +1,134 @@
+"""What the process model promises, checked on a real daemon and on the code itself.
+
+- The supervisor never loads libvirt (its memory maps hold no libvirt library).
+- Children hold their own pipes only: none of a sibling's.
+- Layering only points down: nothing outside supervisor/ imports it, and the
+  supervisor never imports the modules its children run.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import os
+from pathlib import Path
+
+import psutil
+
+from daemon_harness import Daemon, config_xml, disk_metrics, metric_xml, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {"core": "vhostmd", "supervisor": "vhostmd.supervisor", "workers": "vhostmd.workers",
+           "disk": "vhostmd.disk", "virtio": "vhostmd.virtio", "runtime": "vhostmd.runtime",
+           "guest": "vhostmd.guest"}
+CHILD_MODULES = ("vhostmd.workers.worker", "vhostmd.disk.writer", "vhostmd.virtio.manager")
+
+
+def pipes(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            found.add(target)
+    return found
+
+
+def test_supervisor_has_no_libvirt_and_children_hold_no_sibling_pipes(tmp_path: Path) -> None:
+    disk = tmp_path / "vhostmd0"
+    conf = config_xml(disk, metric_xml("A", "echo 1", mtype="uint32")
+                      + '<builtin set="vhostmd"/>', globals_extra="<workers>3</workers>")
+    with Daemon(tmp_path, conf) as daemon:
+        def vm_metrics() -> bool:
+            try:
+                return any(m.context == "vm" for m in disk_metrics(disk))
+            except Exception:
+                return False
+
+        wait_for(vm_metrics, 10, "VM metrics")
+        supervisor = psutil.Process(daemon.pid)
+        maps = Path(f"/proc/{daemon.pid}/maps").read_text()
+        assert "libvirt" not in maps
+        workers = [p for p in supervisor.children(recursive=True)
+                   if "vhostmd: worker" in " ".join(p.cmdline())]
+        assert len(workers) == 3
+        # The workers did load libvirt: the check above can fail.
+        assert any("libvirt" in Path(f"/proc/{w.pid}/maps").read_text() for w in workers)
+        held = [pipes(w.pid) for w in workers]
+        # Each worker holds its queues' ends, its doorbell and crash-report
+        # pipes, and the two pipes every child shares with multiprocessing's
+        # helpers (the forkserver's and the resource tracker's); never a
+        # sibling's queues (with fork they held some twenty).
+        for mine in held:
+            assert len(mine) <= 10, mine
+        for i in range(len(held)):
+            for j in range(i + 1, len(held)):
+                assert len(held[i] & held[j]) <= 2, (held[i] & held[j])
+        assert daemon.stop() == 0
+
+
+def imports_of(path: Path, package: str) -> set[str]:
+    """Absolute module names imported by one file (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base]) if base else ".".join(parts)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def module_imports() -> dict[str, set[str]]:
+    modules: dict[str, set[str]] = {}
+    for folder, package in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([package, *parts])
+            pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+            modules[name] = {i for i in imports_of(path, pkg) if i.startswith("vhostmd")}
+    return modules
+
+
+def test_layering_only_points_down() -> None:
+    modules = module_imports()
+    for name, imported in modules.items():
+        if not name.startswith("vhostmd.supervisor"):
+            assert not {i for i in imported if i.startswith("vhostmd.supervisor")}, name
+    # The supervisor never imports what its children run (libvirt comes with them).
+    supervisor = {i for n, imp in modules.items() if n.startswith("vhostmd.supervisor")
+                  for i in imp}
+    assert not supervisor & set(CHILD_MODULES)
+    assert "vhostmd.workers.libvirt_conn" not in supervisor
+
+
+def test_no_import_cycle() -> None:
+    modules = module_imports()
+    graph = {name: {i for i in imported if i in modules and i != name}
+             for name, imported in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycle = [*path[path.index(name):], name]
+            # A package importing its own submodules (``from pkg import sub``)
+            # is not a cycle of code.
+            assert all(b.startswith(a + ".") or a.startswith(b + ".") for a, b in
+                       itertools.pairwise(cycle)), " -> ".join(cycle)
+            return
+        if name in done:
+            return
+        for nxt in graph[name]:
+            visit(nxt, [*path, name])
+        done.add(name)
+
+    for name in graph:
+        visit(name, [])

@@ -1,0 +1,472 @@
+"""Real hypervisor end to end: QEMU guests under libvirt read the metrics (issue 13).
+
+libvirtd with the QEMU driver serves ``qemu:///system`` (TCG where KVM is not
+usable); vhostmd runs with the shipped configuration (only the disk path
+changed) against it; small guests (Debian's cloud kernel, a busybox initramfs)
+read the metrics disk from their virtio-blk device and the virtio-serial port,
+one of them also with the project's own ``vm-dump-metrics``. The rig is in
+``tests/qemu_rig.py``; ``-m 'not qemu'`` leaves these tests out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vhostmd import mdisk
+from vhostmd.document import Metric, parse_document
+
+import qemu_rig
+from daemon_harness import VHOSTMD, Daemon, cmdline, disk_metrics, wait_for
+from qemu_rig import Guest, GuestSpec, QemuHost
+
+# The tests' own budget is about 2 minutes on an idle 2-core machine; the
+# timeout leaves room for a loaded one (TCG boots take 40 s there) and for the
+# first test, which also pays for setting up libvirtd and the guests.
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(900)]
+
+NO_QEMU = qemu_rig.why_no_qemu()
+PERIOD = 5  # update_period of the shipped configuration
+# How long a change may take to reach a document: the next cycle, or the one
+# after on a loaded machine, with room for a slow libvirt call.
+DOC_WAIT = 8 * PERIOD
+ALPHA = "vhostmd-test-alpha"
+BETA = "vhostmd-test-beta"
+
+
+@dataclass
+class World:
+    host: QemuHost
+    disk: Path
+    daemon: Daemon
+    alpha: Guest  # Python image; 1 of 2 vCPUs online; balloon at 192 of 256 MiB
+    beta: Guest  # busybox image; 2 of 2 vCPUs online; balloon at its maximum
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[QemuHost]:
+    if NO_QEMU:
+        pytest.skip(NO_QEMU)
+    with qemu_rig.qemu_host() as qemu_host:
+        yield qemu_host
+
+
+@pytest.fixture(scope="module")
+def world(host: QemuHost) -> Iterator[World]:
+    """The daemon first, then two guests booted at once: both are VMs that started
+    after the daemon."""
+    disk = host.work / "vhostmd0"
+    daemon = Daemon(host.work, qemu_rig.shipped_config(disk), uri=qemu_rig.URI)
+    daemon.start()
+    state = World(host, disk, daemon,
+                  host.guest(GuestSpec(ALPHA, python=True), disk),
+                  host.guest(GuestSpec(BETA, memory_kib=128 * 1024, current_kib=128 * 1024,
+                                       vcpus=2, current_vcpus=2), disk))
+    try:
+        # QEMU opens the disk when the VM starts: it must exist by then.
+        wait_for(lambda: host_doc(disk), 60, "the daemon's first document", interval=0.2)
+        started = time.monotonic()
+        times = qemu_rig.boot_guests([state.alpha, state.beta])
+        qemu_rig.log(f"booted {len(times)} guests at once in {time.monotonic() - started:.1f} s "
+                     f"({', '.join(f'{n} {t:.1f} s' for n, t in times.items())}, "
+                     f"{host.domain_type})")
+        # A guest boots within one update_period (fast with KVM): the tests start
+        # once the daemon has listed both.
+        wait_for(lambda: {state.alpha.uuid, state.beta.uuid} <= set(
+            vm_metrics(host_doc(disk) or [])), DOC_WAIT, "both guests on the disk",
+            interval=0.2)
+        yield state
+    finally:
+        for guest in (state.alpha, state.beta):
+            guest.destroy()
+        state.daemon.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def host_doc(disk: Path) -> list[Metric] | None:
+    """The document on the disk as the host reads it; None while there is none yet."""
+    try:
+        return disk_metrics(disk)
+    except (OSError, mdisk.DiskError, ValueError):
+        return None
+
+
+def vm_metrics(metrics: list[Metric]) -> dict[str, dict[str, Metric]]:
+    """uuid -> metric name -> metric, for the vm context."""
+    found: dict[str, dict[str, Metric]] = {}
+    for metric in metrics:
+        if metric.context == "vm":
+            assert metric.uuid is not None, metric
+            found.setdefault(metric.uuid, {})[metric.name] = metric
+    return found
+
+
+def host_metrics(metrics: list[Metric]) -> dict[str, Metric]:
+    return {m.name: m for m in metrics if m.context == "host"}
+
+
+def builtin_host_metrics() -> set[str]:
+    """Names of every built-in host metric, as ``vhostmd --list-builtins`` lists them:
+    the shipped configuration selects both sets, so all of them."""
+    out = subprocess.run([VHOSTMD, "--list-builtins"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return set(re.findall(r"^(\w+)\s+host\s", out, re.M))
+
+
+def running_uuids() -> set[str]:
+    return set(qemu_rig.virsh("list", "--uuid").split())
+
+
+def hypervisor_version() -> str:
+    """'QEMU 7.2.22', as ``virsh version`` names the running hypervisor."""
+    out = qemu_rig.virsh("version")
+    match = re.search(r"Running hypervisor: (\S+) (\S+)", out)
+    assert match, out
+    return f"{match.group(1)} {match.group(2)}"
+
+
+def parse_raw_disk(raw: bytes) -> list[Metric] | None:
+    """A metrics disk image as read from a guest's device: its document, None if busy."""
+    head = mdisk.unpack_header(raw)
+    assert head.signature == mdisk.SIGNATURE, f"no metrics disk signature: {raw[:16]!r}"
+    if head.busy:
+        return None
+    content = raw[mdisk.HEADER_SIZE:mdisk.HEADER_SIZE + head.length]
+    assert len(content) == head.length, "the document runs past what was read"
+    assert mdisk.checksum_matches(content, head.checksum), "checksum does not match"
+    return parse_document(content)
+
+
+def guest_disk_doc(guest: Guest) -> list[Metric]:
+    """The document on the guest's virtio-blk device, read with O_DIRECT by busybox dd
+    and checked here (a busy disk is read again)."""
+    return wait_for(lambda: parse_raw_disk(guest.read_disk()), DOC_WAIT,
+                    f"a document that is not busy on {guest.name}'s disk", interval=0.2)
+
+
+def check_channel_is_ours(guest: Guest, daemon: Daemon) -> None:
+    """Fail, saying who, when a process other than ``daemon``'s virtio child holds the
+    guest's channel: another vhostmd on this machine that serves qemu:///system
+    or scans libvirt's channel directories (QEMU accepts one client per channel)."""
+    ours = daemon.titles()
+    foreign = {pid: cmd for pid, cmd in guest.channel_clients().items() if pid not in ours}
+    assert not foreign, (f"{guest.name}'s channel {guest.channel_path()} is held by another "
+                         f"process, not by this test's daemon (pid {daemon.pid}): "
+                         + "; ".join(describe_process(pid) for pid in foreign))
+
+
+def describe_process(pid: int) -> str:
+    """A process, its ancestors, and the files its top ancestor holds open (a vhostmd's
+    pid file and disk say whose daemon it is)."""
+    chain = []
+    current = pid
+    while current > 1 and len(chain) < 6:
+        chain.append(f"{current} {cmdline(current)!r}")
+        try:
+            stat_line = Path(f"/proc/{current}/stat").read_text()
+        except OSError:
+            break
+        current = int(stat_line.rsplit(")", 1)[1].split()[1])
+    top = int(chain[-1].split()[0]) if chain else pid
+    files = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{top}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{top}/fd/{fd}")
+                if target.startswith("/") and not target.startswith(("/dev/null", "/proc")):
+                    files.add(target)
+    return f"{' <- '.join(chain)}; {top} holds {sorted(files)}"
+
+
+def guest_virtio_doc(guest: Guest, daemon: Daemon, own: bool = True) -> list[Metric]:
+    """One answer to GET /metrics/XML on the guest's port (busybox sh), complete."""
+    def ask() -> list[Metric] | None:
+        check_channel_is_ours(guest, daemon)
+        answer = guest.read_virtio()
+        if answer.rc != 0:
+            return None  # not served yet (the daemon connects at its next cycle)
+        assert answer.out.startswith(b"<metrics>") and answer.out.endswith(b"</metrics>\n\n"), \
+            answer.out[-200:]
+        metrics = parse_document(answer.out)
+        if own and guest.uuid not in vm_metrics(metrics):
+            return None  # the channel of a previous run of this VM, before the next cycle
+        return metrics
+
+    return wait_for(ask, DOC_WAIT, f"{guest.name} served over virtio", interval=0.5)
+
+
+def doc_sampled_after(disk: Path, when: float) -> list[Metric]:
+    """The first document on the disk whose cycle sampled after the epoch time ``when``.
+
+    Time has whole seconds (truncated or rounded): 2 s later than ``when``'s
+    whole second is after ``when`` either way.
+    """
+    def newer() -> list[Metric] | None:
+        metrics = host_doc(disk)
+        if metrics and int(host_metrics(metrics)["Time"].value) >= math.floor(when) + 2:
+            return metrics
+        return None
+
+    return wait_for(newer, DOC_WAIT, f"a document sampled after {when:.0f}", interval=0.2)
+
+
+# --------------------------------------------------------------------------- point 4 and 5
+
+
+def test_every_guest_reads_host_metrics_and_every_running_vm_from_its_disk(world: World) -> None:
+    expected_host = builtin_host_metrics()
+    assert len(expected_host) > 15
+    for guest in (world.alpha, world.beta):
+        metrics = guest_disk_doc(guest)
+        found = host_metrics(metrics)
+        assert expected_host <= set(found), f"{guest.name}: missing {expected_host - set(found)}"
+        assert found["HostName"].value == os.uname().nodename
+        # Only the real QEMU driver answers with the QEMU version (the test driver: "Test").
+        assert found["VirtProductInfo"].value == hypervisor_version()
+        vms = vm_metrics(metrics)
+        assert {world.alpha.uuid, world.beta.uuid} <= set(vms)
+        # Every VM libvirt runs, ours or not, and no other.
+        assert set(vms) == running_uuids(), f"{guest.name}: {sorted(vms)}"
+        for uuid, by_name in vms.items():
+            assert set(by_name) == {"TotalCPUTime", "ResourceProcessorLimit",
+                                    "PhysicalMemoryAllocatedToVirtualSystem",
+                                    "ResourceMemoryLimit"}, uuid
+
+
+def test_each_guest_started_after_the_daemon_gets_only_its_own_vm_over_virtio(
+        world: World) -> None:
+    expected_host = builtin_host_metrics()
+    for guest in (world.alpha, world.beta):
+        metrics = guest_virtio_doc(guest, world.daemon)
+        # The daemon found the channel at the path libvirt chose: its virtio child
+        # is the one client of the socket.
+        clients = guest.channel_clients()
+        assert clients and all("vhostmd: virtio" in cmd for cmd in clients.values()), clients
+        check_channel_is_ours(guest, world.daemon)
+        assert expected_host <= set(host_metrics(metrics))
+        vms = vm_metrics(metrics)
+        assert set(vms) == {guest.uuid}, f"{guest.name} got {sorted(vms)}"
+        # The guest's own idea of who it is (SMBIOS, set by libvirt) is that VM.
+        smbios = guest.run("cat /sys/class/dmi/id/product_uuid", check=True).text.strip()
+        assert smbios.lower() == guest.uuid
+        ids = {m.vm_id for m in vms[guest.uuid].values()}
+        assert ids == {guest.domain_id()}
+
+
+def test_vm_dump_metrics_reads_both_transports_in_the_python_guest(world: World) -> None:
+    alpha = world.alpha
+    # -b scans the block devices for the signature and reads with O_DIRECT.
+    disk = alpha.run("vm-dump-metrics -b", check=True)
+    vms = vm_metrics(parse_document(disk.out))
+    assert set(vms) == running_uuids()
+    assert {world.alpha.uuid, world.beta.uuid} <= set(vms)
+    assert host_metrics(parse_document(disk.out))["HostName"].value == os.uname().nodename
+
+    def own_virtio() -> bytes | None:
+        check_channel_is_ours(alpha, world.daemon)
+        result = alpha.run("vm-dump-metrics -i")
+        return result.out if result.rc == 0 else None
+
+    answer = wait_for(own_virtio, DOC_WAIT, "vm-dump-metrics -i", interval=0.5)
+    assert set(vm_metrics(parse_document(answer))) == {alpha.uuid}
+    as_json = json.loads(alpha.run("vm-dump-metrics -i --format json", check=True).out)
+    assert {m["uuid"] for m in as_json if m["context"] == "vm"} == {alpha.uuid}
+    assert {m["name"] for m in as_json if m["context"] == "host"} >= builtin_host_metrics()
+    # --context vm finds this VM's own value by its SMBIOS UUID, on the shared disk too.
+    own = alpha.run("vm-dump-metrics -b --metric ResourceMemoryLimit --context vm", check=True)
+    assert own.text.strip() == qemu_rig.domstats(ALPHA, "balloon")["balloon.maximum"]
+    name = alpha.run("vm-dump-metrics --metric HostName", check=True)
+    assert name.text.strip() == os.uname().nodename
+
+
+# --------------------------------------------------------------------------- point 5 and 7
+
+
+def test_vm_metrics_come_from_bulk_stats_and_agree_with_virsh_domstats(world: World) -> None:
+    guests = (world.alpha, world.beta)
+    groups = ("cpu-total", "balloon", "vcpu")
+    # Right after boot the guest's balloon driver is still giving memory back:
+    # compare once the balloon has reached the domain's currentMemory.
+    for guest in guests:
+        wait_for(lambda g=guest: qemu_rig.domstats(g.name, "balloon")["balloon.current"]
+                 == str(g.spec.current_kib), 60, f"{guest.name}'s balloon", interval=0.5)
+    before = {g.name: qemu_rig.domstats(g.name, *groups) for g in guests}
+    metrics = doc_sampled_after(world.disk, time.time())
+    after = {g.name: qemu_rig.domstats(g.name, *groups) for g in guests}
+    vms = vm_metrics(metrics)
+    for guest in guests:
+        stats0, stats1, mine = before[guest.name], after[guest.name], vms[guest.uuid]
+        # The QEMU driver's bulk stats have every group the built-ins need, so
+        # the per-domain virDomainGetInfo fallback is not used.
+        for key in ("cpu.time", "balloon.current", "balloon.maximum", "vcpu.current"):
+            assert key in stats1, f"{guest.name}: domstats lacks {key}"
+        # CPU time grows: the document's value lies between the two samples taken
+        # around the cycle (6 decimals in the document).
+        cpu = float(mine["TotalCPUTime"].value)
+        assert int(stats0["cpu.time"]) / 1e9 - 1e-6 <= cpu <= int(stats1["cpu.time"]) / 1e9 + 1e-6
+        assert cpu > 0
+        assert mine["PhysicalMemoryAllocatedToVirtualSystem"].value == stats1["balloon.current"]
+        assert mine["ResourceMemoryLimit"].value == stats1["balloon.maximum"]
+        assert mine["ResourceProcessorLimit"].value == stats1["vcpu.current"]
+    # alpha's balloon sits below its maximum and one of its two vCPUs is online:
+    # the metrics follow the balloon and the online vCPUs, not the maxima.
+    alpha = vms[world.alpha.uuid]
+    assert int(alpha["PhysicalMemoryAllocatedToVirtualSystem"].value) < int(
+        alpha["ResourceMemoryLimit"].value)
+    assert alpha["ResourceProcessorLimit"].value == "1"
+    assert after[ALPHA]["vcpu.maximum"] == "2"
+    # The host's MemoryAllocatedToVirtualServers sums every running domain's balloon.
+    every = qemu_rig.virsh("domstats", "--balloon")
+    total = sum(int(v) for v in re.findall(r"balloon\.current=(\d+)", every))
+    assert host_metrics(metrics)["MemoryAllocatedToVirtualServers"].value == str(total)
+
+
+def test_balloon_and_vcpu_changes_reach_the_guest(world: World) -> None:
+    alpha = world.alpha
+    target = 160 * 1024
+    qemu_rig.virsh("setmem", ALPHA, f"{target}", "--live")
+    # The guest's balloon driver gives the memory back; QEMU tells libvirt.
+    wait_for(lambda: qemu_rig.domstats(ALPHA, "balloon")["balloon.current"] == str(target),
+             60, "the balloon to inflate", interval=0.5)
+    qemu_rig.virsh("setvcpus", ALPHA, "2", "--live")
+    wait_for(lambda: qemu_rig.domstats(ALPHA, "vcpu")["vcpu.current"] == "2", 60,
+             "the second vCPU", interval=0.5)
+
+    def follows() -> dict[str, Metric] | None:
+        mine = vm_metrics(guest_virtio_doc(alpha, world.daemon))[alpha.uuid]
+        memory = mine["PhysicalMemoryAllocatedToVirtualSystem"].value
+        return mine if memory == str(target) and mine["ResourceProcessorLimit"].value == "2" \
+            else None
+
+    mine = wait_for(follows, DOC_WAIT, "alpha's new memory and vCPUs over virtio", interval=1)
+    assert mine["ResourceMemoryLimit"].value == str(256 * 1024)
+
+
+# --------------------------------------------------------------------------- point 6
+
+
+def test_daemon_restart_gives_the_old_or_the_new_document_never_a_broken_one(
+        world: World) -> None:
+    alpha, beta = world.alpha, world.beta
+    # Readers in both guests, in the background, until /tmp/vh-stop exists.
+    for guest in (alpha, beta):
+        guest.run("rm -rf /tmp/vh-stop /tmp/vh-loop.done /tmp/snaps /tmp/loop.out", check=True)
+    alpha.run("PYTHONPATH=/usr/share/vhostmd python3 /usr/local/bin/vh-read-loop.py "
+              "/tmp/loop.out > /tmp/loop.err 2>&1 &", check=True)
+    beta.run("vh-snap-loop > /dev/null 2>&1 &", check=True)
+
+    def alpha_reads() -> list[dict[str, object]]:
+        text = alpha.run("cat /tmp/loop.out 2>/dev/null").text
+        return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+    def beta_rounds() -> int:
+        return int(beta.run("cat /tmp/vh-rounds 2>/dev/null || echo 0").text.strip() or 0)
+
+    def ok_reads(since: float, transport: str) -> int:
+        return sum(1 for r in alpha_reads() if r["t"] == transport and "time" in r
+                   and int(str(r["time"])) >= since)
+
+    wait_for(lambda: ok_reads(0, "vbd") and ok_reads(0, "virtio"), DOC_WAIT,
+             "alpha's readers to read", interval=0.5)
+    wait_for(lambda: beta_rounds() >= 5, DOC_WAIT, "beta's reader to read", interval=0.5)
+
+    count, rounds = len(alpha_reads()), beta_rounds()
+    stopped = time.time()
+    assert world.daemon.stop() == 0
+    # Both guests go on reading while no daemon runs...
+    wait_for(lambda: len(alpha_reads()) >= count + 4 and beta_rounds() >= rounds + 5,
+             DOC_WAIT, "the guests reading while no daemon runs", interval=0.5)
+    outage = alpha_reads()[count:]
+    world.daemon = Daemon(world.host.work, qemu_rig.shipped_config(world.disk),
+                          uri=qemu_rig.URI, name="vhostmd-restarted")
+    world.daemon.start()
+    restarted = math.floor(time.time())
+    qemu_rig.log(f"daemon restarted, {time.time() - stopped:.1f} s after the stop")
+    # ... and get the old document from the disk, and no answer over virtio (at
+    # most the first read of each began before the stop).
+    assert all("time" in r and int(str(r["time"])) < stopped
+               for r in outage if r["t"] == "vbd"), outage
+    assert any("error" in r for r in outage if r["t"] == "virtio"), outage
+    # The new daemon's documents reach both transports in the guest...
+    wait_for(lambda: ok_reads(restarted, "vbd") >= 2 and ok_reads(restarted, "virtio") >= 2,
+             DOC_WAIT * 2, "alpha reading the new daemon's documents", interval=0.5)
+    check_channel_is_ours(alpha, world.daemon)  # the new daemon's, no other vhostmd's
+    rounds = beta_rounds()
+    wait_for(lambda: beta_rounds() >= rounds + 20, DOC_WAIT, "beta reading on", interval=0.5)
+    for guest in (alpha, beta):
+        guest.run("touch /tmp/vh-stop; while [ ! -e /tmp/vh-loop.done ]; do usleep 100000; done",
+                  timeout=30, check=True)
+
+    reads = alpha_reads()
+    assert alpha.run("cat /tmp/loop.err").text == ""
+    # Never a broken document: failures are only "busy" (the new daemon's disk
+    # before its first document) and a channel gone or silent while no daemon runs.
+    allowed = {"vbd": {"DiskBusy"}, "virtio": {"VirtioError", "VirtioTimeout"}}
+    for read in reads:
+        if "error" in read:
+            assert read["error"] in allowed[str(read["t"])], read
+        elif read["t"] == "virtio":
+            assert read["vms"] == [alpha.uuid], read
+        else:
+            assert {alpha.uuid, beta.uuid} <= set(read["vms"]), read  # type: ignore[call-overload]
+    before = [r for r in reads if "time" in r and int(str(r["time"])) < stopped]
+    assert before, "no read of the old daemon's documents"
+
+    snapshots = beta.run("cd /tmp/snaps && tar -cf - .", check=True).out
+    stable = 0
+    new_seen = False
+    with tarfile.open(fileobj=io.BytesIO(snapshots)) as tar:
+        for member in tar.getmembers():
+            if not member.isfile():
+                continue
+            raw = tar.extractfile(member).read()  # type: ignore[union-attr]
+            # A stable read (same header before and after) is a whole document or
+            # marked busy: never a missing signature, a wrong checksum or bad XML.
+            metrics = parse_raw_disk(raw)
+            if metrics is None:
+                continue
+            stable += 1
+            when = int(host_metrics(metrics)["Time"].value)
+            new_seen = new_seen or when >= restarted
+    assert stable >= 2 and new_seen, f"{stable} stable reads, new document seen: {new_seen}"
+    errors = Counter(f"{r['t']} {r['error']}" for r in reads if "error" in r)
+    qemu_rig.log(f"restart: alpha {len(reads)} reads (failed: {dict(errors) or 'none'}), "
+                 f"beta {stable} distinct stable documents")
+
+
+def test_destroyed_vm_leaves_and_returns_with_a_new_id(world: World) -> None:
+    beta = world.beta
+    old_id = beta.domain_id()
+    assert beta.uuid in vm_metrics(host_doc(world.disk) or [])
+    beta.destroy()
+    wait_for(lambda: beta.uuid not in vm_metrics(host_doc(world.disk) or [{}]),  # type: ignore[list-item]
+             DOC_WAIT, "the destroyed VM to leave the document", interval=0.2)
+    # What the other guest reads from its disk agrees.
+    assert beta.uuid not in vm_metrics(guest_disk_doc(world.alpha))
+
+    beta.start()
+    beta.wait_ready()
+    new_id = beta.domain_id()
+    assert new_id != old_id
+    # Served again under its new id: on the disk and over its (new) channel.
+    wait_for(lambda: {m.vm_id for m in vm_metrics(host_doc(world.disk) or []).get(
+        beta.uuid, {}).values()} == {new_id}, DOC_WAIT, "the VM back with its new id",
+        interval=0.2)
+    mine = vm_metrics(guest_virtio_doc(beta, world.daemon))
+    assert set(mine) == {beta.uuid}
+    assert {m.vm_id for m in mine[beta.uuid].values()} == {new_id}
