@@ -1,4 +1,4 @@
-"""The child pool with real children: real workers (forkserver), real shell actions, signals.
+"""A hung child and its replacement, with real workers (forkserver), real shell actions, signals.
 
 The test drives ChildPool.converge itself, so it decides when the pool looks
 at its children; every wait is a bounded poll on something observable.
