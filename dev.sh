@@ -96,10 +96,21 @@ demo_qemu() {
 
 run_tests() {
     setup
+    # Lint problems do not hide the test results: pytest runs either way and its
+    # summary line ("N passed ...") is printed; the exit status reports both.
+    # No -q of our own: with the caller's -q it would become -qq, which drops that line.
+    local lint=0 status=0
     say "ruff"
-    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" check . || lint=$?
     say "pytest"
-    "$VENV/bin/pytest" -q -p no:cacheprovider "$@"
+    "$VENV/bin/pytest" -p no:cacheprovider "$@" || status=$?
+    if [ "$lint" -ne 0 ]; then
+        say "ruff found problems (above)"
+    fi
+    if [ "$status" -ne 0 ]; then
+        return "$status"
+    fi
+    return "$lint"
 }
 
 case "${1:-}" in

@@ -8,9 +8,10 @@ test-driver node files with N running domains and reports, per N:
   rendered and handed to the disk-writer (the daemon's own "cycle N: ..."
   debug line), median and p95 over the measured cycles;
 - CPU seconds per cycle of all vhostmd processes together (supervisor, workers,
-  disk-writer, and the shell pipelines the workers ran): utime+stime+cutime+
-  cstime from /proc/PID/stat, over the measured window, divided by its cycles;
-- total PSS of all vhostmd processes (/proc/PID/smaps_rollup) at the end.
+  disk-writer, and the shell pipelines the workers ran): user+system time of
+  each process and of the children it reaped (psutil ``cpu_times``), over the
+  measured window, divided by its cycles;
+- total PSS of all vhostmd processes (psutil ``memory_full_info().pss``) at the end.
 
 "builtin" runs the shipped etc/vhostmd.conf (both metric sets from built-in
 collectors). "shell" runs a config whose only metric is the original's default
@@ -40,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
@@ -48,7 +51,6 @@ import nodes  # noqa: E402  (tests/nodes.py: writes the test-driver node files)
 VHOSTMD = str(Path(sys.executable).parent / "vhostmd")
 SHIPPED_CONF = HERE.parent / "etc" / "vhostmd.conf"
 CYCLE_LINE = re.compile(r"cycle (\d+): (\d+) metrics, (\d+) left out, ([0-9.]+) s")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # The original's default VM metric (upstream vhostmd.conf), verbatim.
 SHELL_VM_METRIC = """
     <metric type="real64" context="vm" unit="s">
@@ -129,36 +131,21 @@ class DaemonLog:
                 self.changed.wait(min(left, 1.0))
 
 
-def descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            parents.setdefault(ppid, []).append(int(entry))
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        for child in parents.get(current, []):
-            found.append(child)
-            frontier.append(child)
-    return found
-
-
 def title(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline()).strip()
+    except psutil.Error:
         return ""
 
 
 def vhostmd_processes(root: int) -> dict[int, str]:
     """pid -> role of the supervisor and its vhostmd children (not the shells they run)."""
+    try:
+        tree = [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
+    except psutil.Error:
+        return {}
     found = {}
-    for pid in [root, *descendants(root)]:
+    for pid in tree:
         text = title(pid)
         if text.startswith("vhostmd:"):
             role = text.split(":", 1)[1].strip().split()[0]  # supervisor, worker, disk-writer
@@ -169,10 +156,10 @@ def vhostmd_processes(root: int) -> dict[int, str]:
 def cpu_seconds(pid: int) -> float:
     """utime+stime of the process and of its children it has reaped (the shells)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
-    return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def cpu_by_role(root: int) -> dict[str, float]:
@@ -186,10 +173,9 @@ def pss_by_role(root: int) -> dict[str, int]:
     """KiB of PSS per process role (workers summed)."""
     totals: dict[str, int] = {}
     for pid, role in vhostmd_processes(root).items():
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    totals[role] = totals.get(role, 0) + int(line.split()[1])
+        with contextlib.suppress(psutil.Error):
+            pss = psutil.Process(pid).memory_full_info().pss
+            totals[role] = totals.get(role, 0) + pss // 1024
     return totals
 
 
@@ -298,9 +284,7 @@ def machine() -> list[str]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    mem_kib = 0
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    mem_kib = psutil.virtual_memory().total // 1024
     try:
         import libvirt
 

@@ -15,7 +15,7 @@ connected all N channels, and then measures:
   response is complete, for a few seconds. The per-channel rate limit
   (RATE_PER_SECOND) caps this at N x that rate, which the table shows too;
 - the virtio process's CPU seconds (over the measured phases) and its PSS and
-  RSS (/proc/PID/smaps_rollup) at the end.
+  RSS (psutil ``memory_full_info``) at the end.
 
 The update period is long on purpose, so that the measurement window sits
 between two cycles (a cycle runs a shell per VM for the VmId metric): this
@@ -25,6 +25,7 @@ measures the virtio process, not the collectors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -38,6 +39,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+import psutil
 
 from vhostmd.protocol import CHANNEL_NAME, REQUEST, RESPONSE_END
 from vhostmd.virtio.channel import RATE_BURST, RATE_PER_SECOND
@@ -96,31 +99,21 @@ def raise_fd_limit(needed: int) -> None:
 
 def children_of(pid: int) -> dict[int, str]:
     found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-                found[int(entry)] = title.decode().strip()
-        except (OSError, IndexError, ValueError):
-            continue
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children():
+            with contextlib.suppress(psutil.Error):
+                found[child.pid] = " ".join(child.cmdline()).strip()
     return found
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    values = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("Rss", "Pss"):
-            values[name] = int(rest.split()[0])
-    return values
+    memory = psutil.Process(pid).memory_full_info()
+    return {"Rss": memory.rss // 1024, "Pss": memory.pss // 1024}
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -135,11 +128,7 @@ def machine_info() -> list[tuple[str, str]]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    mem_kib = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
+    mem_kib = psutil.virtual_memory().total // 1024
     return [
         ("nproc", str(os.cpu_count())),
         ("CPU", model),

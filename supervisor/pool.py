@@ -228,7 +228,10 @@ class SlotHistory:
         if now - started > CRASH_WINDOW:
             self.loops = 0  # it had been running fine: a new problem, not the same loop
         self.recent.append(now)
-        if len(self.recent) == CRASH_LIMIT and now - self.recent[0] < CRASH_WINDOW:
+        # Once in a loop, every short run continues it: the back-offs themselves
+        # spread the last CRASH_LIMIT restarts over more than CRASH_WINDOW.
+        looping = len(self.recent) == CRASH_LIMIT and now - self.recent[0] < CRASH_WINDOW
+        if self.loops > 0 or looping:
             self.loops += 1
             backoff = min(MAX_BACKOFF, 2.0 ** self.loops)
             self.not_before = now + backoff
@@ -255,6 +258,8 @@ class ChildPool:
         self.dying: list[Child] = []  # killed or aborted, not reaped yet
         self.history: dict[int, SlotHistory] = {}
         self.stopping = False
+        # What ``spawn`` builds: a test replaces it with a fake child (no process).
+        self.child_factory: Callable[..., Child] = Child
 
     @property
     def beat_interval(self) -> float:
@@ -341,7 +346,7 @@ class ChildPool:
             self.lost(child, why)
 
     def spawn(self, spec: ChildSpec) -> Child:
-        child = Child(spec, self.shared, self.level, self.on_message)
+        child = self.child_factory(spec, self.shared, self.level, self.on_message)
         self.children[spec.slot] = child
         log.debug("started %s (pid %d)", spec.role, child.pid)
         self.on_started(child)

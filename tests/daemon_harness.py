@@ -14,8 +14,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
+
+import psutil
 
 from vhostmd import mdisk
 from vhostmd.document import Metric, parse_document
@@ -131,43 +134,71 @@ def header(path: Path | str) -> mdisk.Header:
         return mdisk.unpack_header(f.read(mdisk.HEADER_SIZE))
 
 
+def published(disk: Path | str) -> bool:
+    """A document is on the disk and stable (busy=0): what a guest could read now."""
+    try:
+        head = header(disk)
+    except (OSError, ValueError, mdisk.DiskError):
+        return False
+    return head.busy == 0 and head.length > 0
+
+
+def wait_document(disk: Path | str, timeout: float = 5.0) -> list[Metric]:
+    """The one way to wait for a daemon's first document: its metrics, once there is one."""
+    wait_for(lambda: published(disk), timeout, f"the first document on {disk}")
+    return disk_metrics(disk)
+
+
+def values(disk: Path | str) -> dict[tuple[str, str, int | None], str]:
+    """(context, name, VM id) -> value of every metric on the disk now."""
+    return {(m.context, m.name, m.vm_id): m.value for m in disk_metrics(disk)}
+
+
+def metric_names(disk: Path | str) -> set[str]:
+    """Metric names on the disk now (empty while there is no readable document)."""
+    try:
+        return {m.name for m in disk_metrics(disk)}
+    except Exception:
+        return set()
+
+
+def host_value(disk: Path | str, name: str) -> str | None:
+    """The value of host metric ``name`` now (None while there is none, or no document)."""
+    try:
+        return next((m.value for m in disk_metrics(disk)
+                     if m.name == name and m.vm_id is None), None)
+    except Exception:
+        return None
+
+
+def updates_resume(disk: Path | str, timeout: float = 5.0, metric: str = "Nanos") -> None:
+    """Wait for a document, then for a newer one (``metric`` changes every cycle)."""
+    first = wait_for(lambda: host_value(disk, metric), timeout, "a document")
+    wait_for(lambda: (v := host_value(disk, metric)) is not None and v != first, timeout,
+             "a newer document")
+
+
 def children_of(pid: int) -> dict[int, str]:
     """pid -> command line (process title) of every descendant of ``pid``."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents[int(entry)] = ppid
-    found: dict[int, str] = {}
-    frontier = [pid]
-    while frontier:
-        current = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == current and child not in found:
-                found[child] = cmdline(child)
-                frontier.append(child)
-    return found
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return {}
+    return {child.pid: cmdline(child.pid) for child in descendants}
 
 
 def cmdline(pid: int) -> str:
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline()).strip()
+    except psutil.Error:
         return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
 def alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return state != "Z"
 
 
 class Daemon:
@@ -208,6 +239,17 @@ class Daemon:
     def wait_log_match(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """The first match of the regular expression ``pattern`` in the log, once there is one."""
         return wait_for(lambda: re.search(pattern, self.log()), timeout, f"log {pattern!r}")
+
+    def log_time(self, pattern: str, timeout: float = 10.0) -> float:
+        """When (time.time()) the daemon logged its first line matching ``pattern``.
+
+        The daemon's own timestamp of an event, so a test can bound how long
+        something took without the slack of polling for it.
+        """
+        stamp_re = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})"
+        match = self.wait_log_match(rf"(?m)^{stamp_re} .*{pattern}", timeout)
+        stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
+        return stamp.timestamp() + int(match.group(2)) / 1000
 
     def titles(self) -> dict[int, str]:
         return children_of(self.pid)

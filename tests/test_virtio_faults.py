@@ -43,7 +43,7 @@ GARBAGE = [b"hello\n\n", b"GET /metrics/JSON\n\n", b"\x00\xff\x1b[2J;reboot\r\n\
 NORMAL_INTERVAL = 0.2
 LATENCY_P95_BOUND = 0.1  # seconds; a request is answered in a few ms on an idle host
 
-REPLACE_BOUND = 2 * UPDATE_PERIOD + 1.0  # s from the fault to a new child (+ polling slack)
+REPLACE_BOUND = 2 * UPDATE_PERIOD  # s from the fault to a new child
 
 
 class GarbageFlood(threading.Thread):
@@ -165,14 +165,15 @@ def test_virtio_child_fault_is_repaired(rig: Rig, fault: signal.Signals) -> None
     reader.start()
     try:
         old_pid = daemon.child_pid(TITLE)
-        faulted_at = time.monotonic()
+        faulted_at = time.time()
         os.kill(old_pid, fault)
         if fault == signal.SIGSTOP:
-            daemon.wait_log(f"virtio (pid {old_pid}) stopped responding", 2 * REPLACE_BOUND)
+            daemon.wait_log(f"virtio (pid {old_pid}) stopped responding", 10)
         else:
-            daemon.wait_log(f"virtio (pid {old_pid}) died (killed by SIGKILL)", 2 * REPLACE_BOUND)
-        daemon.child_pid(TITLE, 2 * REPLACE_BOUND, other_than=old_pid)
-        replaced_after = time.monotonic() - faulted_at
+            daemon.wait_log(f"virtio (pid {old_pid}) died (killed by SIGKILL)", 10)
+        new_pid = daemon.child_pid(TITLE, 10, other_than=old_pid)
+        # By the daemon's own log clock: no polling slack in the bound.
+        replaced_after = daemon.log_time(rf"started virtio \(pid {new_pid}\)") - faulted_at
         assert replaced_after <= REPLACE_BOUND, f"replaced after {replaced_after:.2f} s"
         wait_for(lambda: not alive(old_pid), 3, "the old virtio child to be gone")
 
@@ -181,7 +182,7 @@ def test_virtio_child_fault_is_repaired(rig: Rig, fault: signal.Signals) -> None
             fake.accept_again(5)
             # Right away: the new child got the latest fragments at its start.
             check_own_metrics(fake.request(), vm_id)
-        served_after = time.monotonic() - faulted_at
+        served_after = time.time() - faulted_at
         wait_for(lambda: daemon.title(TITLE) == TITLE_ALL_CONNECTED, 5, "the virtio title")
         # The disk reader goes on over two more cycles published after the fault.
         cycles_after_fault = cycles_done(rig)

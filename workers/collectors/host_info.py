@@ -18,10 +18,10 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def host_system_info() -> str:
+def host_system_info(dmi_dir: str = DMI_DIR) -> str:
     """DMI vendor and product of the machine; the kernel's uname where there is no DMI."""
-    vendor = _read_text(f"{DMI_DIR}/sys_vendor")
-    product = _read_text(f"{DMI_DIR}/product_name")
+    vendor = _read_text(f"{dmi_dir}/sys_vendor")
+    product = _read_text(f"{dmi_dir}/product_name")
     described = " ".join(part for part in (vendor, product) if part)
     if described:
         return described
@@ -29,9 +29,9 @@ def host_system_info() -> str:
     return f"{uname.sysname} {uname.release} {uname.machine}"
 
 
-def os_vendor() -> str:
+def os_vendor(os_release: tuple[str, ...] = OS_RELEASE) -> str:
     """NAME from os-release: the distribution that ships the virtualization stack."""
-    for path in OS_RELEASE:
+    for path in os_release:
         for line in _read_text(path).splitlines():
             key, _, value = line.partition("=")
             if key.strip() == "NAME":
