@@ -140,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         sys.stderr.write(f"{PROG}: {message}\n")
 
-    # --disk names the one disk to read: no fallback to virtio when it fails.
-    transport = "vbd" if args.vbd or args.disk else "virtio" if args.virtio else None
+    transport = "vbd" if args.vbd else "virtio" if args.virtio else None
     try:
         document = read_metrics(
             transport,
