@@ -49,6 +49,8 @@ from vhostmd.supervisor.cycle import (
     store_fragments,
 )
 from vhostmd.supervisor.cycle import domain_list_failure as list_failure
+from vhostmd.supervisor.health import HealthFile
+from vhostmd.supervisor.instant import InstantCycles
 from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
 from vhostmd.supervisor.publisher import Publisher
 from vhostmd.supervisor.status import build_status, remove_status, write_status
@@ -119,6 +121,9 @@ class Supervisor:
         self._plans: list[CollectorPlan] = []
         self._plans_for: Config | None = None
         self.cycle_clock = CycleClock(config.update_period, clock())
+        self.instant = InstantCycles()  # extra cycles on libvirt lifecycle events
+        self.health = HealthFile()  # <textfile>: health for Prometheus
+        self.virtio_refused = 0
         self.stats: dict[str, float] = {
             "cycles": 0, "last_cycle_seconds": 0.0, "published": 0, "left_out": 0,
             "carried": 0, "vms_not_on_disk": 0, "shell_jobs": 0, "shell_done": 0}
@@ -214,6 +219,8 @@ class Supervisor:
         now = self.clock()
         if self.cycle is None and now >= self.cycle_clock.next:
             self.start_cycle(now)
+        elif self.cycle is None and self.instant.due(now, self.cycle_clock.next):
+            self.start_cycle(now, extra=True)
         self.dispatch()
         if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
             self.finish_cycle()
@@ -221,7 +228,8 @@ class Supervisor:
                            hang_timeout(self.config.update_period))
 
     def sleep(self) -> None:
-        self.sleep_until(self.cycle_clock.next if self.cycle is None else self.cycle.deadline)
+        self.sleep_until(self.instant.wake(self.cycle_clock.next) if self.cycle is None
+                         else self.cycle.deadline)
 
     def sleep_until(self, until: float) -> None:
         """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
@@ -311,6 +319,13 @@ class Supervisor:
             log.error("%s", message[1])
         elif kind == "virtio-status":
             self.virtio_status = tuple(message[1:4])  # type: ignore[assignment]
+            self.virtio_refused = message[4] if len(message) > 4 else 0
+        elif kind == "domains-changed":
+            log.debug("libvirt event: %s%s; listing again now", message[1],
+                      f" (domain id {message[2]})" if message[2] is not None else "")
+            self.instant.request()
+        elif kind == "events-state":
+            self.instant.state(bool(message[1]), str(message[2]))
 
     def on_started(self, child: Child) -> None:
         if child.slot == DISK_SLOT:
@@ -340,10 +355,13 @@ class Supervisor:
             self._plans_for = self.config
         return self._plans
 
-    def start_cycle(self, now: float) -> None:
+    def start_cycle(self, now: float, extra: bool = False) -> None:
         period = self.config.update_period
         self.cycle_number += 1
         deadline = now + max(0.5, 0.8 * period)
+        if extra:  # asked for by a libvirt event: ends by the next regular start
+            deadline = self.instant.deadline(deadline, self.cycle_clock.next)
+        self.instant.started(self.cycle_number, now, extra)
         cycle = Cycle(self.cycle_number, now, deadline)
         # Jobs end a little before the cycle does, so a timed-out job is
         # reported as such instead of as a missing result.
@@ -419,10 +437,14 @@ class Supervisor:
                           shell_jobs=cycle.shell_jobs, shell_done=cycle.shell_done)
         self.last_cycle_wall = time.time()
         self.write_status()
+        self.health.write(self.config.textfile, self)
         release_free_memory()
         log.debug("cycle %d: %d metrics, %d left out, %.3f s, %d kept from earlier cycles",
                   cycle.number, rendered.published, rendered.left_out, took, rendered.carried)
-        late = self.cycle_clock.advance(self.clock())
+        # An extra cycle (libvirt event) leaves the regular schedule as it is.
+        late = 0.0
+        if not self.instant.is_extra(cycle.number):
+            late = self.cycle_clock.advance(self.clock())
         if late:
             log.warning("cycle %d overran the %d s update period (%.2f s late)",
                         cycle.number, self.config.update_period, late)
