@@ -7,9 +7,11 @@ one leaves the document within a second instead of one update period.
 
 Extra cycles never move the regular schedule (``CycleClock``): they do not
 advance it, and each ends by the next regular start at the latest. They are
-rate-limited: at most one start (extra or regular) per ``MIN_GAP`` seconds,
-and none when the next regular cycle is due within ``MIN_GAP`` anyway, so an
-event storm (a host booting 500 VMs) costs at most 2 cycles a second.
+rate-limited: at most one extra cycle per ``MIN_GAP`` seconds, and none when
+the next regular cycle is due within ``MIN_GAP`` anyway (it lists the domains
+too), so an event storm (a host booting 500 VMs) costs at most 2 extra cycles
+a second. A regular cycle does not hold back an extra one: an event just
+after a regular cycle is served at once.
 
 Whether events are being received at all is kept here too, for the status
 file and the health textfile; without events nothing changes but latency.
@@ -26,7 +28,7 @@ class InstantCycles:
     def __init__(self, min_gap: float = MIN_GAP) -> None:
         self.min_gap = min_gap
         self.wanted = False  # an event came after the last cycle started
-        self.last_start = -math.inf
+        self.last_extra = -math.inf  # when the last extra cycle started
         self.extra_cycle: int | None = None  # number of the running extra cycle
         self.extra_total = 0
         self.events_total = 0
@@ -40,14 +42,14 @@ class InstantCycles:
 
     def due(self, now: float, next_regular: float) -> bool:
         """Should an extra cycle start now (none is running)?"""
-        return (self.wanted and now >= self.last_start + self.min_gap
+        return (self.wanted and now >= self.last_extra + self.min_gap
                 and next_regular - now >= self.min_gap)
 
     def wake(self, until: float) -> float:
         """When the loop must wake, given it would wake at ``until`` for the schedule."""
         if not self.wanted:
             return until
-        return min(until, self.last_start + self.min_gap)
+        return min(until, self.last_extra + self.min_gap)
 
     def deadline(self, deadline: float, next_regular: float) -> float:
         """An extra cycle's deadline: its usual one, but not past the next regular start."""
@@ -56,8 +58,8 @@ class InstantCycles:
     def started(self, number: int, now: float, extra: bool) -> None:
         """A cycle started: it lists the domains, so it answers every event so far."""
         self.wanted = False
-        self.last_start = now
         if extra:
+            self.last_extra = now
             self.extra_cycle = number
             self.extra_total += 1
 

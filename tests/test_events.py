@@ -202,8 +202,8 @@ def test_extra_cycles_never_move_the_schedule() -> None:
             assert instant.deadline(now + 0.8 * period, clock.next) <= clock.next
         now = round(now + 0.01, 2)
     assert regular_starts == [100.0, 105.0, 110.0, 115.0]
-    # 100.2/100.3 wait for the gap after the 100.0 start; 104.7/104.9 are served by
-    # the 105.0 regular start; the 107.x burst costs two cycles (at once, then after
-    # the gap); 109.8 rides on the 110.0 regular start.
-    assert extra_starts == [100.5, 101.0, 107.0, 107.5]
+    # 100.2 is served at once, 100.3 and 101.0 each after the gap; 104.7/104.9 are
+    # served by the 105.0 regular start; the 107.x burst costs two cycles (at once,
+    # then after the gap); 109.8 rides on the 110.0 regular start.
+    assert extra_starts == [100.2, 100.7, 101.2, 107.0, 107.5]
     assert all(b - a >= MIN_GAP for a, b in itertools.pairwise(extra_starts))
