@@ -117,3 +117,28 @@ def test_failed_write_leaves_no_file_and_the_daemon_goes_on(tmp_path: Path) -> N
         assert daemon.proc is not None and daemon.proc.poll() is None
         assert daemon.stop() == 0
         assert "Traceback" not in daemon.log()
+
+
+def test_textfile_config(tmp_path: Path) -> None:
+    from vhostmd.supervisor.config import ConfigError, load_config, parse_config_bytes
+
+    conf = tmp_path / "v.conf"
+    conf.write_text(config_xml(tmp_path / "d", globals_extra="<textfile>h/v.prom</textfile>"))
+    loaded = load_config(conf)
+    assert loaded.textfile == str(tmp_path / "h" / "v.prom") and loaded.warnings == ()
+    assert load_config_text(tmp_path, "").textfile is None
+    odd = load_config_text(tmp_path, "<textfile>/x/vhostmd.txt</textfile>")
+    assert any("does not end in .prom" in w for w in odd.warnings)
+    twice = "<textfile>/a.prom</textfile><textfile>/b.prom</textfile>"
+    try:
+        parse_config_bytes(config_xml(tmp_path / "d", globals_extra=twice).encode(), "t.conf")
+    except ConfigError as exc:
+        assert "<textfile> given more than once" in str(exc)
+    else:
+        raise AssertionError("a second <textfile> was accepted")
+
+
+def load_config_text(tmp_path: Path, extra: str) -> object:
+    from vhostmd.supervisor.config import parse_config_bytes
+
+    return parse_config_bytes(config_xml(tmp_path / "d", globals_extra=extra).encode(), "t.conf")
