@@ -13,6 +13,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from vhostmd.supervisor.config import Config, ConfigError, load_config, parse_config_bytes
+
 from daemon_harness import Daemon, config_xml, header, metric_xml, wait_for
 
 NANOS = metric_xml("Nanos", "date +%s%N", mtype="uint64")
@@ -120,8 +122,6 @@ def test_failed_write_leaves_no_file_and_the_daemon_goes_on(tmp_path: Path) -> N
 
 
 def test_textfile_config(tmp_path: Path) -> None:
-    from vhostmd.supervisor.config import ConfigError, load_config, parse_config_bytes
-
     conf = tmp_path / "v.conf"
     conf.write_text(config_xml(tmp_path / "d", globals_extra="<textfile>h/v.prom</textfile>"))
     loaded = load_config(conf)
@@ -138,7 +138,6 @@ def test_textfile_config(tmp_path: Path) -> None:
         raise AssertionError("a second <textfile> was accepted")
 
 
-def load_config_text(tmp_path: Path, extra: str) -> object:
-    from vhostmd.supervisor.config import parse_config_bytes
+def load_config_text(tmp_path: Path, extra: str) -> Config:
 
     return parse_config_bytes(config_xml(tmp_path / "d", globals_extra=extra).encode(), "t.conf")
