@@ -14,6 +14,7 @@ import setproctitle
 
 import vhostmd.disk.writer
 import vhostmd.virtio.manager
+import vhostmd.workers.events
 import vhostmd.workers.worker  # noqa: F401
 
 setproctitle.setproctitle("vhostmd: forkserver")

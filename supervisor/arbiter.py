@@ -34,6 +34,9 @@ from vhostmd.supervisor.children import (
     wanted_children,
 )
 from vhostmd.supervisor.config import Config, ConfigError, load_config
+from vhostmd.supervisor.cycle import FailureLog
+from vhostmd.supervisor.health import HealthFile
+from vhostmd.supervisor.instant import InstantCycles
 from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
 from vhostmd.supervisor.publisher import Publisher
 from vhostmd.supervisor.scheduler import CycleRunner
@@ -74,7 +77,9 @@ class Supervisor:
         self.publisher = Publisher(lambda: self.pool.get(DISK_SLOT),
                                    lambda: self.pool.get(VIRTIO_SLOT))
         self.cycles = CycleRunner(lambda: self.config, self.pool, self.publisher, clock,
-                                  self.write_status)
+                                  self.cycle_ended)
+        self.health = HealthFile()  # <textfile>: health for Prometheus
+        self.virtio_refused = 0
 
     # -- signals -------------------------------------------------------------
 
@@ -244,6 +249,20 @@ class Supervisor:
             log.error("%s", message[1])
         elif kind == "virtio-status":
             self.virtio_status = tuple(message[1:4])  # type: ignore[assignment]
+            self.virtio_refused = message[4] if len(message) > 4 else 0
+        elif kind == "domains-changed":
+            log.debug("libvirt event: %s%s; listing again now", message[1],
+                      f" (domain id {message[2]})" if message[2] is not None else "")
+            self.cycles.instant.request()
+        elif kind == "events-state":
+            self.cycles.instant.state(bool(message[1]), str(message[2]))
+            self.virtio_refused = message[4] if len(message) > 4 else 0
+        elif kind == "domains-changed":
+            log.debug("libvirt event: %s%s; listing again now", message[1],
+                      f" (domain id {message[2]})" if message[2] is not None else "")
+            self.instant.request()
+        elif kind == "events-state":
+            self.instant.state(bool(message[1]), str(message[2]))
 
     def on_lost(self, child: Child, why: str) -> None:
         self.cycles.on_lost(child, why)
@@ -256,6 +275,27 @@ class Supervisor:
             self.publisher.send_fragments()
 
     # -- status and shutdown -----------------------------------------------------
+
+    # What status and health read, kept by the cycle runner.
+    @property
+    def stats(self) -> dict[str, float]:
+        return self.cycles.stats
+
+    @property
+    def last_cycle_wall(self) -> float:
+        return self.cycles.last_cycle_wall
+
+    @property
+    def instant(self) -> InstantCycles:
+        return self.cycles.instant
+
+    @property
+    def failures(self) -> FailureLog:
+        return self.cycles.failures
+
+    def cycle_ended(self) -> None:
+        self.write_status()
+        self.health.write(self.config.textfile, self)
 
     def write_status(self) -> None:
         if self.status_file is None:

@@ -1,7 +1,7 @@
 """Which children a configuration wants, and how closely they are watched.
 
-Slots: workers take 0..workers-1; the disk-writer and the virtio process
-have fixed slots after the largest worker pool.
+Slots: workers take 0..workers-1; the disk-writer, the virtio process and
+the events process have fixed slots after the largest worker pool.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from vhostmd.supervisor.pool import ChildSpec
 
 DISK_SLOT = MAX_WORKERS
 VIRTIO_SLOT = MAX_WORKERS + 1
+EVENTS_SLOT = MAX_WORKERS + 2
 
 
 def hang_timeout(period: int) -> float:
@@ -27,7 +28,8 @@ def beat_interval(period: int) -> float:
 
 def wanted_children(config: Config, uri: str | None,
                     disk: DiskHandle | None = None) -> dict[int, ChildSpec]:
-    """What should run for ``config``: the workers, the disk-writer, the virtio process.
+    """What should run for ``config``: the workers, the disk-writer, the virtio process,
+    and the events process (libvirt lifecycle events, see ``vhostmd.workers.events``).
 
     The disk-writer maps ``disk``, which the supervisor opened and locked; it
     is the only child that gets its descriptor.
@@ -47,4 +49,6 @@ def wanted_children(config: Config, uri: str | None,
             {"channel_paths": config.channel_paths, "max_channels": config.max_channels,
              "expiration_time": config.expiration_time},
             ("virtio", config.channel_paths, config.max_channels, config.expiration_time))
+    specs[EVENTS_SLOT] = ChildSpec("events", EVENTS_SLOT, "vhostmd.workers.events:events_main",
+                                   {"uri": uri}, ("events", uri))
     return specs

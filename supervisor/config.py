@@ -56,6 +56,7 @@ class Config:
     max_channels: int = DEFAULT_MAX_CHANNELS
     expiration_time: int = 3 * DEFAULT_PERIOD
     workers: int = DEFAULT_WORKERS
+    textfile: str | None = None  # health for node_exporter's textfile collector
     metrics: tuple[MetricDef, ...] = ()
     builtins: tuple[BuiltinRef, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -150,6 +151,13 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
 
     if (workers := reader.single(globals_, "workers")) is not None:
         kwargs["workers"] = reader.integer(workers, 1, MAX_WORKERS)
+
+    if (textfile := reader.single(globals_, "textfile")) is not None:
+        kwargs["textfile"] = _absolute(reader.text(textfile), path)
+        if not kwargs["textfile"].endswith(".prom"):  # type: ignore[union-attr]
+            reader.warnings.append(
+                f"{path}:{textfile.sourceline}: <textfile> does not end in .prom; "
+                "node_exporter's textfile collector only reads *.prom files")
 
     transports: list[str] = []
     for elem in globals_.findall("transport"):

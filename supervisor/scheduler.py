@@ -31,6 +31,7 @@ from vhostmd.supervisor.cycle import (
     store_fragments,
 )
 from vhostmd.supervisor.cycle import domain_list_failure as list_failure
+from vhostmd.supervisor.instant import InstantCycles
 from vhostmd.supervisor.pool import Child, ChildPool
 from vhostmd.supervisor.publisher import Publisher
 from vhostmd.wire import Collect, Failure, Job, JobResult, ListDomains, RunAction, needs_libvirt
@@ -84,6 +85,7 @@ class CycleRunner:
         self._plans: list[CollectorPlan] = []
         self._plans_for: Config | None = None
         self.clock_ = CycleClock(config().update_period, clock())
+        self.instant = InstantCycles()  # extra cycles on libvirt lifecycle events
         self.last_cycle_wall = 0.0
         self.stats: dict[str, float] = {
             "cycles": 0, "last_cycle_seconds": 0.0, "published": 0, "left_out": 0,
@@ -91,12 +93,16 @@ class CycleRunner:
 
     @property
     def next_wakeup(self) -> float:
-        return self.clock_.next if self.cycle is None else self.cycle.deadline
+        if self.cycle is not None:
+            return self.cycle.deadline
+        return self.instant.wake(self.clock_.next)
 
     def step(self) -> None:
         now = self.clock()
         if self.cycle is None and now >= self.clock_.next:
             self.start_cycle(now)
+        elif self.cycle is None and self.instant.due(now, self.clock_.next):
+            self.start_cycle(now, extra=True)
         self.dispatch()
         if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
             self.finish_cycle()
@@ -167,10 +173,13 @@ class CycleRunner:
             self._plans_for = self.config
         return self._plans
 
-    def start_cycle(self, now: float) -> None:
+    def start_cycle(self, now: float, extra: bool = False) -> None:
         period = self.config().update_period
         self.cycle_number += 1
         deadline = now + max(0.5, 0.8 * period)
+        if extra:  # asked for by a libvirt event: ends by the next regular start
+            deadline = self.instant.deadline(deadline, self.clock_.next)
+        self.instant.started(self.cycle_number, now, extra)
         cycle = Cycle(self.cycle_number, now, deadline)
         # Jobs end a little before the cycle does, so a timed-out job is
         # reported as such instead of as a missing result.
@@ -249,7 +258,10 @@ class CycleRunner:
         release_free_memory()
         log.debug("cycle %d: %d metrics, %d left out, %.3f s, %d kept from earlier cycles",
                   cycle.number, rendered.published, rendered.left_out, took, rendered.carried)
-        late = self.clock_.advance(self.clock())
+        # An extra cycle (libvirt event) leaves the regular schedule as it is.
+        late = 0.0
+        if not self.instant.is_extra(cycle.number):
+            late = self.clock_.advance(self.clock())
         if late:
             log.warning("cycle %d overran the %d s update period (%.2f s late)",
                         cycle.number, self.config().update_period, late)

@@ -18,7 +18,7 @@ from typing import Any
 
 from vhostmd import __version__
 from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow
-from vhostmd.supervisor.children import DISK_SLOT, wanted_children
+from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, wanted_children
 
 STATUS_VERSION = 1
 # LSB init-script status codes: running, dead with pid file, not running, unknown.
@@ -116,6 +116,8 @@ def child_state(supervisor: Any, slot: int, child: Any) -> str:
     job = child.busy_with
     if job is not None and hasattr(job, "describe"):
         return f"busy: {job.describe()}"
+    if slot == EVENTS_SLOT:
+        return supervisor.instant.describe()
     if slot == DISK_SLOT:
         error = supervisor.publisher.error
         return f"error: {error}" if error else "ok"

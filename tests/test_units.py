@@ -21,7 +21,7 @@ from vhostmd.disk.handle import open_disk
 from vhostmd.document import parse_document
 from vhostmd.supervisor import planning, pool
 from vhostmd.supervisor.arbiter import Supervisor
-from vhostmd.supervisor.children import DISK_SLOT, VIRTIO_SLOT, wanted_children
+from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, VIRTIO_SLOT, wanted_children
 from vhostmd.supervisor.config import Config, load_config, parse_config_bytes
 from vhostmd.supervisor.cycle import Cycle, CycleClock, render
 from vhostmd.supervisor.pool import ChildPool, ChildSpec, SlotHistory, describe_exit
@@ -526,12 +526,12 @@ def test_reload_changing_workers_and_virtio_replaces_exactly_those(
     rig = sup_rig(conf(2, 8))
     rig.run_once()
     before = dict(rig.sup.pool.children)
-    assert set(before) == {0, 1, DISK_SLOT, VIRTIO_SLOT}
+    assert set(before) == {0, 1, DISK_SLOT, VIRTIO_SLOT, EVENTS_SLOT}
     old_specs = wanted_children(rig.sup.config, None, rig.sup.disk)
 
     reload(rig, conf(3, 8))  # one more worker
     wanted = wanted_children(rig.sup.config, None, rig.sup.disk)
-    assert set(wanted) == {0, 1, 2, DISK_SLOT, VIRTIO_SLOT}
+    assert set(wanted) == {0, 1, 2, DISK_SLOT, VIRTIO_SLOT, EVENTS_SLOT}
     assert all(rig.sup.pool.children[s] is c for s, c in before.items())
     assert all(c.signals == [] for c in before.values())
     assert 2 in rig.sup.pool.children
@@ -549,7 +549,7 @@ def test_reload_changing_workers_and_virtio_replaces_exactly_those(
     third = rig.child(2)
     reload(rig, conf(1, 9, period=2))  # fewer workers, another period
     assert third.signals == ["KILL"] and before[1].signals == ["KILL"]  # type: ignore[attr-defined]
-    assert set(rig.sup.pool.children) == {0, DISK_SLOT, VIRTIO_SLOT}
+    assert set(rig.sup.pool.children) == {0, DISK_SLOT, VIRTIO_SLOT, EVENTS_SLOT}
     assert rig.child(0) is before[0] and rig.child(0).signals == []
     assert rig.sup.pool.beat_interval == pytest.approx(0.5)  # hang_timeout(2) / 6
     assert rig.sup.config.update_period == 2

@@ -313,7 +313,7 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
     manager = ChannelManager(channel_paths, max_channels, float(expiration_time))
     # The supervisor rings the doorbell after each message it sends us.
     manager.selector.register(ctx.doorbell.fd, selectors.EVENT_READ, None)
-    shown: tuple[int, int, int] | None = None
+    shown: tuple[int, ...] | None = None
     next_scan = time.monotonic()
     try:
         while True:
@@ -323,11 +323,11 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
                 manager.expire(now)
                 manager.discover(now)
                 next_scan = now + SCAN_INTERVAL
-            status = manager.status()
+            status = (*manager.status(), len(manager.refused))
             if status != shown:
                 shown = status
                 ctx.title("virtio {}/{}/{} channels".format(*status))
-                ctx.send(("virtio-status", *status))
+                ctx.send(("virtio-status", *status))  # connected, known, max, refused
             if ctx.orphaned():
                 return
             wake = min(next_scan, now + ctx.beat_interval)

@@ -1,0 +1,131 @@
+"""Measure how fast a VM that starts is served, and one that stops is dropped.
+
+Run it from the checkout, as root: ``.venv/bin/python bench/bench_events.py``.
+
+It starts a private libvirtd serving libvirt's test driver (as the fault tests
+do) and a real ``vhostmd -d`` on it at update_period 5 (the default), with a
+disk, virtio, a host shell metric (``date +%s%N``, to see each new document)
+and a VM shell metric. Each round waits until just after a cycle (the worst
+moment without events: the next scheduled cycle is ~5 s away), then:
+
+- runs ``virsh create`` for a new test-driver domain, having first put a
+  listening socket where QEMU would put its channel (``<id>-<name>/``), and
+  times from just before ``virsh create`` to (a) the domain's metrics readable
+  on the disk, (b) the daemon's connection to the channel socket, (c) the
+  first response to a guest request on it;
+- runs ``virsh destroy`` and times until the domain's metrics leave the disk.
+
+The test driver runs no guest: this measures the daemon's reaction to the
+lifecycle event, not QEMU's start-up. With real QEMU guests
+(``qemu:///system``), run the same steps by hand: ``virsh create`` a guest
+with the ``org.github.vhostmd.1`` channel, poll the disk with
+``vm-dump-metrics --disk``, and watch the channel socket with
+``ss -x | grep vhostmd`` (see tests/test_qemu.py once the QEMU rig exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from daemon_harness import (
+    Daemon,
+    config_xml,
+    disk_metrics,
+    metric_xml,
+    virtio_xml,
+    wait_for,
+)
+from test_faults import Libvirtd
+from test_virtio import FakeQemu
+
+METRICS = metric_xml("Nanos", "date +%s%N", mtype="uint64") + metric_xml(
+    "VmId", "echo VMID", mtype="uint32", context="vm")
+
+
+def vm_ids(disk: Path) -> set[int] | None:
+    try:
+        return {int(m.value) for m in disk_metrics(disk) if m.name == "VmId"}
+    except Exception:
+        return None
+
+
+def nanos(disk: Path) -> str | None:
+    try:
+        return next((m.value for m in disk_metrics(disk) if m.name == "Nanos"), None)
+    except Exception:
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="vhbe"))
+    server = Libvirtd(root)
+    server.start()
+    rw = f"test+unix:///default?socket={root / 'libvirt-sock'}"
+    channels = root / "ch"
+    disk = root / "vhostmd0"
+    conf = config_xml(disk, METRICS, period=5, transports=("vbd", "virtio"),
+                      globals_extra=virtio_xml(channels))
+    daemon = Daemon(root, conf, uri=server.uri)
+    results: dict[str, list[float]] = {"disk": [], "connect": [], "served": [], "gone": []}
+    try:
+        daemon.start()
+        wait_for(lambda: vm_ids(disk) == {1}, 15, "domain 1")
+        daemon.wait_log("lifecycle events from")
+        for n in range(args.rounds):
+            vm_id = n + 2  # the test driver numbers domains in order; "test" is 1
+            fake = FakeQemu(channels / f"{vm_id}-bench{n}")
+            xml = root / f"bench{n}.xml"
+            xml.write_text(f"<domain type='test'><name>bench{n}</name><memory>8192</memory>"
+                           "<os><type>hvm</type></os></domain>")
+            first = nanos(disk)
+            wait_for(lambda first=first: nanos(disk) != first, 7, "a cycle", interval=0.002)
+            start = time.monotonic()
+            subprocess.run(["virsh", "-q", "-c", rw, "create", str(xml)], check=True,
+                           capture_output=True)
+            wait_for(lambda vm_id=vm_id: vm_id in (vm_ids(disk) or ()), 7, "on disk",
+                     interval=0.002)
+            results["disk"].append(time.monotonic() - start)
+            fake.accept(7)
+            results["connect"].append(time.monotonic() - start)
+            response = fake.request()
+            assert re.search(rf"id='{vm_id}'".encode(), response), response
+            results["served"].append(time.monotonic() - start)
+            first = nanos(disk)
+            wait_for(lambda first=first: nanos(disk) != first, 7, "a cycle", interval=0.002)
+            start = time.monotonic()
+            subprocess.run(["virsh", "-q", "-c", rw, "destroy", f"bench{n}"], check=True,
+                           capture_output=True)
+            wait_for(lambda vm_id=vm_id: vm_id not in (vm_ids(disk) or {vm_id}), 7, "gone",
+                     interval=0.002)
+            results["gone"].append(time.monotonic() - start)
+            fake.close()
+    finally:
+        daemon.__exit__(None, None, None)
+        server.stop()
+    print(f"update_period 5 s, {args.rounds} rounds, each right after a cycle "
+          "(seconds from just before virsh create/destroy)")
+    print(f"{'':34} {'min':>6} {'median':>7} {'max':>6}")
+    for key, label in (("disk", "create -> metrics on the disk"),
+                       ("connect", "create -> channel connected"),
+                       ("served", "create -> channel answered"),
+                       ("gone", "destroy -> metrics off the disk")):
+        values = results[key]
+        print(f"{label:34} {min(values):6.3f} {statistics.median(values):7.3f} "
+              f"{max(values):6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

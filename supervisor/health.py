@@ -1,0 +1,154 @@
+"""The daemon's health for Prometheus, in node_exporter's textfile format.
+
+With ``<textfile>PATH</textfile>`` in ``<globals>``, the supervisor rewrites
+PATH after every cycle with ``prometheus_client.write_to_textfile``: the text
+goes to a temporary file beside PATH (``PATH.<pid>.<thread>``, which the
+textfile collector ignores as it does not end in ``.prom``), then is renamed
+over PATH. A write that fails removes its temporary file, is logged once per
+episode (and once when it works again), and never stops the daemon.
+
+The file is left in place when the daemon stops: an old
+``vhostmd_last_cycle_timestamp_seconds`` is how a stopped (or hung) daemon
+shows. Metrics come from a dedicated ``CollectorRegistry`` (not the global
+one, which would add the supervisor's own process metrics) holding one
+collector that reads the supervisor's state when the file is written.
+
+Per-metric failures are labelled by metric name and context only, never by
+VM: one series per failing metric, however many VMs it fails for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from vhostmd.mdisk import HEADER_SIZE
+from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, VIRTIO_SLOT, wanted_children
+
+log = logging.getLogger("vhostmd")
+
+
+def role_of(slot: int) -> str:
+    """The ``role`` label of a slot: every worker is "worker"."""
+    return {DISK_SLOT: "disk-writer", VIRTIO_SLOT: "virtio", EVENTS_SLOT: "events"}.get(
+        slot, "worker")
+
+
+class SupervisorCollector:
+    """A prometheus_client collector over a running supervisor's state."""
+
+    def __init__(self, supervisor: Any) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        sup = self.supervisor
+        stats = sup.stats
+        config = sup.config
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
+
+        yield gauge("vhostmd_cycle_duration_seconds", "How long the last cycle took.",
+                    stats["last_cycle_seconds"])
+        yield gauge("vhostmd_last_cycle_timestamp_seconds",
+                    "When the last cycle ended (Unix time).", sup.last_cycle_wall)
+        yield CounterMetricFamily("vhostmd_cycles", "Cycles run since the daemon started.",
+                                  value=stats["cycles"])
+        yield CounterMetricFamily(
+            "vhostmd_extra_cycles", "Cycles run at once on a libvirt lifecycle event.",
+            value=sup.instant.extra_total)
+        yield gauge("vhostmd_update_period_seconds", "The configured update_period.",
+                    config.update_period)
+        yield gauge("vhostmd_metrics_published", "Metrics published by the last cycle.",
+                    stats["published"])
+        yield gauge("vhostmd_metrics_left_out", "Metrics left out of the last cycle (failed).",
+                    stats["left_out"])
+        yield gauge("vhostmd_metrics_carried",
+                    "Metric fragments kept from earlier cycles in the last document.",
+                    stats["carried"])
+        latest = sup.publisher.latest
+        yield gauge("vhostmd_vms", "VMs in the last cycle's domain list.",
+                    len(latest.domains) if latest is not None else 0)
+        if config.vbd:
+            yield gauge("vhostmd_document_bytes", "Size of the last metrics document.",
+                        len(latest.document) if latest is not None else 0)
+            yield gauge("vhostmd_disk_bytes", "Size of the metrics disk.", config.disk_size)
+            yield gauge("vhostmd_disk_capacity_bytes", "Largest document the disk holds.",
+                        config.disk_size - HEADER_SIZE)
+            yield gauge("vhostmd_vms_not_on_disk", "VMs left out of the disk (too small).",
+                        stats["vms_not_on_disk"])
+        restarts = CounterMetricFamily("vhostmd_child_restarts",
+                                       "Child processes restarted, by role.", labels=["role"])
+        by_role: Counter[str] = Counter()
+        for slot in wanted_children(config, sup.uri, sup.disk):
+            by_role[role_of(slot)] += 0
+        for slot in list(sup.pool.history):
+            by_role[role_of(slot)] += sup.pool.restarts(slot)
+        for role, count in sorted(by_role.items()):
+            restarts.add_metric([role], count)
+        yield restarts
+        if config.virtio:
+            channels = GaugeMetricFamily("vhostmd_virtio_channels",
+                                         "Virtio channels of running VMs, by state.",
+                                         labels=["state"])
+            connected = sup.virtio_status[0] if sup.virtio_status is not None else 0
+            channels.add_metric(["connected"], connected)
+            channels.add_metric(["refused"], sup.virtio_refused)
+            yield channels
+        yield gauge("vhostmd_libvirt_events_connected",
+                    "1 while libvirt lifecycle events are received, else 0 (then new VMs "
+                    "wait for the next cycle).", 1 if sup.instant.connected else 0)
+        failures = GaugeMetricFamily(
+            "vhostmd_metric_failures",
+            "Metrics failing now: how many hosts or VMs each is left out for.",
+            labels=["metric", "context"])
+        failing: Counter[tuple[str, str]] = Counter(
+            (metric, context) for context, metric, _vm_id, _name in sup.failures.failing)
+        for (metric, context), count in sorted(failing.items()):
+            failures.add_metric([metric, context], count)
+        yield failures
+
+
+class HealthFile:
+    """Writes the textfile after each cycle; remembers the current write error."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self._registry: Any = None
+        self._for: Any = None
+
+    def registry(self, supervisor: Any) -> Any:
+        if self._for is not supervisor:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(SupervisorCollector(supervisor))
+            self._for = supervisor
+        return self._registry
+
+    def write(self, path: str | None, supervisor: Any) -> None:
+        if path is None:
+            return
+        from prometheus_client import write_to_textfile
+
+        try:
+            write_to_textfile(path, self.registry(supervisor))
+        except Exception as exc:
+            # Older prometheus_client (Debian 12 has 0.16) leaves its temporary file.
+            with contextlib.suppress(OSError):
+                os.unlink(f"{path}.{os.getpid()}.{threading.current_thread().ident}")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if self.error != reason:
+                log.warning("cannot write the health textfile %s: %s", path, reason)
+            self.error = reason
+            return
+        if self.error is not None:
+            log.info("health textfile %s written again", path)
+        self.error = None
