@@ -15,6 +15,7 @@ import os
 
 from vhostmd import mdisk
 from vhostmd.disk.handle import DiskHandle, DiskRefused, fit
+from vhostmd.disk.vmdir import VmDir
 from vhostmd.runtime.child import ChildContext, serve
 
 log = logging.getLogger("vhostmd")
@@ -123,12 +124,25 @@ class MetricsDisk:
         self._map.close()
 
 
-def disk_writer_main(ctx: ChildContext, handle: DiskHandle) -> None:
-    """Child main: write each document the supervisor sends, acknowledge each."""
-    path = handle.path
+def disk_writer_main(ctx: ChildContext, handle: DiskHandle | None,
+                     vm_dir: VmDir | None = None) -> None:
+    """Child main: write each document the supervisor sends, acknowledge each.
+
+    A message is ``(seq, document, vms)``: the shared disk's document, and for
+    per-VM disks (``vm_dir``) ``(host fragment, {uuid: VM fragment}, UUIDs of
+    the defined domains not running, or None)``; see disk/vmwriter.py.
+    """
+    path = handle.path if handle is not None else f"{vm_dir.path}/" if vm_dir else "?"
     ctx.title(f"disk-writer {path}")
+    disk: MetricsDisk | None = None
+    vm_disks = None
     try:
-        disk = MetricsDisk(handle)
+        if handle is not None:
+            disk = MetricsDisk(handle)
+        if vm_dir is not None:
+            from vhostmd.disk.vmwriter import VmDisks  # it builds on MetricsDisk
+
+            vm_disks = VmDisks(vm_dir)
     except DiskRefused as exc:
         ctx.send(("disk-failed", str(exc)))
         raise SystemExit(1) from None
@@ -137,19 +151,34 @@ def disk_writer_main(ctx: ChildContext, handle: DiskHandle) -> None:
         raise SystemExit(1) from None
     ctx.send(("disk-ready", path))
     idle = f"disk-writer {path}"
+    vm_error: list[str] = []
 
-    def write_one(message: tuple[int, bytes]) -> None:
-        seq, content = message
-        ctx.title(f"{idle} writing")
+    def write_vms(vms: tuple) -> None:
+        assert vm_disks is not None
         try:
-            disk.write(content)
-        except DiskTooSmall as exc:
-            ctx.send(("disk-written", seq, "too-large", str(exc)))
-        except DiskShrunk as exc:
-            ctx.send(("disk-written", seq, "truncated", str(exc)))
-        except OSError as exc:
-            ctx.send(("disk-written", seq, f"os-error {exc.errno}", str(exc)))
+            vm_disks.publish(*vms)
+        except OSError as exc:  # the directory itself (each file's problems are logged)
+            if vm_error != [str(exc)]:
+                log.error("VM disk directory %s: %s", vm_disks.dir.path, exc)
+            vm_error[:] = [str(exc)]
         else:
-            ctx.send(("disk-written", seq, None, None))
+            vm_error.clear()
+
+    def write_one(message: tuple[int, bytes, tuple | None]) -> None:
+        seq, content, vms = message
+        ctx.title(f"{idle} writing")
+        ack: tuple = ("disk-written", seq, None, None)
+        if disk is not None:
+            try:
+                disk.write(content)
+            except DiskTooSmall as exc:
+                ack = ("disk-written", seq, "too-large", str(exc))
+            except DiskShrunk as exc:
+                ack = ("disk-written", seq, "truncated", str(exc))
+            except OSError as exc:
+                ack = ("disk-written", seq, f"os-error {exc.errno}", str(exc))
+        if vm_disks is not None and vms is not None:
+            write_vms(vms)
+        ctx.send(ack)
 
     serve(ctx, write_one, idle)

@@ -27,6 +27,7 @@ from dataclasses import replace
 from multiprocessing.connection import wait
 
 from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
+from vhostmd.disk.vmdir import VmDir
 from vhostmd.mdisk import HEADER_SIZE
 from vhostmd.runtime.child import release_free_memory
 from vhostmd.supervisor import planning
@@ -54,6 +55,7 @@ from vhostmd.supervisor.cycle import domain_list_failure as list_failure
 from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
 from vhostmd.supervisor.publisher import Publisher
 from vhostmd.supervisor.status import StatusFile, build_status
+from vhostmd.supervisor.vmdisks import reload_vm_dir
 from vhostmd.wire import Collect, Failure, Job, JobResult, ListDomains, RunAction, needs_libvirt
 from vhostmd.workers.collectors import CollectorPlan
 from vhostmd.workers.collectors import plan as plan_collectors
@@ -89,7 +91,8 @@ class Supervisor:
     def __init__(self, config: Config, *, uri: str | None, config_path: str,
                  status_file: StatusFile | None = None, disk: DiskHandle | None = None,
                  dropped_to: str | None = None, log_level: int = logging.INFO,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 vm_dir: VmDir | None = None) -> None:
         self.config = config
         self.uri = uri
         self.config_path = config_path
@@ -97,6 +100,7 @@ class Supervisor:
         # The open, locked metrics disk (None without vbd): only the disk-writer
         # child gets its descriptor. dropped_to: the -u user, once root is gone.
         self.disk = disk
+        self.vm_dir = vm_dir  # the open, locked directory of per-VM disks (<vm_disks>)
         self.dropped_to = dropped_to
         self.status_error: str | None = None
         self.clock = clock
@@ -111,7 +115,8 @@ class Supervisor:
                               on_message=self.on_message, on_lost=self.on_lost,
                               on_started=self.on_started, clock=clock)
         self.publisher = Publisher(lambda: self.pool.get(DISK_SLOT),
-                                   lambda: self.pool.get(VIRTIO_SLOT))
+                                   lambda: self.pool.get(VIRTIO_SLOT),
+                                   lambda: self.vm_dir is not None)
         self.failures = FailureLog()
         self.cycle: Cycle | None = None
         self.cycle_number = 0
@@ -164,6 +169,7 @@ class Supervisor:
             log.warning("%s", warning)
         old = self.config
         new = self.reload_disk(new)
+        self.vm_dir, new = reload_vm_dir(self.vm_dir, new, dropped_to=self.dropped_to)
         self.config = new
         if new.update_period != old.update_period:
             now = self.clock()
@@ -220,7 +226,7 @@ class Supervisor:
         (about a second on a slow machine); a first cycle started before would
         miss its deadline for nothing.
         """
-        self.pool.converge(wanted_children(self.config, self.uri, self.disk),
+        self.pool.converge(wanted_children(self.config, self.uri, self.disk, self.vm_dir),
                            hang_timeout(self.config.update_period))
         until = self.clock() + timeout
         workers = list(range(self.config.workers))
@@ -249,7 +255,7 @@ class Supervisor:
         self.dispatch()
         if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
             self.finish_cycle()
-        self.pool.converge(wanted_children(self.config, self.uri, self.disk),
+        self.pool.converge(wanted_children(self.config, self.uri, self.disk, self.vm_dir),
                            hang_timeout(self.config.update_period))
 
     def sleep(self) -> None:
@@ -440,6 +446,7 @@ class Supervisor:
         capacity = self.config.disk_size - HEADER_SIZE if self.config.vbd else None
         rendered = render(cycle.fresh, cycle.domains or (), capacity, len(cycle.failures),
                           carried)
+        rendered.inactive = cycle.inactive
         self.failures.update(cycle.failures, cycle.attempted)
         self.note_disk_fit(rendered)
         self.note_shell_work(cycle)
