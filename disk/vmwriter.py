@@ -32,6 +32,7 @@ touched, and nothing at all is removed while libvirt cannot be listed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import mmap
 import os
@@ -46,14 +47,69 @@ from vhostmd.document import assemble
 
 log = logging.getLogger("vhostmd")
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.msync.argtypes = _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MS_SYNC = 4
+
+
+class Mapping:
+    """A MAP_SHARED mapping that keeps no descriptor (Python's mmap keeps a dup of it).
+
+    What MetricsDisk uses of mmap.mmap: slice assignment, flush (msync,
+    MS_SYNC, the whole mapping), close; plus drop() (MADV_DONTNEED).
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.addr = addr
+        self.size = size
+        self.view: memoryview | None = memoryview(
+            (ctypes.c_char * size).from_address(addr)).cast("B")
+
+    def __setitem__(self, where: slice, data: bytes) -> None:
+        assert self.view is not None
+        self.view[where] = data
+
+    def _call(self, function: str, *args: int) -> None:
+        if getattr(_libc, function)(self.addr, self.size, *args) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{function}: {os.strerror(err)}")
+
+    def flush(self) -> None:
+        self._call("msync", _MS_SYNC)
+
+    def drop(self) -> None:
+        """Drop the pages from this process (the file keeps the data)."""
+        self._call("madvise", mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+            self._call("munmap")
+
+
 class VmDisk(MetricsDisk):
     """One VM's disk, mapped; its descriptor is closed by the caller after this."""
+
+    _map: Mapping  # type: ignore[assignment]
 
     def __init__(self, handle: DiskHandle) -> None:
         super().__init__(handle)
         st = os.fstat(handle.fd)
         self.ident = (st.st_dev, st.st_ino)
-        self._map.madvise(mmap.MADV_DONTNEED)
+        self._map.drop()
+
+    def _map_file(self, handle: DiskHandle) -> Mapping:  # type: ignore[override]
+        return Mapping(handle.fd, self.size)
 
     def _check_size(self) -> None:
         """No descriptor to fstat: VmDisks' directory scan checked the size this cycle."""
@@ -62,7 +118,7 @@ class VmDisk(MetricsDisk):
         try:
             super().write(content)
         finally:
-            self._map.madvise(mmap.MADV_DONTNEED)  # the file keeps the data
+            self._map.drop()
 
 
 class VmDisks:

@@ -49,12 +49,14 @@ class MetricsDisk:
         self.path = handle.path
         self.size = handle.size
         fit(handle)  # also restores a file cut shorter while no writer ran
-        self._map = mmap.mmap(handle.fd, self.size, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map = self._map_file(handle)
         self.capacity = self.size - mdisk.HEADER_SIZE
         self.published = False
         self.truncated_seen = False  # a truncation was logged, until a write finds it intact
         self._reset()
+
+    def _map_file(self, handle: DiskHandle) -> mmap.mmap:
+        return mmap.mmap(handle.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _reset(self) -> None:
         """Busy first (keeping the signature), then zero the rest: guests wait, not fail."""
