@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.vms is not None:
             fits, line = check_vms(config, args.vms)
             print(f"{args.config}: {line}" if config.vbd
+                  else f"{args.config}: no shared metrics disk (per-VM disks only)"
+                  if config.vm_disks_path is not None
                   else f"{args.config}: no metrics disk (vbd transport off)")
             return 0 if fits or not config.vbd else 1
         return 0

@@ -96,7 +96,8 @@ def domain_xml(config: Config, uri: str | None, vm: str,
                device: str | None = None) -> tuple[str, list[str]]:
     """(the elements, separated by blank lines; notes for stderr). DomainXmlError if none."""
     uuid, note = lookup_uuid(uri, vm)
-    notes = [note] if note else []
+    own_disk = config.vm_disks_path is not None and device in (None, "disk")
+    notes = [note] if note and own_disk else []
     elements: list[str] = []
     if device in (None, "disk"):
         if config.vm_disks_path is not None:
