@@ -63,6 +63,8 @@ class Domain:
 class ListDomains:
     job_id: int
     deadline: float
+    # Also list the defined domains that do not run (their UUIDs, for per-VM disks).
+    inactive: bool = False
     context = "libvirt"
 
     def describe(self) -> str:
@@ -147,3 +149,4 @@ class JobResult:
     domains: tuple[Domain, ...] | None = None
     error: str | None = None
     state: object = None  # a collector's state for its next Collect job
+    inactive: tuple[str, ...] | None = None  # UUIDs of defined domains not running

@@ -83,11 +83,18 @@ def fit(handle: DiskHandle, *, shrink: bool = True) -> None:
                           f"{exc.strerror}") from None
 
 
-def open_disk(path: str, size: int) -> DiskHandle:
-    """Open (or create) and lock the metrics disk; raises DiskRefused with one line."""
+def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = True,
+              regular_only: bool = False) -> DiskHandle:
+    """Open (or create) and lock the metrics disk; raises DiskRefused with one line.
+
+    With ``dir_fd``, the file ``path`` names is opened in that directory (openat:
+    a per-VM disk in the directory the supervisor opened). ``lock=False`` takes
+    no flock (per-VM disks: the daemon locks their directory instead).
+    """
     try:
         # O_NONBLOCK: opening an odd device node planted at the path must not hang us.
-        fd, created = open_no_follow(path, os.O_RDWR | os.O_NONBLOCK, what="metrics disk")
+        fd, created = open_no_follow(path, os.O_RDWR | os.O_NONBLOCK, what="metrics disk",
+                                     dir_fd=dir_fd)
     except UnsafeFile as exc:
         raise DiskRefused(str(exc)) from None
     except OSError as exc:
@@ -97,23 +104,30 @@ def open_disk(path: str, size: int) -> DiskHandle:
             st = check_private(fd, path, what="metrics disk")
         except UnsafeFile as exc:
             raise DiskRefused(str(exc)) from None
+        if regular_only and not stat.S_ISREG(st.st_mode):
+            raise DiskRefused(f"metrics disk {path} is not a regular file")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise DiskRefused(f"metrics disk {path} is not a regular file or block device")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DiskRefused(f"cannot lock metrics disk {path}: {exc.strerror}") from None
-            raise DiskRefused(f"metrics disk {path} is in use by another vhostmd "
-                              "(it holds the disk's lock)") from None
+        if lock:
+            lock_exclusive(fd, f"metrics disk {path}", "the disk's lock")
         handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode))
         fit(handle)
     except BaseException:
         if created:
-            unlink_if_same(path, fd)  # leave no half-made disk behind
+            unlink_if_same(path, fd, dir_fd=dir_fd)  # leave no half-made disk behind
         os.close(fd)
         raise
     return handle
+
+
+def lock_exclusive(fd: int, what: str, lock: str) -> None:
+    """flock ``fd`` exclusively (one daemon per disk, or per VM disk directory)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise DiskRefused(f"cannot lock {what}: {exc.strerror}") from None
+        raise DiskRefused(f"{what} is in use by another vhostmd (it holds {lock})") from None
 
 
 def switch_disk(current: DiskHandle | None, path: str | None, size: int, *,

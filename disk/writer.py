@@ -1,134 +1,42 @@
-"""The disk-writer process: owns an mmap of the metrics disk.
+"""The disk-writer process: owns the mappings of the shared disk and the per-VM disks.
 
-Write protocol (docs/formats.md, section 1.4): busy=1 -> flush -> header
-(checksum, length) and content (and zeros over what a longer previous document
-left after it) -> flush -> busy=0 -> flush, so readers that bypass the page
-cache (O_DIRECT guests) see the steps in order too. A document that does not fit is
-refused and the previous one stays.
+Each document the supervisor sends is written with the busy/msync protocol of
+``vhostmd.disk.mapped`` and acknowledged, so the supervisor sends the next.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
-import os
 
-from vhostmd import mdisk
-from vhostmd.disk.handle import DiskHandle, DiskRefused, fit
+from vhostmd.disk.handle import DiskHandle, DiskRefused
+from vhostmd.disk.mapped import DiskShrunk, DiskTooSmall, MetricsDisk
+from vhostmd.disk.vmdir import VmDir
+from vhostmd.disk.vmwriter import VmDisks
 from vhostmd.runtime.child import ChildContext, serve
 
 log = logging.getLogger("vhostmd")
 
-_BUSY = (1).to_bytes(4, "big")
-_IDLE = (0).to_bytes(4, "big")
+__all__ = ["DiskShrunk", "DiskTooSmall", "MetricsDisk", "disk_writer_main"]
 
 
-class DiskTooSmall(ValueError):
-    pass
+def disk_writer_main(ctx: ChildContext, handle: DiskHandle | None,
+                     vm_dir: VmDir | None = None) -> None:
+    """Child main: write each document the supervisor sends, acknowledge each.
 
-
-TOO_LARGE_PLACEHOLDER = (
-    b"<metrics>\n  <!-- the metrics document is larger than this disk -->\n</metrics>\n"
-)
-
-
-class DiskShrunk(Exception):
-    """The disk file is shorter than its mapping and could not be restored."""
-
-
-class MetricsDisk:
-    """A metrics disk (regular file or block device) mapped for writing.
-
-    Mapped from the descriptor of a DiskHandle that the supervisor opened and
-    locked: the writer never opens the disk's path itself.
+    A message is ``(seq, document, vms)``: the shared disk's document, and for
+    per-VM disks (``vm_dir``) ``(host fragment, {uuid: VM fragment}, UUIDs of
+    the defined domains not running, or None)``; see disk/vmwriter.py.
     """
-
-    def __init__(self, handle: DiskHandle) -> None:
-        self.handle = handle
-        self.path = handle.path
-        self.size = handle.size
-        fit(handle)  # also restores a file cut shorter while no writer ran
-        self._map = mmap.mmap(handle.fd, self.size, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE)
-        self.capacity = self.size - mdisk.HEADER_SIZE
-        self.published = False
-        self.truncated_seen = False  # a truncation was logged, until a write finds it intact
-        self._reset()
-
-    def _reset(self) -> None:
-        """Busy first (keeping the signature), then zero the rest: guests wait, not fail."""
-        m = self._map
-        m[0 : mdisk.HEADER_SIZE] = mdisk.pack_header(1, 0, 0)
-        m.flush()
-        m[mdisk.HEADER_SIZE :] = bytes(self.capacity)
-        m.flush()
-        self.end = mdisk.HEADER_SIZE  # everything after here is zero
-
-    def _check_size(self) -> None:
-        """A file cut shorter under the mapping would SIGBUS the next write: restore it first.
-
-        Only root can truncate the (root-owned, 0644) file, but a crash loop
-        of writers is no answer to an administrator's mistake either. A
-        truncation in the short window between this check and the write still
-        kills this writer once; its replacement restores the size on start.
-        """
-        if not self.handle.regular:
-            return
-        now = os.fstat(self.handle.fd).st_size
-        if now >= self.size:
-            self.truncated_seen = False
-            return
-        try:
-            fit(self.handle)
-        except DiskRefused as exc:
-            raise DiskShrunk(f"metrics disk {self.path} was truncated to {now} "
-                             f"bytes and cannot be restored ({exc}); not writing it") from None
-        if not self.truncated_seen:
-            log.warning("metrics disk %s was truncated to %d bytes while in use; restored its "
-                        "size of %d bytes", self.path, now, self.size)
-        self.truncated_seen = True
-        self._reset()
-
-    def write(self, content: bytes) -> None:
-        """Publish one document; raises DiskTooSmall (keeping the old one) if it does not fit."""
-        self._check_size()
-        if len(content) > self.capacity:
-            if not self.published:
-                # Nothing to keep yet: publish a valid, empty document rather than
-                # leave guests facing busy=1 until a document fits.
-                self.write(TOO_LARGE_PLACEHOLDER)
-            raise DiskTooSmall(
-                f"document of {len(content)} bytes does not fit the {self.size}-byte disk "
-                f"{self.path}; keeping the previous one"
-            )
-        m = self._map
-        end = mdisk.HEADER_SIZE + len(content)
-        m[4:8] = _BUSY
-        m.flush()
-        m[0 : mdisk.HEADER_SIZE] = mdisk.pack_header(
-            1, mdisk.checksum_signed(content), len(content)
-        )
-        m[mdisk.HEADER_SIZE : end] = content
-        if self.end > end:
-            # What a longer previous document left after the end of this one
-            # (metrics of VMs now gone) must not stay readable to every guest.
-            m[end : self.end] = bytes(self.end - end)
-        m.flush()
-        m[4:8] = _IDLE
-        m.flush()
-        self.end = end
-        self.published = True
-
-    def close(self) -> None:
-        self._map.close()
-
-
-def disk_writer_main(ctx: ChildContext, handle: DiskHandle) -> None:
-    """Child main: write each document the supervisor sends, acknowledge each."""
-    path = handle.path
+    path = handle.path if handle is not None else f"{vm_dir.path}/" if vm_dir else "?"
     ctx.title(f"disk-writer {path}")
+    disk: MetricsDisk | None = None
+    vm_disks = None
     try:
-        disk = MetricsDisk(handle)
+        if handle is not None:
+            disk = MetricsDisk(handle)
+        if vm_dir is not None:
+
+            vm_disks = VmDisks(vm_dir)
     except DiskRefused as exc:
         ctx.send(("disk-failed", str(exc)))
         raise SystemExit(1) from None
@@ -137,19 +45,34 @@ def disk_writer_main(ctx: ChildContext, handle: DiskHandle) -> None:
         raise SystemExit(1) from None
     ctx.send(("disk-ready", path))
     idle = f"disk-writer {path}"
+    vm_error: list[str] = []
 
-    def write_one(message: tuple[int, bytes]) -> None:
-        seq, content = message
-        ctx.title(f"{idle} writing")
+    def write_vms(vms: tuple) -> None:
+        assert vm_disks is not None
         try:
-            disk.write(content)
-        except DiskTooSmall as exc:
-            ctx.send(("disk-written", seq, "too-large", str(exc)))
-        except DiskShrunk as exc:
-            ctx.send(("disk-written", seq, "truncated", str(exc)))
-        except OSError as exc:
-            ctx.send(("disk-written", seq, f"os-error {exc.errno}", str(exc)))
+            vm_disks.publish(*vms)
+        except OSError as exc:  # the directory itself (each file's problems are logged)
+            if vm_error != [str(exc)]:
+                log.error("VM disk directory %s: %s", vm_disks.dir.path, exc)
+            vm_error[:] = [str(exc)]
         else:
-            ctx.send(("disk-written", seq, None, None))
+            vm_error.clear()
+
+    def write_one(message: tuple[int, bytes, tuple | None]) -> None:
+        seq, content, vms = message
+        ctx.title(f"{idle} writing")
+        ack: tuple = ("disk-written", seq, None, None)
+        if disk is not None:
+            try:
+                disk.write(content)
+            except DiskTooSmall as exc:
+                ack = ("disk-written", seq, "too-large", str(exc))
+            except DiskShrunk as exc:
+                ack = ("disk-written", seq, "truncated", str(exc))
+            except OSError as exc:
+                ack = ("disk-written", seq, f"os-error {exc.errno}", str(exc))
+        if vm_disks is not None and vms is not None:
+            write_vms(vms)
+        ctx.send(ack)
 
     serve(ctx, write_one, idle)

@@ -29,21 +29,25 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
-def open_no_follow(path: str, flags: int, *, what: str, mode: int = 0o644) -> tuple[int, bool]:
+def open_no_follow(path: str, flags: int, *, what: str, mode: int = 0o644,
+                   dir_fd: int | None = None) -> tuple[int, bool]:
     """Open ``path`` (or create it exclusively with ``mode``): (fd, created).
 
     ``flags`` get O_NOFOLLOW | O_CLOEXEC | O_NOCTTY; a symlink at ``path`` is an
-    UnsafeFile, other errors stay OSError.
+    UnsafeFile, other errors stay OSError. With ``dir_fd``, the last component
+    of ``path`` is opened in that directory (openat) and ``path`` names it in
+    messages.
     """
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    name = path if dir_fd is None else os.path.basename(path)
     for _ in range(3):
         try:
             try:
-                return os.open(path, flags), False
+                return os.open(name, flags, dir_fd=dir_fd), False
             except FileNotFoundError:
                 pass
             try:
-                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+                fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=dir_fd)
             except FileExistsError:
                 continue  # created by someone else since: check what it is
             # The umask must not make it unreadable to guests' QEMU (disk) or to
@@ -76,10 +80,14 @@ def check_private(fd: int, path: str, *, what: str) -> os.stat_result:
     return st
 
 
-def unlink_if_same(path: str, fd: int) -> None:
-    """Remove ``path`` if it still names the file open as ``fd`` (undo an exclusive create)."""
+def unlink_if_same(path: str, fd: int, *, dir_fd: int | None = None) -> None:
+    """Remove ``path`` if it still names the file open as ``fd`` (undo an exclusive create).
+
+    With ``dir_fd``, ``path``'s last component in that directory.
+    """
+    name = path if dir_fd is None else os.path.basename(path)
     try:
-        if os.path.samestat(os.lstat(path), os.fstat(fd)):
-            os.unlink(path)
+        if os.path.samestat(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), os.fstat(fd)):
+            os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass

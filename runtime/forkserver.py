@@ -12,6 +12,7 @@ import gc
 
 import setproctitle
 
+import vhostmd.disk.vmwriter
 import vhostmd.disk.writer
 import vhostmd.virtio.manager
 import vhostmd.workers.events

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 
 from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
+from vhostmd.disk.vmdir import VmDir
 from vhostmd.supervisor.children import (
     DISK_SLOT,
     VIRTIO_SLOT,
@@ -41,6 +42,7 @@ from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
 from vhostmd.supervisor.publisher import Publisher
 from vhostmd.supervisor.scheduler import CycleRunner
 from vhostmd.supervisor.status import StatusFile, build_status
+from vhostmd.supervisor.vmdisks import reload_vm_dir
 from vhostmd.wire import JobResult
 
 log = logging.getLogger("vhostmd")
@@ -54,7 +56,8 @@ class Supervisor:
     def __init__(self, config: Config, *, uri: str | None, config_path: str,
                  status_file: StatusFile | None = None, disk: DiskHandle | None = None,
                  dropped_to: str | None = None, log_level: int = logging.INFO,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 vm_dir: VmDir | None = None) -> None:
         self.config = config
         self.uri = uri
         self.config_path = config_path
@@ -62,6 +65,7 @@ class Supervisor:
         # The open, locked metrics disk (None without vbd): only the disk-writer
         # child gets its descriptor. dropped_to: the -u user, once root is gone.
         self.disk = disk
+        self.vm_dir = vm_dir  # the open, locked directory of per-VM disks (<vm_disks>)
         self.dropped_to = dropped_to
         self.status_error: str | None = None
         self.clock = clock
@@ -75,7 +79,8 @@ class Supervisor:
                               on_message=self.on_message, on_lost=self.on_lost,
                               on_started=self.on_started, clock=clock)
         self.publisher = Publisher(lambda: self.pool.get(DISK_SLOT),
-                                   lambda: self.pool.get(VIRTIO_SLOT))
+                                   lambda: self.pool.get(VIRTIO_SLOT),
+                                   lambda: self.vm_dir is not None)
         self.cycles = CycleRunner(lambda: self.config, self.pool, self.publisher, clock,
                                   self.cycle_ended)
         self.health = HealthFile()  # <textfile>: health for Prometheus
@@ -115,6 +120,7 @@ class Supervisor:
             log.warning("%s", warning)
         old = self.config
         new = self.reload_disk(new)
+        self.vm_dir, new = reload_vm_dir(self.vm_dir, new, dropped_to=self.dropped_to)
         self.config = new
         if new.update_period != old.update_period:
             now = self.clock()
@@ -170,7 +176,7 @@ class Supervisor:
         (about a second on a slow machine); a first cycle started before would
         miss its deadline for nothing.
         """
-        self.pool.converge(wanted_children(self.config, self.uri, self.disk),
+        self.pool.converge(wanted_children(self.config, self.uri, self.disk, self.vm_dir),
                            hang_timeout(self.config.update_period))
         until = self.clock() + timeout
         workers = list(range(self.config.workers))
@@ -192,7 +198,7 @@ class Supervisor:
             return
         self.handle_events()
         self.cycles.step()
-        self.pool.converge(wanted_children(self.config, self.uri, self.disk),
+        self.pool.converge(wanted_children(self.config, self.uri, self.disk, self.vm_dir),
                            hang_timeout(self.config.update_period))
 
     def sleep(self) -> None:

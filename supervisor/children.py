@@ -7,6 +7,7 @@ the events process have fixed slots after the largest worker pool.
 from __future__ import annotations
 
 from vhostmd.disk.handle import DiskHandle
+from vhostmd.disk.vmdir import VmDir
 from vhostmd.supervisor.config import MAX_WORKERS, Config
 from vhostmd.supervisor.pool import ChildSpec
 
@@ -26,23 +27,30 @@ def beat_interval(period: int) -> float:
     return min(1.0, max(0.25, hang_timeout(period) / 6))
 
 
-def wanted_children(config: Config, uri: str | None,
-                    disk: DiskHandle | None = None) -> dict[int, ChildSpec]:
+def wanted_children(config: Config, uri: str | None, disk: DiskHandle | None = None,
+                    vm_dir: VmDir | None = None) -> dict[int, ChildSpec]:
     """What should run for ``config``: the workers, the disk-writer, the virtio process,
     and the events process (libvirt lifecycle events, see ``vhostmd.workers.events``).
 
-    The disk-writer maps ``disk``, which the supervisor opened and locked; it
-    is the only child that gets its descriptor.
+    The disk-writer maps ``disk`` and the per-VM disks in ``vm_dir``, which the
+    supervisor opened and locked; it is the only child that gets their descriptors.
     """
     specs = {
         i: ChildSpec(f"worker {i + 1}", i, "vhostmd.workers.worker:worker_main",
                      {"index": i + 1, "uri": uri}, ("worker",))
         for i in range(config.workers)
     }
-    if config.vbd and disk is not None:
+    shared = disk if config.vbd else None
+    vms = vm_dir if config.vm_disks_path is not None else None
+    if shared is not None or vms is not None:
+        key: tuple = ("disk",)
+        if shared is not None:
+            key += (shared.path, shared.size, shared.fd)
+        if vms is not None:
+            key += ("vms", vms.path, vms.size, vms.fd)
         specs[DISK_SLOT] = ChildSpec(
             "disk-writer", DISK_SLOT, "vhostmd.disk.writer:disk_writer_main",
-            {"handle": disk}, ("disk", disk.path, disk.size, disk.fd))
+            {"handle": shared, "vm_dir": vms}, key)
     if config.virtio:
         specs[VIRTIO_SLOT] = ChildSpec(
             "virtio", VIRTIO_SLOT, "vhostmd.virtio.manager:virtio_main",

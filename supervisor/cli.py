@@ -12,6 +12,7 @@ import setproctitle
 
 from vhostmd import __version__
 from vhostmd.disk.handle import DiskHandle, DiskRefused, open_disk
+from vhostmd.disk.vmdir import VmDir
 from vhostmd.runtime.child import start_forkserver, unreadable_by_us
 from vhostmd.runtime.files import UnsafeFile
 from vhostmd.supervisor.arbiter import Supervisor
@@ -29,6 +30,7 @@ from vhostmd.supervisor.daemon import (
 )
 from vhostmd.supervisor.sizing import check_vms
 from vhostmd.supervisor.status import StatusFile, status_path_for
+from vhostmd.supervisor.vmdisks import prepare_vm_dir, vm_disks_refusal
 
 log = logging.getLogger("vhostmd")
 DEFAULT_PID_FILE = "/var/run/vhostmd.pid"
@@ -64,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true",
                    help="show the running daemon's children, cycles and channels (reads the "
                    "status file next to the pid file) and exit")
+    p.add_argument("--domain-xml", metavar="VM",
+                   help="print the libvirt device elements that give domain VM (a name or "
+                   "UUID) its metrics: the metrics disk (its own with <vm_disks>, made now "
+                   "if missing) and the virtio channel, each usable with `virsh "
+                   "attach-device VM FILE --config`, and exit")
+    p.add_argument("--device", choices=("disk", "channel"),
+                   help="with --domain-xml: print only this element")
     p.add_argument("--version", action="version", version=f"vhostmd {__version__}")
     return p
 
@@ -119,11 +128,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.vms is not None:
             fits, line = check_vms(config, args.vms)
             print(f"{args.config}: {line}" if config.vbd
+                  else f"{args.config}: no shared metrics disk (per-VM disks only)"
+                  if config.vm_disks_path is not None
                   else f"{args.config}: no metrics disk (vbd transport off)")
             return 0 if fits or not config.vbd else 1
         return 0
     if args.vms is not None:
         return fail("--vms goes with --check")
+    if args.device is not None and args.domain_xml is None:
+        return fail("--device goes with --domain-xml")
+    if args.domain_xml is not None:
+        from vhostmd.supervisor.domain_xml import DomainXmlError, domain_xml
+
+        try:
+            text, notes = domain_xml(config, args.connect, args.domain_xml, args.device)
+        except DomainXmlError as exc:
+            return fail(str(exc))
+        for note in notes:
+            print(f"vhostmd: {note}", file=sys.stderr)
+        print(text, end="")
+        return 0
 
     # Lines go to stderr until the daemon detaches.
     setup_logging(verbose=args.verbose)
@@ -131,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     pid_file = PidFile(pid_path) if pid_path else None
     status_file = StatusFile(status_path_for(pid_path)) if pid_path else None
     disk: DiskHandle | None = None
+    vm_dir: VmDir | None = None
     daemonized = False
     # Everything below that needs root (pid, status and log files, the disk)
     # is opened here, before -u drops it; the processes keep the descriptors
@@ -139,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         run_as = lookup_user(args.user) if args.user else None
         if run_as is not None and os.geteuid() != 0:
             raise StartupError(f"-u {run_as.user} needs root to switch users")
+        if (refusal := vm_disks_refusal(config, args.user)) is not None:
+            raise StartupError(refusal)
         if pid_file is not None:
             pid_file.acquire()
         if status_file is not None:
@@ -151,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{exc.strerror}") from None
         if config.vbd:
             disk = prepare_disk(config)
+        try:
+            vm_dir = prepare_vm_dir(config)
+        except DiskRefused as exc:
+            raise StartupError(str(exc)) from None
         if not args.no_daemonize:
             target = open_log_target(args.log_file)
             if target.file is not None:
@@ -194,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = Supervisor(config, uri=args.connect, config_path=args.config,
                             status_file=status_file, disk=disk,
                             dropped_to=run_as.user if run_as is not None else None,
-                            log_level=logging.DEBUG if args.verbose else logging.INFO)
+                            log_level=logging.DEBUG if args.verbose else logging.INFO,
+                            vm_dir=vm_dir)
     try:
         status = supervisor.run()
     finally:

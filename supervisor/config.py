@@ -57,13 +57,19 @@ class Config:
     expiration_time: int = 3 * DEFAULT_PERIOD
     workers: int = DEFAULT_WORKERS
     textfile: str | None = None  # health for node_exporter's textfile collector
+    # <vm_disks>: the directory of per-VM disks (None: none) and each one's size.
+    vm_disks_path: str | None = None
+    vm_disks_size: int = mdisk.MIN_SIZE
+    # False when <vm_disks> is given without <disk>: per-VM disks only.
+    shared_disk: bool = True
     metrics: tuple[MetricDef, ...] = ()
     builtins: tuple[BuiltinRef, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def vbd(self) -> bool:
-        return "vbd" in self.transports
+        """The shared metrics disk is written (vbd transport, and <disk> unless <vm_disks>)."""
+        return "vbd" in self.transports and self.shared_disk
 
     @property
     def virtio(self) -> bool:
@@ -170,6 +176,10 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
             transports.append(value)
     kwargs["transports"] = tuple(transports) or ("vbd",)
 
+    vm_disks = reader.single(globals_, "vm_disks")
+    if vm_disks is not None:
+        _vm_disks(reader, vm_disks, path, kwargs, disk is not None)
+
     expiration = 3 * period
     virtio = reader.single(globals_, "virtio")
     if virtio is not None:
@@ -201,6 +211,20 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
         kwargs["workers"] = DEFAULT_WORKERS if metrics else DEFAULT_WORKERS_BUILTIN_ONLY
     kwargs["warnings"] = tuple(reader.warnings)
     return Config(**kwargs)  # type: ignore[arg-type]
+
+
+def _vm_disks(reader: _Reader, elem: etree._Element, path: str, kwargs: dict[str, object],
+              shared: bool) -> None:
+    """<vm_disks>: a metrics disk per VM. Without <disk> beside it, no shared disk."""
+    if "vbd" not in kwargs["transports"]:  # type: ignore[operator]
+        raise reader.error(elem, "<vm_disks> are metrics disks: it needs <transport>vbd"
+                           "</transport>")
+    if (dpath := reader.single(elem, "path")) is None:
+        raise reader.error(elem, "<vm_disks> needs a <path> (the directory of the VM disks)")
+    kwargs["vm_disks_path"] = _absolute(reader.text(dpath), path)
+    if (size := reader.single(elem, "size")) is not None:
+        kwargs["vm_disks_size"] = _disk_size(reader, size)
+    kwargs["shared_disk"] = shared
 
 
 def _disk_size(reader: _Reader, elem: etree._Element) -> int:

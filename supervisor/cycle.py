@@ -31,6 +31,8 @@ class Rendered:
     left_out: int  # failures this cycle
     carried: int = 0  # fragments kept from an earlier cycle (not refreshed in this one)
     vms_not_on_disk: int = 0  # VMs that did not fit the disk
+    # UUIDs of the defined domains not running (per-VM disks); None: not listed.
+    inactive: tuple[str, ...] | None = None
 
 
 # Where a job's metrics go in the document: (config line, position in the
@@ -86,6 +88,7 @@ class Cycle:
     domains: tuple[Domain, ...] | None = None
     domains_job: int | None = None
     domains_error: str | None = None
+    inactive: tuple[str, ...] | None = None  # defined, not running (ListDomains.inactive)
     attempted: Attempted = field(default_factory=lambda: Attempted())
     shell_jobs: int = 0  # shell actions planned
     shell_done: int = 0  # ... and answered within this cycle
@@ -111,6 +114,7 @@ class Cycle:
                 self.domains_error = result.error
             else:
                 self.domains = result.domains or ()
+                self.inactive = result.inactive
             return job
         if isinstance(job, RunAction):
             self.shell_done += 1

@@ -87,7 +87,7 @@ class SupervisorCollector:
         restarts = CounterMetricFamily("vhostmd_child_restarts",
                                        "Child processes restarted, by role.", labels=["role"])
         by_role: Counter[str] = Counter()
-        for slot in wanted_children(config, sup.uri, sup.disk):
+        for slot in wanted_children(config, sup.uri, sup.disk, sup.vm_dir):
             by_role[role_of(slot)] += 0
         for slot in list(sup.pool.history):
             by_role[role_of(slot)] += sup.pool.restarts(slot)

@@ -51,7 +51,8 @@ def plan_start(cycle: Cycle, config: Config, plans: Sequence[CollectorPlan], new
         cycle.domains_error = "libvirt did not answer the previous domain listing"
         cycle.failures.append(domain_list_failure(cycle.domains_error))
     else:
-        listing = ListDomains(cycle.domains_job, cycle.job_deadline)
+        listing = ListDomains(cycle.domains_job, cycle.job_deadline,
+                              inactive=config.vm_disks_path is not None)
         cycle.expect((-1, -1), listing)
         jobs.append(listing)
     for index, metric in enumerate(config.metrics):

@@ -1,5 +1,9 @@
 """Publishing a cycle's result: the document to the disk-writer, fragments to virtio.
 
+With per-VM disks the disk-writer's message also carries the host fragment,
+each VM's fragment by UUID and the defined domains (``vm_batch``): still one
+message per cycle, under the same flow control.
+
 The disk-writer gets at most one document in flight, always the newest: it
 acknowledges each write ("disk-written"), and a document that was replaced
 by a newer one before the writer was free is simply never sent. A new
@@ -21,11 +25,25 @@ log = logging.getLogger("vhostmd")
 Target = Any
 
 
+def vm_batch(rendered: Rendered) -> tuple[bytes, dict[str, bytes], tuple[str, ...] | None]:
+    """What the disk-writer needs for per-VM disks (disk/vmwriter.py, VmDisks.publish).
+
+    The host fragment, each running domain's own fragment by UUID (empty when
+    it has no metrics), and the UUIDs of the defined domains not running
+    (None when libvirt could not be listed).
+    """
+    fragments = rendered.vm_fragments
+    running = {d.uuid: fragments.get(d.id, b"") for d in rendered.domains}
+    return rendered.host_fragment, running, rendered.inactive
+
+
 class Publisher:
     def __init__(self, disk: Callable[[], Target | None],
-                 virtio: Callable[[], Target | None]) -> None:
+                 virtio: Callable[[], Target | None],
+                 vm_disks: Callable[[], bool] = lambda: False) -> None:
         self._disk = disk
         self._virtio = virtio
+        self._vm_disks = vm_disks
         self.latest: Rendered | None = None
         self.seq = 0
         self.sent_seq = 0
@@ -46,7 +64,8 @@ class Publisher:
             return
         self.acked = False
         self.sent_seq = self.seq
-        writer.send((self.seq, self.latest.document))
+        vms = vm_batch(self.latest) if self._vm_disks() else None
+        writer.send((self.seq, self.latest.document, vms))
 
     def send_fragments(self) -> None:
         virtio = self._virtio()

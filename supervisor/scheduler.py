@@ -244,6 +244,7 @@ class CycleRunner:
         capacity = self.config().disk_size - HEADER_SIZE if self.config().vbd else None
         rendered = render(cycle.fresh, cycle.domains or (), capacity, len(cycle.failures),
                           carried)
+        rendered.inactive = cycle.inactive
         self.failures.update(cycle.failures, cycle.attempted)
         self.note_disk_fit(rendered)
         self.note_shell_work(cycle)

@@ -127,7 +127,8 @@ def child_state(supervisor: Any, slot: int, child: Any) -> str:
 def build_status(supervisor: Any) -> dict[str, Any]:
     """What the status file holds, from the running supervisor."""
     children = []
-    wanted = wanted_children(supervisor.config, supervisor.uri, supervisor.disk)
+    wanted = wanted_children(supervisor.config, supervisor.uri, supervisor.disk,
+                             getattr(supervisor, "vm_dir", None))
     for slot, spec in sorted(wanted.items()):
         child = supervisor.pool.get(slot)
         children.append({

@@ -233,7 +233,7 @@ def test_readers_never_see_a_torn_document(tmp_path: Path) -> None:
 WRITER = """
 import random, select, sys, time
 from vhostmd.disk.handle import open_disk
-from vhostmd.disk.writer import MetricsDisk
+from vhostmd.disk.mapped import MetricsDisk
 disk = MetricsDisk(open_disk({path!r}, 65536))
 docs = [("<metrics>" + c * n + "</metrics>\\n").encode() for c, n in (("a", 30000), ("\xe9", 9000))]
 print("ready", flush=True)

@@ -104,8 +104,9 @@ def test_layering_only_points_down() -> None:
         if not name.startswith("vhostmd.supervisor"):
             assert not {i for i in imported if i.startswith("vhostmd.supervisor")}, name
     # The supervisor never imports what its children run (libvirt comes with them).
+    # (--domain-xml is a command of its own, run in its own process: it may.)
     supervisor = {i for n, imp in modules.items() if n.startswith("vhostmd.supervisor")
-                  for i in imp}
+                  and n != "vhostmd.supervisor.domain_xml" for i in imp}
     assert not supervisor & set(CHILD_MODULES)
     assert "vhostmd.workers.libvirt_conn" not in supervisor
 

@@ -15,7 +15,7 @@ import pytest
 
 from vhostmd import mdisk
 from vhostmd.disk.handle import open_disk
-from vhostmd.disk.writer import MetricsDisk
+from vhostmd.disk.mapped import MetricsDisk
 
 
 class RecordingMap:

@@ -74,14 +74,24 @@ class LibvirtConnection:
                 conn.close()
 
     def list_domains(self) -> tuple[Domain, ...]:
+        return self.list_all_domains(inactive=False)[0]
+
+    def list_all_domains(self, *, inactive: bool) -> tuple[tuple[Domain, ...], tuple[str, ...]]:
+        """The running domains by id, and (``inactive``) the UUIDs of the others defined.
+
+        One listing call either way; a domain that does not run has id -1
+        (known without another call).
+        """
         conn = self.get()
+        flags = 0 if inactive else libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
         try:
-            found = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            found = conn.listAllDomains(flags)
             domains = [Domain(d.ID(), d.name(), d.UUIDString()) for d in found]
         except libvirt.libvirtError as exc:
             self.reset()
             raise LibvirtUnavailable(f"listing domains failed: {error_message(exc)}") from None
-        return tuple(sorted(domains, key=lambda d: d.id))
+        running = sorted((d for d in domains if d.id >= 0), key=lambda d: d.id)
+        return tuple(running), tuple(sorted(d.uuid for d in domains if d.id < 0))
 
 
 def error_message(exc: Exception) -> str:

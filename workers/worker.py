@@ -40,9 +40,11 @@ class Worker:
             return self.run_action(job)
         if isinstance(job, ListDomains):
             try:
-                return JobResult(job.job_id, domains=self.libvirt.list_domains())
+                running, inactive = self.libvirt.list_all_domains(inactive=job.inactive)
             except LibvirtUnavailable as exc:
                 return JobResult(job.job_id, error=str(exc))
+            return JobResult(job.job_id, domains=running,
+                             inactive=inactive if job.inactive else None)
         if isinstance(job, Collect):
             return run_collector(job, self.libvirt)
         return JobResult(getattr(job, "job_id", -1), error=f"unknown job {job!r}")
