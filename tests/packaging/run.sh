@@ -183,6 +183,11 @@ installed_state() {
 }
 
 # Run "$@" every 0.2 s until it succeeds, for at most $1 seconds.
+# Whether session $1 has at least $2 processes whose name starts with vhostmd.
+session_has_children() {
+    [ "$(pgrep -c -s "$1" '^vhostmd' || true)" -ge "$2" ]
+}
+
 retry() {
     local deadline=$(($(date +%s) + $1))
     shift
@@ -674,9 +679,12 @@ else
     track "$pid"
     retry 15 metric "$INIT_DISK" HostName || fail "no metrics on $INIT_DISK"
     sid=$(ps -o sid= -p "$pid" | tr -d ' ')
-    # The supervisor, 4 workers, the disk-writer and the virtio process.
-    count=$(pgrep -c -s "$sid" '^vhostmd' || true)
-    [ "$count" -ge 7 ] || fail "only $count vhostmd processes in the daemon's session"
+    # The supervisor, its forkserver, 4 workers, the disk-writer, the virtio
+    # and the events process (children start once the forkserver has
+    # imported everything: the disk may still show the previous daemon's
+    # document before that).
+    retry 30 session_has_children "$sid" 9 \
+        || fail "only $(pgrep -c -s "$sid" '^vhostmd') vhostmd processes in the daemon's session"
     # Freeze the daemon (the supervisor first) while a worker runs the action.
     action=""
     for _ in $(seq 50); do
