@@ -82,8 +82,12 @@ demo() {
     done
     say "what a guest reads from the metrics disk ($VENV/bin/vm-dump-metrics --disk $disk):"
     "$VENV/bin/vm-dump-metrics" --disk "$disk"
-    say "processes (ps -o pid,cmd):"
-    ps -o pid,cmd --ppid $pid --pid $pid
+    say "processes (the daemon and its descendants, as ps shows them):"
+    # Every process of the daemon: children hang below its forkserver.
+    "$VENV/bin/python" -c 'import psutil, sys
+root = psutil.Process(int(sys.argv[1]))
+for p in [root, *root.children(recursive=True)]:
+    print(f"{p.pid:>7}", " ".join(p.cmdline()).strip())' "$pid"
     say "vhostmd keeps running; Ctrl-C stops it"
     wait $pid
 }
