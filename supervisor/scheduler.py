@@ -51,9 +51,15 @@ def default_action_timeout(period: int) -> float:
     return min(30.0, max(1.0, 0.5 * period))
 
 
-def max_value_age(period: int) -> float:
-    """How long a metric not refreshed in a cycle keeps its last value: 12 periods, >= 60 s."""
-    return max(60.0, 12.0 * period)
+def max_value_age(period: int, refresh: float = 0.0) -> float:
+    """How long a metric not refreshed in a cycle keeps its last value.
+
+    12 periods and at least 60 s; when shell actions need more than a period,
+    at least two of their rounds (``refresh``: about how long one round over
+    every VM takes), so a VM keeps its values until its turn comes again;
+    never more than an hour.
+    """
+    return min(3600.0, max(60.0, 12.0 * period, 2.0 * refresh))
 
 
 def refresh_interval(period: int, cycle: Cycle) -> float:
@@ -87,6 +93,7 @@ class CycleRunner:
         self.clock_ = CycleClock(config().update_period, clock())
         self.instant = InstantCycles()  # extra cycles on libvirt lifecycle events
         self.last_cycle_wall = 0.0
+        self.refresh = 0.0  # about how long a round of every shell action takes (smoothed)
         self.stats: dict[str, float] = {
             "cycles": 0, "last_cycle_seconds": 0.0, "published": 0, "left_out": 0,
             "carried": 0, "vms_not_on_disk": 0, "shell_jobs": 0, "shell_done": 0}
@@ -240,7 +247,10 @@ class CycleRunner:
         period = self.config().update_period
         self.latest.store(cycle.fresh, now)
         live = {d.id for d in cycle.domains} if cycle.domains is not None else None
-        carried = self.latest.fill(cycle.fresh, live, now, max_value_age(period))
+        if cycle.shell_jobs:
+            sample = refresh_interval(period, cycle)
+            self.refresh = sample if not self.refresh else 0.7 * self.refresh + 0.3 * sample
+        carried = self.latest.fill(cycle.fresh, live, now, max_value_age(period, self.refresh))
         capacity = self.config().disk_size - HEADER_SIZE if self.config().vbd else None
         rendered = render(cycle.fresh, cycle.domains or (), capacity, len(cycle.failures),
                           carried)
@@ -284,10 +294,11 @@ class CycleRunner:
         if behind and not self.behind:
             log.warning("shell actions need more than the %d s update period: %d of %d ran "
                         "in this cycle; the rest run first in the next, so each is refreshed "
-                        "about every %.0f s (a value is kept for at most %.0f s)",
+                        "about every %.0f s (a value is kept for up to two rounds, now %.0f s)",
                         self.config().update_period, cycle.shell_done, cycle.shell_jobs,
                         refresh_interval(self.config().update_period, cycle),
-                        max_value_age(self.config().update_period))
+                        max_value_age(self.config().update_period,
+                                      refresh_interval(self.config().update_period, cycle)))
         elif self.behind and not behind:
             log.info("shell actions fit the update period again")
         self.behind = behind
