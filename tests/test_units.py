@@ -567,3 +567,12 @@ def test_rejected_reload_keeps_every_child(sup_rig: Callable[[str], SupervisorRi
         reload(rig, text.replace("<workers>2", "<workers>x"))
     assert "reload rejected, keeping the running config" in caplog.text
     assert rig.sup.pool.children == before and rig.sup.config.workers == 2
+
+
+def test_kept_values_last_two_rounds_of_shell_work_within_bounds() -> None:
+    from vhostmd.supervisor.scheduler import max_value_age
+
+    assert max_value_age(5) == 60.0  # at least 60 s
+    assert max_value_age(30) == 360.0  # 12 periods
+    assert max_value_age(5, refresh=200.0) == 400.0  # two rounds when work lags
+    assert max_value_age(5, refresh=5000.0) == 3600.0  # never more than an hour
