@@ -429,8 +429,9 @@ def test_vm_metrics_come_from_bulk_stats_and_agree_with_virsh_domstats(world: Wo
         alpha["ResourceMemoryLimit"].value)
     assert alpha["ResourceProcessorLimit"].value == "1"
     assert after[ALPHA]["vcpu.maximum"] == "2"
-    # The host's MemoryAllocatedToVirtualServers sums every running domain's balloon.
-    every = qemu_rig.virsh("domstats", "--balloon")
+    # The host's MemoryAllocatedToVirtualServers sums every running domain's balloon
+    # (not the shut-off gamma's, whose balloon.current is its configured memory).
+    every = qemu_rig.virsh("domstats", "--balloon", "--list-running")
     total = sum(int(v) for v in re.findall(r"balloon\.current=(\d+)", every))
     assert host_metrics(metrics)["MemoryAllocatedToVirtualServers"].value == str(total)
 
