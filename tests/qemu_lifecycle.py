@@ -45,16 +45,26 @@ POLL = 0.005  # how often the disk and the channel are looked at (s)
 
 @dataclass
 class Round:
-    create: float  # how long virsh create/start itself took
+    """Seconds, each from just before the virsh command."""
+
+    create: float  # how long virsh create/start itself took (QEMU started and resumed)
     disk: float  # virsh create/start -> the VM's metrics on the disk
     channel: float  # virsh create/start -> the daemon connected to the VM's channel
+    destroy: float  # how long virsh destroy itself took (QEMU gone)
     gone: float  # virsh destroy -> the VM's metrics off the disk
 
+    def daemon_share(self) -> dict[str, float]:
+        """What the daemon took once virsh returned (libvirt sends the lifecycle
+        event before that): disk, channel and gone, less the virsh command's time."""
+        return {"disk": self.disk - self.create, "channel": self.channel - self.create,
+                "gone": self.gone - self.destroy}
 
-ROWS = (("disk", "create -> metrics on the disk"),
+
+ROWS = (("create", "virsh create (libvirt starting QEMU)"),
+        ("disk", "create -> metrics on the disk"),
         ("channel", "create -> channel connected by the daemon"),
-        ("gone", "destroy -> metrics off the disk"),
-        ("create", "(virsh create itself)"))
+        ("destroy", "virsh destroy (libvirt stopping QEMU)"),
+        ("gone", "destroy -> metrics off the disk"))
 
 
 def _document(disk: Path) -> bytes | None:
@@ -120,9 +130,10 @@ def lifecycle_round(guest: Guest, disk: Path, served_by: Callable[[dict[int, str
     after_a_regular_cycle(disk, time.monotonic(), period)
     stop = time.monotonic()
     guest.destroy()
+    destroyed = time.monotonic() - stop
     gone = _timed(stop, lambda: guest.uuid not in (vm_uuids(disk) or {guest.uuid}), timeout,
                   f"{guest.name} off the disk")
-    return Round(created, disk_seconds, channel_seconds, gone), time.monotonic()
+    return Round(created, disk_seconds, channel_seconds, destroyed, gone), time.monotonic()
 
 
 def table(rounds: list[Round]) -> str:

@@ -51,9 +51,11 @@ BETA = "vhostmd-test-beta"
 GAMMA = "vhostmd-test-gamma"
 DELTA = "vhostmd-test-delta"
 # What proves lifecycle events work: a VM that starts (or stops) right after a
-# regular cycle is on (or off) the disk and its channel connected within this,
-# where listing alone would take about a period (issue 15 asks for 1 s; TCG
-# and a loaded machine slow `virsh create` itself down).
+# regular cycle is on (or off) the disk and its channel connected within
+# DAEMON_LATENCY of virsh returning (issue 15: 1 s), and within EVENT_LATENCY
+# of `virsh create`, where listing alone would take about a period (5 s).
+# virsh itself takes 0.5 s (create) and 1.3 s (destroy) with TCG, idle.
+DAEMON_LATENCY = 1.0
 EVENT_LATENCY = 2.5
 TIMING_ROUNDS = 3
 
@@ -600,6 +602,7 @@ def test_started_vm_is_served_and_stopped_vm_dropped_within_moments(world: World
     for number, measured in enumerate(rounds, 1):
         assert measured.disk < EVENT_LATENCY, f"round {number}: {measured}"
         assert measured.channel < EVENT_LATENCY, f"round {number}: {measured}"
-        assert measured.gone < EVENT_LATENCY, f"round {number}: {measured}"
+        for what, seconds in measured.daemon_share().items():
+            assert seconds < DAEMON_LATENCY, f"round {number}, {what}: {measured}"
     # The daemon heard of each start and stop (the extra cycles came from events).
     assert daemon.log().count("libvirt event: ") - events_before >= 2 * TIMING_ROUNDS
