@@ -131,8 +131,11 @@ def lifecycle_round(guest: Guest, disk: Path, served_by: Callable[[dict[int, str
     stop = time.monotonic()
     guest.destroy()
     destroyed = time.monotonic() - stop
-    gone = _timed(stop, lambda: guest.uuid not in (vm_uuids(disk) or {guest.uuid}), timeout,
-                  f"{guest.name} off the disk")
+    def off_disk() -> bool:
+        uuids = vm_uuids(disk)
+        return uuids is not None and guest.uuid not in uuids
+
+    gone = _timed(stop, off_disk, timeout, f"{guest.name} off the disk")
     return Round(created, disk_seconds, channel_seconds, destroyed, gone), time.monotonic()
 
 
