@@ -567,3 +567,23 @@ def test_rejected_reload_keeps_every_child(sup_rig: Callable[[str], SupervisorRi
         reload(rig, text.replace("<workers>2", "<workers>x"))
     assert "reload rejected, keeping the running config" in caplog.text
     assert rig.sup.pool.children == before and rig.sup.config.workers == 2
+
+
+def test_the_events_childs_state_leaves_the_virtio_refused_count_alone(
+        sup_rig: Callable[[str], SupervisorRig], tmp_path: Path) -> None:
+    rig = sup_rig(config_xml(tmp_path / "disk", metric_xml("A", "echo 1", mtype="uint32"),
+                             transports=("vbd", "virtio"),
+                             globals_extra="<workers>1</workers>" + virtio_xml(tmp_path)))
+    rig.run_once()  # the children start
+    virtio, events = rig.child(VIRTIO_SLOT), rig.child(EVENTS_SLOT)
+    rig.say(virtio, ("virtio-status", 2, 3, 2, 1))  # connected, known, max, refused
+    rig.run_once()
+    assert rig.sup.virtio_status == (2, 3, 2) and rig.sup.virtio_refused == 1
+    # The events child connecting (or losing libvirt) says nothing about channels;
+    # the virtio process reports only changes, so a reset would stick.
+    rig.say(events, ("events-state", True, "watching"))
+    rig.run_once()
+    assert rig.sup.virtio_refused == 1
+    rig.say(events, ("events-state", False, "lost"))
+    rig.run_once()
+    assert rig.sup.virtio_status == (2, 3, 2) and rig.sup.virtio_refused == 1
