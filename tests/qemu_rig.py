@@ -1233,7 +1233,9 @@ def qemu_host() -> Iterator[QemuHost]:
     finally:
         try:
             for guest in host.guests if host else ():
-                guest.undefine()  # a QEMU left running would outlive its libvirtd
+                # A QEMU left running would outlive its libvirtd; a definition would
+                # stay in /etc/libvirt/qemu.
+                guest.undefine()
         finally:
             try:
                 libvirt.stop()
