@@ -129,6 +129,8 @@ def world(host: QemuHost) -> Iterator[World]:
         wait_for(lambda: host_doc(disk), 60, "the daemon's first document", interval=0.2)
         gamma.define()
         state.gamma_xml = attach_from_domain_xml(gamma, daemon.conf)
+        # --domain-xml made the file if the daemon had not yet: QEMU opens it at start.
+        assert (vm_dir / gamma.uuid).is_file()
         started = time.monotonic()
         guests = [state.alpha, state.beta, gamma]
         times = qemu_rig.boot_guests(guests)
