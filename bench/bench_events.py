@@ -16,16 +16,24 @@ moment without events: the next scheduled cycle is ~5 s away), then:
 - runs ``virsh destroy`` and times until the domain's metrics leave the disk.
 
 The test driver runs no guest: this measures the daemon's reaction to the
-lifecycle event, not QEMU's start-up. With real QEMU guests
-(``qemu:///system``), run the same steps by hand: ``virsh create`` a guest
-with the ``org.github.vhostmd.1`` channel, poll the disk with
-``vm-dump-metrics --disk``, and watch the channel socket with
-``ss -x | grep vhostmd`` (see tests/test_qemu.py once the QEMU rig exists).
+lifecycle event, not QEMU's start-up.
+
+``--qemu`` runs the same rounds with real QEMU guests instead (the
+real-hypervisor rig of tests/qemu_rig.py: libvirtd with the QEMU driver,
+``qemu:///system``, TCG where KVM is not usable): ``vhostmd -d`` with the
+shipped etc/vhostmd.conf (only the disk path changed), and each round
+``virsh create`` of a busybox guest with the shared metrics disk and the
+``org.github.vhostmd.1`` channel, timed to its metrics on the disk and to the
+daemon's connection on its channel socket (``ss``), then ``virsh destroy``,
+timed to its metrics leaving the disk (tests/qemu_lifecycle.py, also used by
+tests/test_qemu.py). It also prints how long virsh create and destroy
+themselves took, and the load average around the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -65,10 +73,80 @@ def nanos(disk: Path) -> str | None:
         return None
 
 
+def machine() -> str:
+    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    return (f"{os.cpu_count()} CPUs ({cpu.group(1) if cpu else '?'}), kernel {os.uname().release}, "
+            f"Python {sys.version.split()[0]}")
+
+
+def main_qemu(rounds: int) -> int:
+    import qemu_lifecycle
+    import qemu_rig
+
+    reason = qemu_rig.why_no_qemu()
+    if reason:
+        print(f"bench_events --qemu: cannot run real guests here: {reason}", file=sys.stderr)
+        return 1
+    results: list[qemu_lifecycle.Round] = []
+    loads: list[float] = []
+    with qemu_rig.qemu_host() as host:
+        disk = host.work / "vhostmd0"
+        daemon = Daemon(host.work, qemu_rig.shipped_config(disk), uri=qemu_rig.URI)
+        try:
+            daemon.start()
+            wait_for(lambda: has_document(disk), 60, "the daemon's first document")
+            daemon.wait_log("lifecycle events from", 60)
+            guest = host.guest(qemu_rig.GuestSpec("vhostmd-bench-events"), disk)
+            ours = daemon.titles
+
+            def served_by(clients: dict[int, str]) -> bool:
+                titles = ours()
+                return all(pid in titles and "vhostmd: virtio" in cmd
+                           for pid, cmd in clients.items())
+
+            last = time.monotonic()
+            for n in range(rounds):
+                loads.append(os.getloadavg()[0])
+                measured, last = qemu_lifecycle.lifecycle_round(guest, disk, served_by, last,
+                                                                5, 40)
+                results.append(measured)
+                print(f"round {n + 1}: " + ", ".join(
+                    f"{key} {getattr(measured, key):.3f} s" for key, _ in qemu_lifecycle.ROWS),
+                    file=sys.stderr, flush=True)
+            loads.append(os.getloadavg()[0])
+            hypervisor = qemu_rig.virsh("version")
+        finally:
+            daemon.__exit__(None, None, None)
+        accel = "KVM" if host.domain_type == "kvm" else "TCG"
+    running = re.search(r"Running hypervisor: (.+)", hypervisor)
+    library = re.search(r"Using library: (.+)", hypervisor)
+    print(f"real QEMU guests ({accel}, {running.group(1) if running else '?'}, "
+          f"{library.group(1) if library else '?'}), update_period 5 s, {rounds} rounds, "
+          "each right after a regular cycle (seconds from just before virsh create/destroy)")
+    print(f"machine: {machine()}; 1-min load average during the rounds "
+          f"{min(loads):.2f} to {max(loads):.2f}")
+    print(qemu_lifecycle.table(results))
+    shares = [r.daemon_share() for r in results]
+    print("the daemon's share (after virsh returned), max: " + ", ".join(
+        f"{key} {max(s[key] for s in shares):.3f} s" for key in ("disk", "channel", "gone")))
+    return 0
+
+
+def has_document(disk: Path) -> bool:
+    try:
+        return bool(disk_metrics(disk))
+    except Exception:
+        return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--qemu", action="store_true",
+                        help="real QEMU guests under qemu:///system (the tests' rig)")
     args = parser.parse_args()
+    if args.qemu:
+        return main_qemu(args.rounds)
     root = Path(tempfile.mkdtemp(prefix="vhbe"))
     server = Libvirtd(root)
     server.start()

@@ -262,13 +262,6 @@ class Supervisor:
             self.cycles.instant.request()
         elif kind == "events-state":
             self.cycles.instant.state(bool(message[1]), str(message[2]))
-            self.virtio_refused = message[4] if len(message) > 4 else 0
-        elif kind == "domains-changed":
-            log.debug("libvirt event: %s%s; listing again now", message[1],
-                      f" (domain id {message[2]})" if message[2] is not None else "")
-            self.instant.request()
-        elif kind == "events-state":
-            self.instant.state(bool(message[1]), str(message[2]))
 
     def on_lost(self, child: Child, why: str) -> None:
         self.cycles.on_lost(child, why)

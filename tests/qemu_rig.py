@@ -11,7 +11,9 @@ later real-guest tests (per-VM disks, lifecycle timing). It gives:
   Debian packages already on the host (busybox-static, the kernel's virtio
   modules and, for the Python image, the host's Python plus lxml and the
   project's guest package), cached under a directory keyed by every input;
-- :class:`Guest`: one transient libvirt domain with the metrics disk (read-only,
+- :class:`Guest`: one libvirt domain, transient (``virsh create``) or, after
+  :meth:`Guest.define`, persistent (``virsh start``; devices can then be added
+  with ``virsh attach-device --config``), with the metrics disk (read-only,
   shareable), the vhostmd channel (``<source mode='bind'/>``, no path) and a
   serial console on a unix socket; :meth:`Guest.run` runs a shell command in the
   guest and returns its exit status and output, framed and checksummed;
@@ -696,9 +698,10 @@ class LibvirtQemu:
             return
         log("undoing the setup of a real-hypervisor test run that was killed")
         if _answers():
-            for name in virsh("list", "--name", check=False).split():
+            for name in virsh("list", "--all", "--name", check=False).split():
                 if name.startswith(GUEST_PREFIX):
                     virsh("destroy", name, check=False)
+                    virsh("undefine", name, check=False)  # a defined (persistent) guest
         for pid in state.get("pids", []):
             try:
                 comm = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -846,7 +849,12 @@ class GuestSpec:
 
 
 class Guest:
-    """One transient QEMU domain and the host's end of its serial console."""
+    """One QEMU domain and the host's end of its serial console.
+
+    Transient (``virsh create`` on each start) unless :meth:`define` made it
+    persistent: then each start is ``virsh start`` of the definition, which
+    ``virsh attach-device --config`` may have changed meanwhile.
+    """
 
     def __init__(self, spec: GuestSpec, images: Images, disk: Path, work: Path,
                  domain_type: str) -> None:
@@ -866,6 +874,7 @@ class Guest:
         self.next_id = 0
         self.boot_seconds: float | None = None
         self.started_at = 0.0
+        self.defined = False
 
     def xml(self) -> str:
         spec = self.spec
@@ -920,17 +929,39 @@ class Guest:
 
     # -- lifecycle
 
+    def define(self) -> None:
+        """Define the domain persistently (shut off); :meth:`start` then starts it."""
+        if self.name in virsh("list", "--all", "--name").split():
+            virsh("destroy", self.name, check=False)  # left by a killed run
+            virsh("undefine", self.name, check=False)
+        xml_file = self.console_path.with_suffix(".xml")
+        xml_file.write_text(self.xml())
+        virsh("define", str(xml_file))
+        self.defined = True
+
+    def undefine(self) -> None:
+        """Stop the domain if it runs and remove its definition."""
+        self.destroy()
+        if self.defined:
+            virsh("undefine", self.name, check=False)
+            self.defined = False
+
     def start(self) -> None:
-        """Create the domain (transient) and connect to its console; do not wait for boot."""
+        """Create the domain (transient) or start its definition, and connect to its
+        console; do not wait for boot."""
         self.close_console()
         self.console_path.unlink(missing_ok=True)
         xml_file = self.console_path.with_suffix(".xml")
-        xml_file.write_text(self.xml())
+        if not self.defined:
+            xml_file.write_text(self.xml())
         if self.name in virsh("list", "--name").split():
             virsh("destroy", self.name, check=False)  # left running by a killed run
         self.started_at = time.monotonic()
         self.boot_seconds = None
-        virsh("create", str(xml_file), timeout=120)
+        if self.defined:
+            virsh("start", self.name, timeout=120)
+        else:
+            virsh("create", str(xml_file), timeout=120)
         # libvirt starts QEMU paused and resumes it once set up, and QEMU listens
         # before that: what the guest prints from its first line on reaches us.
         _wait(self.console_path.exists, 30, f"{self.name}'s console socket")
@@ -975,13 +1006,14 @@ class Guest:
             raise self._fail("no vhostmd channel path in the live domain XML")
         return match.group(1)
 
-    def channel_clients(self) -> dict[int, str]:
-        """pid -> command line of the processes connected to this guest's channel socket.
+    def channel_clients(self, path: str | None = None) -> dict[int, str]:
+        """pid -> command line of the processes connected to this guest's channel socket
+        (at ``path`` if given: what :meth:`channel_path` said for this run of the VM).
 
         QEMU accepts one client: whoever is connected here is the daemon that
         serves this guest (``ss`` pairs QEMU's end with the client's by inode).
         """
-        path = self.channel_path()
+        path = path or self.channel_path()
         out = subprocess.run(["ss", "-xpn"], capture_output=True, text=True, timeout=30,
                              check=True).stdout
         peers: set[str] = set()
@@ -1201,7 +1233,9 @@ def qemu_host() -> Iterator[QemuHost]:
     finally:
         try:
             for guest in host.guests if host else ():
-                guest.destroy()  # a QEMU left running would outlive its libvirtd
+                # A QEMU left running would outlive its libvirtd; a definition would
+                # stay in /etc/libvirt/qemu.
+                guest.undefine()
         finally:
             try:
                 libvirt.stop()

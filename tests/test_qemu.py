@@ -1,10 +1,12 @@
-"""Real hypervisor end to end: QEMU guests under libvirt read the metrics (issue 13).
+"""Real hypervisor end to end: QEMU guests under libvirt read the metrics (issues 13-15).
 
 libvirtd with the QEMU driver serves ``qemu:///system`` (TCG where KVM is not
-usable); vhostmd runs with the shipped configuration (only the disk path
-changed) against it; small guests (Debian's cloud kernel, a busybox initramfs)
-read the metrics disk from their virtio-blk device and the virtio-serial port,
-one of them also with the project's own ``vm-dump-metrics``. The rig is in
+usable); vhostmd runs with the shipped configuration (the disk path changed,
+and per-VM disks added beside the shared one) against it; small guests
+(Debian's cloud kernel, a busybox initramfs) read the metrics disk from their
+virtio-blk device and the virtio-serial port, one of them also with the
+project's own ``vm-dump-metrics``, and one of them its own per-VM disk,
+attached with what ``vhostmd --domain-xml`` printed. The rig is in
 ``tests/qemu_rig.py``; ``-m 'not qemu'`` leaves these tests out.
 """
 
@@ -29,6 +31,7 @@ import pytest
 from vhostmd import mdisk
 from vhostmd.document import Metric, parse_document
 
+import qemu_lifecycle
 import qemu_rig
 from daemon_harness import VHOSTMD, Daemon, cmdline, disk_metrics, wait_for
 from qemu_rig import Guest, GuestSpec, QemuHost
@@ -45,15 +48,58 @@ PERIOD = 5  # update_period of the shipped configuration
 DOC_WAIT = 8 * PERIOD
 ALPHA = "vhostmd-test-alpha"
 BETA = "vhostmd-test-beta"
+GAMMA = "vhostmd-test-gamma"
+DELTA = "vhostmd-test-delta"
+# What proves lifecycle events work: a VM that starts (or stops) right after a
+# regular cycle is on (or off) the disk and its channel connected within
+# DAEMON_LATENCY of virsh returning (issue 15: 1 s), and within EVENT_LATENCY
+# of `virsh create`, where listing alone would take about a period (5 s).
+# virsh itself takes 0.5 s (create) and 1.3 s (destroy) with TCG, idle.
+DAEMON_LATENCY = 1.0
+EVENT_LATENCY = 2.5
+TIMING_ROUNDS = 3
 
 
 @dataclass
 class World:
     host: QemuHost
     disk: Path
+    vm_dir: Path  # <vm_disks>: one disk per VM, DIR/<uuid>
     daemon: Daemon
     alpha: Guest  # Python image; 1 of 2 vCPUs online; balloon at 192 of 256 MiB
     beta: Guest  # busybox image; 2 of 2 vCPUs online; balloon at its maximum
+    # busybox image, defined (persistent), its own per-VM disk and the channel
+    # attached with `virsh attach-device --config` from `vhostmd --domain-xml`
+    gamma: Guest
+    gamma_xml: dict[str, str]  # device -> what --domain-xml printed
+
+
+def world_config(disk: Path, vm_dir: Path) -> str:
+    """The shipped configuration (disk path changed) with per-VM disks beside the shared one."""
+    text = qemu_rig.shipped_config(disk)
+    assert text.count("</globals>") == 1
+    return text.replace("</globals>", f"  <vm_disks><path>{vm_dir}</path></vm_disks>\n"
+                        "  </globals>")
+
+
+def domain_xml(conf: Path, vm: str, device: str) -> str:
+    """``vhostmd --domain-xml VM --device DEVICE`` with the daemon's config and URI."""
+    done = subprocess.run([VHOSTMD, "--domain-xml", vm, "--device", device, "-f", str(conf),
+                           "-c", qemu_rig.URI], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def attach_from_domain_xml(guest: Guest, conf: Path) -> dict[str, str]:
+    """Attach the metrics disk and the channel to the defined, shut-off ``guest`` as an
+    operator does: ``vhostmd --domain-xml``, then ``virsh attach-device --config``."""
+    printed = {}
+    for device in ("disk", "channel"):
+        printed[device] = domain_xml(conf, guest.name, device)
+        element = guest.console_path.with_suffix(f".{device}.xml")
+        element.write_text(printed[device])
+        qemu_rig.virsh("attach-device", guest.name, str(element), "--config")
+    return printed
 
 
 @pytest.fixture(scope="module")
@@ -69,29 +115,36 @@ def world(host: QemuHost) -> Iterator[World]:
     """The daemon first, then two guests booted at once: both are VMs that started
     after the daemon."""
     disk = host.work / "vhostmd0"
-    daemon = Daemon(host.work, qemu_rig.shipped_config(disk), uri=qemu_rig.URI)
+    vm_dir = host.work / "vms"
+    daemon = Daemon(host.work, world_config(disk, vm_dir), uri=qemu_rig.URI)
     daemon.start()
-    state = World(host, disk, daemon,
+    gamma = host.guest(GuestSpec(GAMMA, metrics_disk=False, channel=False), disk)
+    state = World(host, disk, vm_dir, daemon,
                   host.guest(GuestSpec(ALPHA, python=True), disk),
                   host.guest(GuestSpec(BETA, memory_kib=128 * 1024, current_kib=128 * 1024,
-                                       vcpus=2, current_vcpus=2), disk))
+                                       vcpus=2, current_vcpus=2), disk),
+                  gamma, {})
     try:
         # QEMU opens the disk when the VM starts: it must exist by then.
         wait_for(lambda: host_doc(disk), 60, "the daemon's first document", interval=0.2)
+        gamma.define()
+        state.gamma_xml = attach_from_domain_xml(gamma, daemon.conf)
+        # --domain-xml made the file if the daemon had not yet: QEMU opens it at start.
+        assert (vm_dir / gamma.uuid).is_file()
         started = time.monotonic()
-        times = qemu_rig.boot_guests([state.alpha, state.beta])
+        guests = [state.alpha, state.beta, gamma]
+        times = qemu_rig.boot_guests(guests)
         qemu_rig.log(f"booted {len(times)} guests at once in {time.monotonic() - started:.1f} s "
                      f"({', '.join(f'{n} {t:.1f} s' for n, t in times.items())}, "
                      f"{host.domain_type})")
         # A guest boots within one update_period (fast with KVM): the tests start
-        # once the daemon has listed both.
-        wait_for(lambda: {state.alpha.uuid, state.beta.uuid} <= set(
-            vm_metrics(host_doc(disk) or [])), DOC_WAIT, "both guests on the disk",
-            interval=0.2)
+        # once the daemon has listed all of them.
+        wait_for(lambda: {g.uuid for g in guests} <= set(vm_metrics(host_doc(disk) or [])),
+                 DOC_WAIT, "every guest on the disk", interval=0.2)
         yield state
     finally:
-        for guest in (state.alpha, state.beta):
-            guest.destroy()
+        for guest in (state.alpha, state.beta, gamma):
+            guest.undefine()
         state.daemon.__exit__(None, None, None)
 
 
@@ -294,6 +347,56 @@ def test_vm_dump_metrics_reads_both_transports_in_the_python_guest(world: World)
     assert name.text.strip() == os.uname().nodename
 
 
+# --------------------------------------------------------------------------- issue 14
+
+
+def test_guest_on_its_own_vm_disk_reads_only_itself(world: World) -> None:
+    gamma = world.gamma
+    own_file = world.vm_dir / gamma.uuid
+    # What --domain-xml printed (the VM's own file, read-only, not shared; the
+    # channel with no path) is what the QEMU driver took with attach-device --config.
+    assert f"<source file='{own_file}'/>" in world.gamma_xml["disk"]
+    assert "<readonly/>" in world.gamma_xml["disk"]
+    assert "<shareable/>" not in world.gamma_xml["disk"]
+    assert f"name='{qemu_rig.PORT_NAME}'" in world.gamma_xml["channel"]
+    defined = qemu_rig.virsh("dumpxml", "--inactive", GAMMA)
+    assert f"<source file='{own_file}'/>" in defined
+    assert defined.count("<disk ") == 1, defined  # its one disk: the guest's /dev/vda
+    assert qemu_rig.PORT_NAME in defined
+
+    # Inside the guest: the host metrics and this VM only, while other guests run.
+    others = {world.alpha.uuid, world.beta.uuid}
+    assert others <= running_uuids()
+    metrics = guest_disk_doc(gamma)
+    assert builtin_host_metrics() <= set(host_metrics(metrics))
+    assert host_metrics(metrics)["HostName"].value == os.uname().nodename
+    vms = vm_metrics(metrics)
+    assert set(vms) == {gamma.uuid}, f"{GAMMA} reads {sorted(vms)} from its own disk"
+    assert {m.vm_id for m in vms[gamma.uuid].values()} == {gamma.domain_id()}
+    smbios = gamma.run("cat /sys/class/dmi/id/product_uuid", check=True).text.strip()
+    assert smbios.lower() == gamma.uuid
+    # The shared disk, written beside the per-VM disks, still lists everyone.
+    assert {gamma.uuid} | others <= set(vm_metrics(host_doc(world.disk) or []))
+    # Host side: every running domain has its file, and each file holds its own VM only.
+    files = {path.name: vm_metrics(disk_metrics(path)) for path in world.vm_dir.iterdir()}
+    assert running_uuids() <= set(files), sorted(files)
+    for uuid, in_file in files.items():
+        assert set(in_file) <= {uuid}, f"{uuid}'s disk holds {sorted(in_file)}"
+    # Over the channel attached from --domain-xml: served, itself only.
+    assert set(vm_metrics(guest_virtio_doc(gamma, world.daemon))) == {gamma.uuid}
+
+    # Stopped, the defined VM keeps its file, with the host metrics only.
+    gamma.destroy()
+
+    def host_only() -> list[Metric] | None:
+        metrics = host_doc(own_file)
+        return metrics if metrics is not None and not vm_metrics(metrics) else None
+
+    metrics = wait_for(host_only, DOC_WAIT, f"{GAMMA}'s disk without its VM", interval=0.2)
+    assert builtin_host_metrics() <= set(host_metrics(metrics))
+    assert gamma.uuid not in vm_metrics(host_doc(world.disk) or [])
+
+
 # --------------------------------------------------------------------------- point 5 and 7
 
 
@@ -330,8 +433,9 @@ def test_vm_metrics_come_from_bulk_stats_and_agree_with_virsh_domstats(world: Wo
         alpha["ResourceMemoryLimit"].value)
     assert alpha["ResourceProcessorLimit"].value == "1"
     assert after[ALPHA]["vcpu.maximum"] == "2"
-    # The host's MemoryAllocatedToVirtualServers sums every running domain's balloon.
-    every = qemu_rig.virsh("domstats", "--balloon")
+    # The host's MemoryAllocatedToVirtualServers sums every running domain's balloon
+    # (not the shut-off gamma's, whose balloon.current is its configured memory).
+    every = qemu_rig.virsh("domstats", "--balloon", "--list-running")
     total = sum(int(v) for v in re.findall(r"balloon\.current=(\d+)", every))
     assert host_metrics(metrics)["MemoryAllocatedToVirtualServers"].value == str(total)
 
@@ -392,7 +496,7 @@ def test_daemon_restart_gives_the_old_or_the_new_document_never_a_broken_one(
     wait_for(lambda: len(alpha_reads()) >= count + 4 and beta_rounds() >= rounds + 5,
              DOC_WAIT, "the guests reading while no daemon runs", interval=0.5)
     outage = alpha_reads()[count:]
-    world.daemon = Daemon(world.host.work, qemu_rig.shipped_config(world.disk),
+    world.daemon = Daemon(world.host.work, world_config(world.disk, world.vm_dir),
                           uri=qemu_rig.URI, name="vhostmd-restarted")
     world.daemon.start()
     restarted = math.floor(time.time())
@@ -470,3 +574,37 @@ def test_destroyed_vm_leaves_and_returns_with_a_new_id(world: World) -> None:
     mine = vm_metrics(guest_virtio_doc(beta, world.daemon))
     assert set(mine) == {beta.uuid}
     assert {m.vm_id for m in mine[beta.uuid].values()} == {new_id}
+
+
+# --------------------------------------------------------------------------- issue 15
+
+
+def test_started_vm_is_served_and_stopped_vm_dropped_within_moments(world: World) -> None:
+    """Lifecycle events with real QEMU: each start and stop right after a regular
+    cycle, so that listing alone would take about a period (5 s)."""
+    daemon = world.daemon
+    daemon.wait_log("lifecycle events from", DOC_WAIT)
+    events_before = daemon.log().count("libvirt event: ")
+    delta = world.host.guest(GuestSpec(DELTA), world.disk)
+
+    def served_by_the_daemon(clients: dict[int, str]) -> bool:
+        ours = daemon.titles()
+        return all(pid in ours and "vhostmd: virtio" in cmd for pid, cmd in clients.items())
+
+    rounds = []
+    last_change = time.monotonic()
+    for _ in range(TIMING_ROUNDS):
+        measured, last_change = qemu_lifecycle.lifecycle_round(
+            delta, world.disk, served_by_the_daemon, last_change, PERIOD, DOC_WAIT)
+        rounds.append(measured)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    qemu_rig.log(f"lifecycle at update_period {PERIOD}, {len(rounds)} rounds, "
+                 f"{world.host.domain_type}, load average {load}:\n"
+                 + qemu_lifecycle.table(rounds))
+    for number, measured in enumerate(rounds, 1):
+        assert measured.disk < EVENT_LATENCY, f"round {number}: {measured}"
+        assert measured.channel < EVENT_LATENCY, f"round {number}: {measured}"
+        for what, seconds in measured.daemon_share().items():
+            assert seconds < DAEMON_LATENCY, f"round {number}, {what}: {measured}"
+    # The daemon heard of each start and stop (the extra cycles came from events).
+    assert daemon.log().count("libvirt event: ") - events_before >= 2 * TIMING_ROUNDS

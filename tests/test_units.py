@@ -576,3 +576,23 @@ def test_kept_values_last_two_rounds_of_shell_work_within_bounds() -> None:
     assert max_value_age(30) == 360.0  # 12 periods
     assert max_value_age(5, refresh=200.0) == 400.0  # two rounds when work lags
     assert max_value_age(5, refresh=5000.0) == 3600.0  # never more than an hour
+
+
+def test_the_events_childs_state_leaves_the_virtio_refused_count_alone(
+        sup_rig: Callable[[str], SupervisorRig], tmp_path: Path) -> None:
+    rig = sup_rig(config_xml(tmp_path / "disk", metric_xml("A", "echo 1", mtype="uint32"),
+                             transports=("vbd", "virtio"),
+                             globals_extra="<workers>1</workers>" + virtio_xml(tmp_path)))
+    rig.run_once()  # the children start
+    virtio, events = rig.child(VIRTIO_SLOT), rig.child(EVENTS_SLOT)
+    rig.say(virtio, ("virtio-status", 2, 3, 2, 1))  # connected, known, max, refused
+    rig.run_once()
+    assert rig.sup.virtio_status == (2, 3, 2) and rig.sup.virtio_refused == 1
+    # The events child connecting (or losing libvirt) says nothing about channels;
+    # the virtio process reports only changes, so a reset would stick.
+    rig.say(events, ("events-state", True, "watching"))
+    rig.run_once()
+    assert rig.sup.virtio_refused == 1
+    rig.say(events, ("events-state", False, "lost"))
+    rig.run_once()
+    assert rig.sup.virtio_status == (2, 3, 2) and rig.sup.virtio_refused == 1
