@@ -55,6 +55,9 @@ from daemon_harness import (
 from test_faults import Libvirtd
 from test_virtio import FakeQemu
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine
+
 METRICS = metric_xml("Nanos", "date +%s%N", mtype="uint64") + metric_xml(
     "VmId", "echo VMID", mtype="uint32", context="vm")
 
@@ -71,12 +74,6 @@ def nanos(disk: Path) -> str | None:
         return next((m.value for m in disk_metrics(disk) if m.name == "Nanos"), None)
     except Exception:
         return None
-
-
-def machine() -> str:
-    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    return (f"{os.cpu_count()} CPUs ({cpu.group(1) if cpu else '?'}), kernel {os.uname().release}, "
-            f"Python {sys.version.split()[0]}")
 
 
 def main_qemu(rounds: int) -> int:
@@ -123,7 +120,7 @@ def main_qemu(rounds: int) -> int:
     print(f"real QEMU guests ({accel}, {running.group(1) if running else '?'}, "
           f"{library.group(1) if library else '?'}), update_period 5 s, {rounds} rounds, "
           "each right after a regular cycle (seconds from just before virsh create/destroy)")
-    print(f"machine: {machine()}; 1-min load average during the rounds "
+    print(f"machine: {machine.describe()}; 1-min load average during the rounds "
           f"{min(loads):.2f} to {max(loads):.2f}")
     print(qemu_lifecycle.table(results))
     shares = [r.daemon_share() for r in results]

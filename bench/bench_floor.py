@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import mmap
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -39,6 +37,8 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+
+import machine  # noqa: E402  (bench/machine.py)
 
 from vhostmd import mdisk  # noqa: E402
 
@@ -164,16 +164,6 @@ def daemon(uri: str, tmp: Path, seconds: float) -> tuple[float, int, dict[str, f
     return (after - before) * 1000 / cycles, cycles, pss
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
-    mem = psutil.virtual_memory().total / 2**30
-    return (f"{os.cpu_count()} CPUs ({cpu}), {mem:.1f} GiB, {platform.platform()}, "
-            f"Python {platform.python_version()}, libvirt {libvirt.getVersion() // 1000000}."
-            f"{libvirt.getVersion() // 1000 % 1000}.{libvirt.getVersion() % 1000} (test driver)")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--domains", type=int, default=1000)
@@ -185,7 +175,7 @@ def main() -> int:
         pieces = floor(uri, tmp)
         per_cycle, cycles, pss = daemon(uri, tmp, args.seconds)
     total = sum(pieces.values())
-    print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}\n")
+    print(f"Machine: {machine.describe()}; {time.strftime('%Y-%m-%d')}\n")
     print(f"{args.domains} VMs, shipped configuration (both built-in sets), period 1 s\n")
     print("| piece of the floor | CPU ms |")
     print("|---|---:|")

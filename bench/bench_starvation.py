@@ -24,9 +24,7 @@ Prints a markdown table and the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,10 +35,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+import machine  # noqa: E402  (bench/machine.py)  (tests/nodes.py writes the test-driver node files)
+
 from vhostmd import mdisk  # noqa: E402
 from vhostmd.document import parse_document  # noqa: E402
 
-import nodes  # noqa: E402  (tests/nodes.py writes the test-driver node files)
+import nodes  # noqa: E402
 
 VHOSTMD = str(Path(sys.executable).parent / "vhostmd")
 
@@ -69,18 +69,6 @@ def read_values(disk: Path) -> dict[int, int]:
         content = mdisk.read_document(lambda o, n: os.pread(f.fileno(), n, o), size)
     return {m.vm_id: int(m.value) for m in parse_document(content)
             if m.name == "RanAt" and m.vm_id is not None}
-
-
-def machine() -> str:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} CPUs ({cpu}), {mem:.1f} GiB, {platform.platform()}, "
-            f"Python {platform.python_version()}")
 
 
 def main() -> int:
@@ -126,7 +114,7 @@ def main() -> int:
         warning = next((line for line in (tmp / "log").read_text().splitlines()
                         if "shell actions need more than" in line), "")
     steady = [s for s in samples if s[0] >= args.seconds / 2] or samples
-    print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}")
+    print(f"Machine: {machine.describe()}; {time.strftime('%Y-%m-%d')}")
     print(f"{args.domains} VMs, period {args.period} s, {args.workers} workers, "
           f"{args.seconds} s measured\n")
     print("| measure | result |")
