@@ -261,6 +261,24 @@ def start_forkserver() -> None:
     forkserver.ensure_running()
 
 
+def stop_forkserver() -> None:
+    """At shutdown, after every child is gone: stop the forkserver and resource tracker.
+
+    Both would end on their own right after the supervisor, but as orphans:
+    an init that does not reap (a container) keeps them as zombies, and an
+    init script waiting for every process of the daemon waits for them. So
+    the supervisor stops and reaps them itself, with the functions
+    multiprocessing uses for that in its own tests; where a Python lacks
+    them, the helpers still end on their own.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    for helper in (getattr(forkserver, "_forkserver", None),
+                   getattr(resource_tracker, "_resource_tracker", None)):
+        with contextlib.suppress(Exception):
+            helper._stop()  # type: ignore[union-attr]
+
+
 # The libraries the forkserver imports for the children, besides our own packages.
 _CHILD_LIBRARIES = ("libvirt", "lxml", "psutil", "setproctitle")
 

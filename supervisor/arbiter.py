@@ -74,6 +74,7 @@ class Supervisor:
         self.events: queue.SimpleQueue[tuple[Child, object]] = queue.SimpleQueue()
         self.signal_queue: deque[int] = deque()
         self.stopping = False
+        self.all_stopped = False  # after shutdown: every child reaped
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.pool = ChildPool(level=log_level, beat_interval=beat_interval(config.update_period),
                               on_message=self.on_message, on_lost=self.on_lost,
@@ -312,7 +313,7 @@ class Supervisor:
             self.status_error = None
 
     def shutdown(self) -> None:
-        self.pool.shutdown(STOP_GRACE)
+        self.all_stopped = self.pool.shutdown(STOP_GRACE)
         if self.status_file is not None:
             self.status_file.remove()
         log.info("stopped")

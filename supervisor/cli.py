@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import shlex
@@ -13,7 +14,7 @@ import setproctitle
 from vhostmd import __version__
 from vhostmd.disk.handle import DiskHandle, DiskRefused, open_disk
 from vhostmd.disk.vmdir import VmDir
-from vhostmd.runtime.child import start_forkserver, unreadable_by_us
+from vhostmd.runtime.child import start_forkserver, stop_forkserver, unreadable_by_us
 from vhostmd.runtime.files import UnsafeFile
 from vhostmd.supervisor.arbiter import Supervisor
 from vhostmd.supervisor.config import DEFAULT_CONFIG, Config, ConfigError, load_config
@@ -229,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
                             vm_dir=vm_dir)
     try:
         status = supervisor.run()
+        if supervisor.all_stopped:
+            # Every child is gone: stop multiprocessing's helpers too, once the
+            # children's queues (and their semaphores) are freed, so nothing
+            # of the daemon outlives it (no orphan for init to reap).
+            del supervisor
+            gc.collect()
+            stop_forkserver()
     finally:
         if pid_file is not None:
             pid_file.release()

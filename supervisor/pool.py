@@ -198,6 +198,10 @@ class Child:
             os.close(self._bell)
         return describe_exit(code)
 
+    def join_reader(self, timeout: float) -> None:
+        self._stopped.set()
+        self._reader.join(timeout)
+
     def release(self) -> None:
         """After reaping: close what is left (the crash-report pipe)."""
         with contextlib.suppress(OSError):
@@ -362,7 +366,8 @@ class ChildPool:
                   f"restarting in {math.ceil(backoff)} s (crash loop)" if backoff
                   else "restarting")
 
-    def shutdown(self, grace: float) -> None:
+    def shutdown(self, grace: float) -> bool:
+        """Stop every child (SIGTERM, then SIGKILL after ``grace``); True if all are reaped."""
         self.stopping = True
         children = [*self.children.values(), *self.dying]
         for child in children:
@@ -377,5 +382,13 @@ class ChildPool:
                 child.kill()
                 child.collect(2.0)
             child.release()
+        # Reader threads end within about half a second of their child; until
+        # then they hold its queues (named semaphores the resource tracker
+        # would otherwise clean up under them at exit).
+        deadline = time.monotonic() + 2.0
+        for child in children:
+            child.join_reader(max(0.0, deadline - time.monotonic()))
+        gone = all(child.gone for child in children)
         self.children.clear()
         self.dying.clear()
+        return gone
