@@ -183,6 +183,14 @@ installed_state() {
 }
 
 # Run "$@" every 0.2 s until it succeeds, for at most $1 seconds.
+# How many of multiprocessing's named semaphores /dev/shm holds; whether at most $1.
+semaphores() {
+    find /dev/shm -maxdepth 1 -name 'sem.mp-*' | wc -l
+}
+semaphores_at_most() {
+    [ "$(semaphores)" -le "$1" ]
+}
+
 # Whether session $1 has at least $2 processes whose name starts with vhostmd.
 session_has_children() {
     [ "$(pgrep -c -s "$1" '^vhostmd' || true)" -ge "$2" ]
@@ -674,6 +682,8 @@ else
     # of the time, in a session of its own (the workers start actions so),
     # and without a parent-death signal: when its worker dies, it stays.
     write_config "$WORK/init.conf" "$INIT_DISK" "hung; exec sleep 600"
+    # The daemon's named semaphores (its queues'): none may stay in /dev/shm.
+    sems_before=$(semaphores)
     init_script 0 start
     pid=$(daemon_pid) || fail "no pid in $PIDFILE after start"
     track "$pid"
@@ -710,6 +720,8 @@ else
     fi
     no_process_left "after stopping a hung daemon"
     [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stopping a hung daemon"
+    retry 5 semaphores_at_most "$sems_before" \
+        || fail "the hung daemon's semaphores are left in /dev/shm ($(semaphores) now, $sems_before before)"
     init_script 3 status
 fi
 
