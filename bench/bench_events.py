@@ -44,6 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from test_events import nanos, vm_ids  # the same readings as the tests
+
 from daemon_harness import (
     Daemon,
     config_xml,
@@ -60,20 +62,6 @@ import machine
 
 METRICS = metric_xml("Nanos", "date +%s%N", mtype="uint64") + metric_xml(
     "VmId", "echo VMID", mtype="uint32", context="vm")
-
-
-def vm_ids(disk: Path) -> set[int] | None:
-    try:
-        return {int(m.value) for m in disk_metrics(disk) if m.name == "VmId"}
-    except Exception:
-        return None
-
-
-def nanos(disk: Path) -> str | None:
-    try:
-        return next((m.value for m in disk_metrics(disk) if m.name == "Nanos"), None)
-    except Exception:
-        return None
 
 
 def main_qemu(rounds: int) -> int:

@@ -128,7 +128,7 @@ def build_status(supervisor: Any) -> dict[str, Any]:
     """What the status file holds, from the running supervisor."""
     children = []
     wanted = wanted_children(supervisor.config, supervisor.uri, supervisor.disk,
-                             getattr(supervisor, "vm_dir", None))
+                             supervisor.vm_dir)
     for slot, spec in sorted(wanted.items()):
         child = supervisor.pool.get(slot)
         children.append({
