@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
+import multiprocessing.util
 import os
 import shlex
 import sys
@@ -231,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = supervisor.run()
         if supervisor.all_stopped:
-            # Every child is gone: stop multiprocessing's helpers too, once the
-            # children's queues (and their semaphores) are freed, so nothing
-            # of the daemon outlives it (no orphan for init to reap).
-            del supervisor
-            gc.collect()
-            stop_forkserver()
+            # Every child is gone: stop multiprocessing's helpers too, so that
+            # nothing of the daemon outlives it (no orphan for init to reap).
+            # As the very last exit step: multiprocessing's own exit handler
+            # first frees the queues' semaphores (its finalizers of priority
+            # 0 and up), which the resource tracker would otherwise remove
+            # under them.
+            multiprocessing.util.Finalize(None, stop_forkserver, exitpriority=-100)
     finally:
         if pid_file is not None:
             pid_file.release()

@@ -11,7 +11,6 @@ the guests' requests.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
@@ -23,6 +22,7 @@ import pytest
 
 from vhostmd.document import parse_document
 from vhostmd.protocol import INVALID_RESPONSE, RESPONSE_END
+from vhostmd.supervisor.status import read_status
 from vhostmd.virtio.channel import RATE_BURST, RATE_PER_SECOND
 
 from daemon_harness import DiskReader, alive, read_disk, wait_for
@@ -143,7 +143,8 @@ def test_garbage_flood_on_one_channel_keeps_the_others_latency(rig: Rig) -> None
 
 def cycles_done(rig: Rig) -> int:
     """Cycles the supervisor has finished (from the status file next to the pid file)."""
-    status = json.loads(rig.daemon.pid_file.with_suffix(".status").read_text())
+    # Under the status file's lock: the supervisor rewrites it in place.
+    status = read_status(str(rig.daemon.pid_file.with_suffix(".status")))
     return int(status["cycles"])
 
 
