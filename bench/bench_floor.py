@@ -117,7 +117,7 @@ def floor(uri: str, tmp: Path) -> dict[str, float]:
     return pieces
 
 
-def daemon(uri: str, tmp: Path, seconds: float) -> tuple[float, int, dict[str, float]]:
+def daemon(uri: str, tmp: Path, seconds: float) -> tuple[dict[str, float], int, dict[str, float]]:
     conf = SHIPPED.read_text().replace("/dev/shm/vhostmd0", str(tmp / "vhostmd0"))
     conf = conf.replace("<update_period>5</update_period>", "<update_period>1</update_period>")
     conf = conf.replace("<virtio>", f"<virtio><channel_path>{tmp}/channels</channel_path>")
@@ -135,15 +135,23 @@ def daemon(uri: str, tmp: Path, seconds: float) -> tuple[float, int, dict[str, f
             root = psutil.Process(proc.pid)
             procs = [root, *root.children(recursive=True)]
 
-            def cpu() -> float:
-                total = 0.0
+            def role(p: psutil.Process) -> str:
+                title = " ".join(p.cmdline())
+                if ": " in title:
+                    return title.split(": ", 1)[1].split(" ")[0]
+                return "resource_tracker" if "resource_tracker" in title else title[:20]
+
+            def cpu() -> dict[str, float]:
+                by_role: dict[str, float] = {}
                 for p in procs:
                     try:
                         t = p.cpu_times()
+                        name = role(p)
                     except psutil.Error:
                         continue
-                    total += t.user + t.system + t.children_user + t.children_system
-                return total
+                    spent = t.user + t.system + t.children_user + t.children_system
+                    by_role[name] = by_role.get(name, 0.0) + spent
+                return by_role
 
             before, cycles_before = cpu(), len(CYCLE_LINE.findall(log_path.read_text()))
             time.sleep(seconds)
@@ -151,17 +159,17 @@ def daemon(uri: str, tmp: Path, seconds: float) -> tuple[float, int, dict[str, f
             pss: dict[str, float] = {}
             for p in procs:
                 try:
-                    title = " ".join(p.cmdline())
-                    role = title.split(": ", 1)[1].split(" ")[0] if ": " in title else (
-                        "resource_tracker" if "resource_tracker" in title else title[:20])
-                    pss[role] = pss.get(role, 0.0) + p.memory_full_info().pss / 2**20
+                    name = role(p)
+                    pss[name] = pss.get(name, 0.0) + p.memory_full_info().pss / 2**20
                 except psutil.Error:
                     continue
         finally:
             proc.terminate()
             proc.wait(30)
     cycles = max(1, cycles_after - cycles_before)
-    return (after - before) * 1000 / cycles, cycles, pss
+    per_role = {name: (after.get(name, 0.0) - before.get(name, 0.0)) * 1000 / cycles
+                for name in after}
+    return per_role, cycles, pss
 
 
 def main() -> int:
@@ -173,8 +181,9 @@ def main() -> int:
         tmp = Path(name)
         uri, _ = nodes.write_node(tmp / "node.xml", args.domains)
         pieces = floor(uri, tmp)
-        per_cycle, cycles, pss = daemon(uri, tmp, args.seconds)
+        per_role, cycles, pss = daemon(uri, tmp, args.seconds)
     total = sum(pieces.values())
+    per_cycle = sum(per_role.values())
     print(f"Machine: {machine.describe()}; {time.strftime('%Y-%m-%d')}\n")
     print(f"{args.domains} VMs, shipped configuration (both built-in sets), period 1 s\n")
     print("| piece of the floor | CPU ms |")
@@ -184,11 +193,11 @@ def main() -> int:
     print(f"| **floor** | **{total:.1f}** |")
     print(f"| **vhostmd, all processes, per cycle ({cycles} cycles)** | **{per_cycle:.1f}** "
           f"({per_cycle / total:.1f}x the floor) |\n")
-    print("| process | PSS MiB |")
-    print("|---|---:|")
+    print("| process | CPU ms per cycle | PSS MiB |")
+    print("|---|---:|---:|")
     for role, mib in sorted(pss.items(), key=lambda item: -item[1]):
-        print(f"| {role} | {mib:.1f} |")
-    print(f"| **total** | **{sum(pss.values()):.1f}** |")
+        print(f"| {role} | {per_role.get(role, 0.0):.1f} | {mib:.1f} |")
+    print(f"| **total** | **{per_cycle:.1f}** | **{sum(pss.values()):.1f}** |")
     return 0
 
 
