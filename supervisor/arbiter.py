@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import queue
 import signal
@@ -31,6 +32,7 @@ from vhostmd.supervisor.children import (
     DISK_SLOT,
     VIRTIO_SLOT,
     beat_interval,
+    events_unavailable,
     hang_timeout,
     wanted_children,
 )
@@ -38,7 +40,7 @@ from vhostmd.supervisor.config import Config, ConfigError, load_config
 from vhostmd.supervisor.cycle import FailureLog
 from vhostmd.supervisor.health import HealthFile
 from vhostmd.supervisor.instant import InstantCycles
-from vhostmd.supervisor.pool import Child, ChildPool, Unreadable
+from vhostmd.supervisor.pool import Child, ChildPool, ChildSpec, Unreadable
 from vhostmd.supervisor.publisher import Publisher
 from vhostmd.supervisor.scheduler import CycleRunner
 from vhostmd.supervisor.status import StatusFile, build_status
@@ -86,6 +88,18 @@ class Supervisor:
                                   self.cycle_ended)
         self.health = HealthFile()  # <textfile>: health for Prometheus
         self.virtio_refused = 0
+        if (why := events_unavailable(uri)) is not None:
+            self.cycles.instant.state(False, why)
+        # The pool converges on what wanted_children says for these inputs; it
+        # is rebuilt only when one of them changes (a reload, a new disk).
+        self._wanted_for: tuple[object, ...] = ()
+        self._wanted: dict[int, ChildSpec] = {}
+        # Converging costs a liveness check per child (a syscall each): run it
+        # when a child's sentinel fired, when the wanted children changed, and
+        # otherwise once per beat interval (hangs, back-offs and kill grace
+        # periods are all far longer than that), not on every message.
+        self.converge_due = -math.inf
+        self.children_changed = True
 
     # -- signals -------------------------------------------------------------
 
@@ -177,8 +191,7 @@ class Supervisor:
         (about a second on a slow machine); a first cycle started before would
         miss its deadline for nothing.
         """
-        self.pool.converge(wanted_children(self.config, self.uri, self.disk, self.vm_dir),
-                           hang_timeout(self.config.update_period))
+        self.converge()
         until = self.clock() + timeout
         workers = list(range(self.config.workers))
         while not self.stopping and not self.pool.all_ready(workers) and self.clock() < until:
@@ -199,8 +212,22 @@ class Supervisor:
             return
         self.handle_events()
         self.cycles.step()
-        self.pool.converge(wanted_children(self.config, self.uri, self.disk, self.vm_dir),
-                           hang_timeout(self.config.update_period))
+        self.converge()
+
+    def converge(self) -> None:
+        """Let the pool converge on the wanted children, when something may have changed."""
+        inputs = (self.config, self.uri, self.disk, self.vm_dir)
+        if len(inputs) != len(self._wanted_for) or any(
+                a is not b for a, b in zip(inputs, self._wanted_for, strict=True)):
+            self._wanted_for = inputs
+            self._wanted = wanted_children(self.config, self.uri, self.disk, self.vm_dir)
+            self.children_changed = True
+        now = self.clock()
+        if not self.children_changed and now < self.converge_due:
+            return
+        self.children_changed = False
+        self.converge_due = now + self.pool.beat_interval
+        self.pool.converge(self._wanted, hang_timeout(self.config.update_period))
 
     def sleep(self) -> None:
         self.sleep_until(self.cycles.next_wakeup)
@@ -209,7 +236,9 @@ class Supervisor:
         """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
         timeout = max(0.0, min(until - self.clock(), self.pool.beat_interval))
         if self.events.empty():
-            wait([self.wake_r, *self.pool.sentinels()], timeout)
+            ready = wait([self.wake_r, *self.pool.sentinels()], timeout)
+            if any(r != self.wake_r for r in ready):
+                self.children_changed = True  # a child exited: reap and replace it now
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_r, 4096):
                 pass
@@ -237,6 +266,7 @@ class Supervisor:
                     log.error("%s", message[1])
             elif isinstance(message, Unreadable):
                 self.pool.replace(child, f"sent an unreadable message ({message.why}); killed")
+                self.children_changed = True
             elif isinstance(message, JobResult):
                 child.busy_with = None
                 self.cycles.handle_result(message)

@@ -27,9 +27,11 @@ DEFAULT_DISK_PATH = "/dev/shm/vhostmd0"
 DEFAULT_PERIOD = 5
 DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin:/usr/share/vhostmd/scripts"
 DEFAULT_MAX_CHANNELS = 1024
-# Built-in collectors need few workers (a handful of jobs per cycle); shell
-# actions occupy a worker each while they run, and a hung one until its deadline.
-DEFAULT_WORKERS_BUILTIN_ONLY = 2
+# Built-in collectors need one worker: a handful of jobs per cycle, host ones
+# first (see WorkOrder), so a hung libvirt call delays no host metric; a second
+# worker would cost 7 MiB and its wake-ups for nothing. Shell actions occupy a
+# worker each while they run, and a hung one until its deadline.
+DEFAULT_WORKERS_BUILTIN_ONLY = 1
 DEFAULT_WORKERS = 4
 MAX_WORKERS = 64
 MAX_CHANNELS_LIMIT = 65536

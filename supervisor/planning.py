@@ -126,16 +126,21 @@ class WorkOrder:
         self.answered_at: dict[JobKey, float] = {}
         self.timed_out: set[JobKey] = set()
 
-    def rank(self, job: Job) -> tuple:
+    def rank(self, job: Job, one_worker: bool = False) -> tuple:
         if isinstance(job, ListDomains):
             return (0,)
         if isinstance(job, Collect):
-            return (1,)
+            # One worker does everything in turn: the host built-ins (/proc,
+            # no libvirt) go first, so a libvirt call that hangs holds back
+            # no host metric. With more workers the listing goes first: the
+            # VM jobs wait for it, the host built-ins run beside it.
+            return (-1,) if one_worker and job.context == "host" else (1,)
         key = job_key(job)
         return (2, key in self.timed_out, self.answered_at.get(key, -math.inf))
 
-    def sort(self, jobs: Iterable[Job]) -> list[Job]:
-        return sorted(jobs, key=self.rank)  # stable: config and id order among equals
+    def sort(self, jobs: Iterable[Job], workers: int = 2) -> list[Job]:
+        # stable: config and id order among equals
+        return sorted(jobs, key=lambda job: self.rank(job, workers == 1))
 
     def answered(self, job: RunAction, now: float, timed_out: bool) -> None:
         key = job_key(job)

@@ -159,7 +159,7 @@ class CycleRunner:
         self.work_order.forget_gone({d.id for d in cycle.domains or ()})
         jobs = planning.plan_vms(cycle, self.config(), self.collector_plans(), self.new_job_id,
                                  self.collector_state)
-        self.pending = self.work_order.sort([*self.pending, *jobs])
+        self.pending = self.work_order.sort([*self.pending, *jobs], self.config().workers)
 
     def on_lost(self, child: Child, why: str) -> None:
         job = child.busy_with
@@ -196,7 +196,7 @@ class CycleRunner:
         listing_pending = any(isinstance(job, ListDomains) for _o, job in self.inflight.values())
         jobs = planning.plan_start(cycle, self.config(), self.collector_plans(), self.new_job_id,
                                    self.collector_state, listing_pending)
-        self.pending = self.work_order.sort(jobs)
+        self.pending = self.work_order.sort(jobs, self.config().workers)
 
     def dispatch(self) -> None:
         """Hand pending jobs to idle workers, one job per worker at a time.

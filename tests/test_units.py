@@ -320,6 +320,24 @@ def test_plan_start_lists_domains_then_host_jobs_in_config_order() -> None:
     assert set(cycle.outstanding) == {j.job_id for j in jobs}
 
 
+def test_a_lone_worker_runs_host_builtins_before_the_listing() -> None:
+    config = planning_config()
+    cycle = new_cycle()
+    jobs = planning.plan_start(cycle, config, plan_collectors(config.builtins),
+                               planning.job_ids().__next__, {}, False)
+    order = planning.WorkOrder()
+
+    def names(ordered: list) -> list[str]:
+        return [type(j).__name__ for j in ordered]
+
+    # One worker: /proc first, so a hung libvirt holds back no host metric.
+    assert names(order.sort(jobs, workers=1)) == ["Collect", "ListDomains", "RunAction",
+                                                  "RunAction"]
+    # More: the listing first (VM jobs wait for it), host built-ins beside it.
+    assert names(order.sort(jobs, workers=2)) == ["ListDomains", "Collect", "RunAction",
+                                                  "RunAction"]
+
+
 def test_plan_start_skips_the_listing_while_the_last_one_hangs() -> None:
     config = planning_config()
     cycle = new_cycle()
