@@ -10,6 +10,12 @@ process, on the same libvirt test-driver node the daemon then runs on:
 - rendering the document with a plain join (one f-string per metric);
 - checksum and writing it into an mmap with the three msyncs of the protocol.
 
+The memory floor is the same process model doing nothing: a fresh Python
+that imports the supervisor's modules, starts the forkserver with the
+daemon's preload (and so Python's resource tracker) and forks as many
+children as the daemon runs, each blocked on a multiprocessing queue. No
+document, no libvirt connection: what the processes cost before any work.
+
 Then a real vhostmd runs the shipped configuration (both built-in sets) at a
 1 s period on the same node, and the CPU time of all its processes
 (psutil: user + system, children included) is divided by the cycles it ran.
@@ -117,7 +123,33 @@ def floor(uri: str, tmp: Path) -> dict[str, float]:
     return pieces
 
 
-def daemon(uri: str, tmp: Path, seconds: float) -> tuple[dict[str, float], int, dict[str, float]]:
+# The process model, idle: run in a fresh interpreter, prints its PSS in MiB.
+IDLE_MODEL = """
+import sys, psutil
+import vhostmd.supervisor.cli  # what the supervisor imports
+from vhostmd.runtime.child import CTX, start_forkserver
+start_forkserver()
+queues = [CTX.Queue() for _ in range(int(sys.argv[1]))]
+children = [CTX.Process(target=q.get, daemon=True) for q in queues]
+for c in children:
+    c.start()
+import time; time.sleep(1.5)  # each child unpickles its queue and blocks on it
+me = psutil.Process()
+print(sum(p.memory_full_info().pss for p in [me, *me.children(recursive=True)]) / 2**20)
+for c in children:
+    c.kill()
+"""
+
+
+def memory_floor(children: int) -> float:
+    """PSS in MiB of the process model with ``children`` idle children (see IDLE_MODEL)."""
+    out = subprocess.run([sys.executable, "-c", IDLE_MODEL, str(children)], check=True,
+                         capture_output=True, text=True, timeout=60)
+    return float(out.stdout.strip())
+
+
+def daemon(uri: str, tmp: Path,
+           seconds: float) -> tuple[dict[str, float], int, dict[str, float], int]:
     conf = SHIPPED.read_text().replace("/dev/shm/vhostmd0", str(tmp / "vhostmd0"))
     conf = conf.replace("<update_period>5</update_period>", "<update_period>1</update_period>")
     conf = conf.replace("<virtio>", f"<virtio><channel_path>{tmp}/channels</channel_path>")
@@ -169,7 +201,7 @@ def daemon(uri: str, tmp: Path, seconds: float) -> tuple[dict[str, float], int, 
     cycles = max(1, cycles_after - cycles_before)
     per_role = {name: (after.get(name, 0.0) - before.get(name, 0.0)) * 1000 / cycles
                 for name in after}
-    return per_role, cycles, pss
+    return per_role, cycles, pss, len(procs) - 3  # not the supervisor, forkserver, tracker
 
 
 def main() -> int:
@@ -181,7 +213,8 @@ def main() -> int:
         tmp = Path(name)
         uri, _ = nodes.write_node(tmp / "node.xml", args.domains)
         pieces = floor(uri, tmp)
-        per_role, cycles, pss = daemon(uri, tmp, args.seconds)
+        per_role, cycles, pss, children = daemon(uri, tmp, args.seconds)
+    idle_pss = memory_floor(children)
     total = sum(pieces.values())
     per_cycle = sum(per_role.values())
     print(f"Machine: {machine.describe()}; {time.strftime('%Y-%m-%d')}\n")
@@ -197,7 +230,9 @@ def main() -> int:
     print("|---|---:|---:|")
     for role, mib in sorted(pss.items(), key=lambda item: -item[1]):
         print(f"| {role} | {per_role.get(role, 0.0):.1f} | {mib:.1f} |")
-    print(f"| **total** | **{per_cycle:.1f}** | **{sum(pss.values()):.1f}** |")
+    print(f"| **total** | **{per_cycle:.1f}** | **{sum(pss.values()):.1f}** |\n")
+    print(f"Memory floor: the same process model idle ({children} children, nothing "
+          f"done): {idle_pss:.1f} MiB PSS")
     return 0
 
 

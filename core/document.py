@@ -32,10 +32,12 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from vhostmd.xmlsafe import has_entity_refs, one_line, safe_parser
+
+if TYPE_CHECKING:  # lxml is imported where documents are parsed: the host's
+    from lxml import etree  # children only render, and forking them is cheaper without it
 
 INT_RANGES: dict[str, tuple[int, int]] = {
     "int32": (-(2**31), 2**31 - 1),
@@ -314,6 +316,8 @@ def parse_metric_elements(
 
 def parse_xml(data: bytes, *, where: str = "document") -> etree._Element:
     """Parse with the safe parser; refuse DTDs and entity references."""
+    from lxml import etree
+
     try:
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as exc:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from lxml import etree
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when used: most host processes never parse XML
+    from lxml import etree
 
 
 def safe_parser(*, remove_comments: bool = False) -> etree.XMLParser:
     """A parser that never expands entities, never loads a DTD and never touches the network."""
+    from lxml import etree
+
     return etree.XMLParser(
         resolve_entities=False,
         no_network=True,
@@ -20,6 +25,8 @@ def safe_parser(*, remove_comments: bool = False) -> etree.XMLParser:
 
 def has_entity_refs(root: etree._Element) -> bool:
     """True when the tree keeps unexpanded entity references (which we refuse)."""
+    from lxml import etree
+
     return any(isinstance(node, etree._Entity) for node in root.iter())
 
 

@@ -2,7 +2,7 @@
 
 Children are started by multiprocessing's *forkserver*: a single-threaded
 process, started by the supervisor before it runs any thread, with the
-daemon's modules (libvirt and lxml included) already imported. The
+daemon's modules (libvirt included; lxml only where XML is parsed) already imported. The
 supervisor itself runs threads (queue feeders, one outbox reader per child),
 and forking a threaded process can leave a lock held for ever in the child;
 the forkserver never has that problem, and its children share its imported

@@ -16,8 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-
-from lxml import etree
+from typing import TYPE_CHECKING
 
 from vhostmd.document import (
     SCALAR_TYPES,
@@ -31,6 +30,9 @@ from vhostmd.document import (
 from vhostmd.etc import shipped
 from vhostmd.wire import Domain, MetricDef
 from vhostmd.xmlsafe import one_line
+
+if TYPE_CHECKING:  # lxml is loaded by the first action whose output is XML
+    from lxml import etree
 
 OUTPUT_LIMIT = 64 * 1024
 STDERR_LIMIT = 2048
@@ -173,6 +175,8 @@ _metric_dtd: etree.DTD | None = None
 def _metric_dtd_cached() -> etree.DTD:
     global _metric_dtd
     if _metric_dtd is None:
+        from lxml import etree
+
         with open(shipped("metric.dtd"), "rb") as f:
             _metric_dtd = etree.DTD(f)
     return _metric_dtd
