@@ -33,7 +33,14 @@ from dataclasses import dataclass
 
 from vhostmd.document import InvalidValue, check_value, render_metric, vm_attributes
 from vhostmd.wire import Collect, Domain, Failure, JobResult
-from vhostmd.workers.collectors.source import MetricSpec, Request, Source, SourceFailed
+from vhostmd.workers.collectors.source import (
+    MetricSpec,
+    Request,
+    Sample,
+    Source,
+    SourceFailed,
+    int_text,
+)
 from vhostmd.workers.results import Fragments
 
 log = logging.getLogger("vhostmd")
@@ -150,7 +157,7 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
     old_state = job.state if isinstance(job.state, dict) else {}
     new_state: dict[str, object] = {}
     host_values: dict[str, str] = {}
-    vm_values: dict[int, tuple[Domain, dict[str, str]]] = {}
+    vm_samples: list[Sample] = []
     for source_name, names in wanted.items():
         source = sources[source_name]
         if time.monotonic() >= job.deadline:
@@ -176,8 +183,8 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
         if sample.state is not None:
             new_state[source_name] = sample.state
         host_values.update(sample.host)
-        for domain, values in sample.vms:
-            vm_values.setdefault(domain.id, (domain, {}))[1].update(values)
+        if sample.vms:
+            vm_samples.append(sample)
         failures.extend(Failure(n, known[n][1].context if n in known else kind, d, why)
                         for n, d, why in sample.failures)
     out = Fragments()
@@ -195,17 +202,27 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
     vm_specs = tuple(known[n][1] for n in job.metric_names if n in known
                      and known[n][1].context == "vm")
     template = _vm_template(vm_specs)
-    for vm_id in sorted(vm_values):
-        domain, values = vm_values[vm_id]
-        texts = [values.get(spec.name) for spec in vm_specs]
-        if None not in texts and all(map(_plain_number, texts)):
-            # Every value there and a plain number: one format call for the VM.
+    scaled = tuple((index, spec.scale) for index, spec in enumerate(vm_specs) if spec.scale != 1)
+    for domain, row in sorted(_vm_rows(vm_samples, vm_specs), key=_by_id):
+        try:
+            # Non-negative ints (as libvirt gives nearly every value) are valid for
+            # every built-in VM metric's type: one format call for the VM. None
+            # (missing) or a text makes min() raise.
+            plain = min(row, default=0) >= 0
+        except TypeError:
+            plain = False
+        if plain:
+            if scaled:
+                row = list(row)
+                for index, scale in scaled:
+                    row[index] = int_text(row[index], scale)
             out.add_vm_rendered(domain, template.format(
-                vm_attributes(domain.id, domain.uuid), *texts))
+                vm_attributes(domain.id, domain.uuid), *row))
             continue
-        for spec, text in zip(vm_specs, texts, strict=True):
-            if text is None:
+        for spec, raw in zip(vm_specs, row, strict=True):
+            if raw is None:
                 continue
+            text = raw if isinstance(raw, str) else int_text(raw, spec.scale)
             try:
                 value = check_value(spec.type, text)
             except InvalidValue as exc:
@@ -215,9 +232,29 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
     return out.result(job.job_id, tuple(failures), new_state or None)
 
 
-def _plain_number(text: str) -> bool:
-    """Digits, or digits with one decimal point: valid for every built-in VM metric's type."""
-    return text.isascii() and text.replace(".", "", 1).isdigit()
+def _by_id(entry: tuple[Domain, tuple]) -> int:
+    return entry[0].id
+
+
+def _vm_rows(samples: list[Sample], specs: tuple[MetricSpec, ...]
+             ) -> list[tuple[Domain, tuple[int | str | None, ...]]]:
+    """Every VM's values in the order of ``specs`` (None where no source gave one).
+
+    The usual case, one source giving the columns in that order, passes its
+    rows through untouched.
+    """
+    names = tuple(spec.name for spec in specs)
+    if len(samples) == 1 and samples[0].vm_names == names:
+        return samples[0].vms
+    merged: dict[int, tuple[Domain, list[int | str | None]]] = {}
+    for sample in samples:
+        where = [(names.index(name), column) for column, name in enumerate(sample.vm_names)
+                 if name in names]
+        for domain, row in sample.vms:
+            values = merged.setdefault(domain.id, (domain, [None] * len(names)))[1]
+            for index, column in where:  # each metric has one source: nothing overlaps
+                values[index] = row[column]
+    return [(domain, tuple(values)) for domain, values in merged.values()]
 
 
 @functools.lru_cache(maxsize=64)
