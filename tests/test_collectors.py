@@ -12,10 +12,17 @@ import time
 
 import pytest
 
-from vhostmd.document import InvalidValue, check_value
+from vhostmd.document import InvalidValue, check_value, render_metric, vm_attributes
 from vhostmd.wire import Collect, Domain, Failure
 from vhostmd.workers import collectors
-from vhostmd.workers.collectors.source import Request, Sample, Source, int_text, seconds_from_ticks
+from vhostmd.workers.collectors.source import (
+    MetricSpec,
+    Request,
+    Sample,
+    Source,
+    int_text,
+    seconds_from_ticks,
+)
 from vhostmd.workers.libvirt_conn import LibvirtConnection
 from vhostmd.workers.results import Fragments
 
@@ -110,3 +117,16 @@ def test_int_text_is_the_original_printf_of_nanoseconds() -> None:
         assert int_text(ns, 1_000_000_000) == f"{whole}.{rest // 1000:06d}"
         assert seconds_from_ticks(ns, 1_000_000_000) == int_text(ns, 1_000_000_000)
     assert int_text(-5, 1) == "-5" and int_text(2**64 - 1, 1) == str(2**64 - 1)
+
+
+def test_vm_template_is_the_renderer_whatever_the_names_hold() -> None:
+    """%, braces or markup in a name or unit cannot break the one-call rendering."""
+    specs = (MetricSpec("Odd%s{0}%%", "uint64", "vm", "%", "test"),
+             MetricSpec("a<b>&'c'", "real64", "vm", "{1}", "test"))
+    template, arguments = collectors._vm_template(specs)
+    attrs = vm_attributes(7, "u'7")
+    got = template % arguments((attrs, 12, "3.500000"))
+    assert got == (render_metric(specs[0].name, "uint64", "vm", "12", "%", attrs)
+                   + render_metric(specs[1].name, "real64", "vm", "3.500000", "{1}", attrs))
+    empty, no_arguments = collectors._vm_template(())
+    assert empty % no_arguments(("x",)) == ""

@@ -28,7 +28,9 @@ import functools
 import importlib
 import logging
 import pkgutil
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vhostmd.document import InvalidValue, check_value, render_metric, vm_attributes
@@ -40,6 +42,8 @@ from vhostmd.workers.collectors.source import (
     Source,
     SourceFailed,
     int_text,
+    seconds_from_ticks,
+    tuple_getter,
 )
 from vhostmd.workers.results import Fragments
 
@@ -201,7 +205,7 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
         out.add_host(name, spec.type, value, spec.unit)
     vm_specs = tuple(known[n][1] for n in job.metric_names if n in known
                      and known[n][1].context == "vm")
-    template = _vm_template(vm_specs)
+    template, arguments = _vm_template(vm_specs)
     scaled = tuple((index, spec.scale) for index, spec in enumerate(vm_specs) if spec.scale != 1)
     for domain, row in sorted(_vm_rows(vm_samples, vm_specs), key=_by_id):
         try:
@@ -214,10 +218,10 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
         if plain:
             if scaled:
                 row = list(row)
-                for index, scale in scaled:
-                    row[index] = int_text(row[index], scale)
-            out.add_vm_rendered(domain, template.format(
-                vm_attributes(domain.id, domain.uuid), *row))
+                for index, scale in scaled:  # int_text's scaled case, a call less per VM
+                    row[index] = seconds_from_ticks(row[index], scale)
+            out.add_vm_rendered(domain, template % arguments(
+                (vm_attributes(domain.id, domain.uuid), *row)))
             continue
         for spec, raw in zip(vm_specs, row, strict=True):
             if raw is None:
@@ -257,19 +261,30 @@ def _vm_rows(samples: list[Sample], specs: tuple[MetricSpec, ...]
     return [(domain, tuple(values)) for domain, values in merged.values()]
 
 
-@functools.lru_cache(maxsize=64)
-def _vm_template(specs: tuple[MetricSpec, ...]) -> str:
-    """One VM's metrics as a str.format template: {0} the VM's attributes, then the values.
+_MARKERS = re.compile("(\0ATTRS\0|\0VALUE\0)")
 
-    Rendered by the one renderer (render_metric), with markers turned into
-    fields, so the layout cannot drift from it.
+
+@functools.lru_cache(maxsize=64)
+def _vm_template(specs: tuple[MetricSpec, ...]
+                 ) -> tuple[str, Callable[[tuple[object, ...]], tuple[object, ...]]]:
+    """One VM's metrics as a %-template, and what turns (attributes, *values) into its args.
+
+    The attributes repeat in every metric: the second part (an itemgetter)
+    repeats them in C, and %-formatting takes half the time str.format takes
+    for the same fields. Rendered by the one renderer (render_metric), with
+    markers turned into fields, so the layout cannot drift from it.
     """
     parts = []
+    fields = []
     for index, spec in enumerate(specs):
         element = render_metric(spec.name, spec.type, "vm", "\0VALUE\0", spec.unit, "\0ATTRS\0")
-        element = element.replace("{", "{{").replace("}", "}}")
-        parts.append(element.replace("\0ATTRS\0", "{0}").replace("\0VALUE\0", f"{{{index + 1}}}"))
-    return "".join(parts)
+        for piece in _MARKERS.split(element.replace("%", "%%")):
+            if piece in ("\0ATTRS\0", "\0VALUE\0"):
+                parts.append("%s")
+                fields.append(0 if piece == "\0ATTRS\0" else index + 1)
+            else:
+                parts.append(piece)
+    return "".join(parts), tuple_getter(fields)
 
 
 def describe_builtins() -> str:

@@ -13,9 +13,7 @@ same records, so it costs no extra call.
 from __future__ import annotations
 
 import logging
-import operator
 import time
-from collections.abc import Callable
 from typing import Any
 
 from vhostmd.wire import Domain
@@ -25,6 +23,7 @@ from vhostmd.workers.collectors.source import (
     Sample,
     Source,
     SourceFailed,
+    tuple_getter,
 )
 
 log = logging.getLogger("vhostmd")
@@ -59,16 +58,6 @@ def bulk_stats(conn: Any, groups: int) -> list[tuple[Any, dict[str, Any]]] | Non
                 return None
             raise
     return None
-
-
-def _picker(indexes: tuple[Any, ...]) -> Callable[[Any], tuple[Any, ...]]:
-    """itemgetter that always returns a tuple (itemgetter of one index does not)."""
-    if len(indexes) == 1:
-        index = indexes[0]
-        return lambda values: (values[index],)
-    if not indexes:
-        return lambda _values: ()
-    return operator.itemgetter(*indexes)
 
 
 def collect(request: Request) -> Sample:
@@ -111,8 +100,8 @@ def collect(request: Request) -> Sample:
     # A record's values in column order, from the stats or from virDomainGetInfo's
     # list; the usual cases (all in the stats, or none: the test driver) take
     # one C call per VM instead of Python per value.
-    from_stats = _picker(keys)
-    from_info = _picker(tuple(VM_VALUES[name][2] for name in columns))
+    from_stats = tuple_getter(keys)
+    from_info = tuple_getter(tuple(VM_VALUES[name][2] for name in columns))
     balloon_key, _group, balloon_index = BALLOON_CURRENT
     allocated = 0
     rows = sample.vms

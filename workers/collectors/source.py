@@ -17,7 +17,8 @@ This module must stay importable without libvirt or psutil.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,16 @@ class Source:
     kind: str  # "host" or "vm": which job runs it
     metrics: tuple[MetricSpec, ...]
     collect: Callable[[Request], Sample]
+
+
+def tuple_getter(indexes: Sequence[int | str]) -> Callable[[Any], tuple[Any, ...]]:
+    """operator.itemgetter that always returns a tuple (of one index it does not)."""
+    if len(indexes) == 1:
+        index = indexes[0]
+        return lambda values: (values[index],)
+    if not indexes:
+        return lambda _values: ()
+    return operator.itemgetter(*indexes)
 
 
 def int_text(value: int, scale: int) -> str:
