@@ -42,6 +42,12 @@ class LibvirtConnection:
         self._failures = 0
         self._retry_at = 0.0
         self._last_error = ""
+        # Running domains by id, as listed before on this connection. A running
+        # domain's id, name and UUID cannot change while it runs (a rename needs
+        # it shut off, and ids only grow while libvirtd runs), so a cycle asks
+        # libvirt only about ids it has not seen. Cleared with the connection: a
+        # restarted libvirtd numbers domains from 1 again.
+        self._running: dict[int, Domain] = {}
 
     def get(self) -> libvirt.virConnect:
         if self._conn is not None:
@@ -69,6 +75,7 @@ class LibvirtConnection:
 
     def reset(self) -> None:
         conn, self._conn = self._conn, None
+        self._running = {}
         if conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
@@ -79,19 +86,54 @@ class LibvirtConnection:
     def list_all_domains(self, *, inactive: bool) -> tuple[tuple[Domain, ...], tuple[str, ...]]:
         """The running domains by id, and (``inactive``) the UUIDs of the others defined.
 
-        One listing call either way; a domain that does not run has id -1
-        (known without another call).
+        With ``inactive``: one listing call of every domain (a domain that does
+        not run has id -1, known without another call). Without: the running
+        domains' ids only, looked up one by one only when new on this connection
+        (see ``_running``), which saves the per-domain calls of a full listing
+        every cycle.
         """
+        if not inactive:
+            return self._list_running(), ()
         conn = self.get()
-        flags = 0 if inactive else libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
         try:
-            found = conn.listAllDomains(flags)
+            found = conn.listAllDomains(0)
             domains = [Domain(d.ID(), d.name(), d.UUIDString()) for d in found]
         except libvirt.libvirtError as exc:
             self.reset()
             raise LibvirtUnavailable(f"listing domains failed: {error_message(exc)}") from None
         running = sorted((d for d in domains if d.id >= 0), key=lambda d: d.id)
         return tuple(running), tuple(sorted(d.uuid for d in domains if d.id < 0))
+
+    def _list_running(self) -> tuple[Domain, ...]:
+        conn = self.get()
+        known = self._running
+        try:
+            ids = sorted(conn.listDomainsID())
+            if known.keys() != set(ids):
+                fresh: dict[int, Domain] = {}
+                for vm_id in ids:
+                    domain = known.get(vm_id)
+                    if domain is None:
+                        domain = self._lookup(conn, vm_id)
+                        if domain is None:
+                            continue  # it stopped since listDomainsID
+                    fresh[vm_id] = domain
+                self._running = known = fresh  # drops the ids no longer running
+        except libvirt.libvirtError as exc:
+            self.reset()
+            raise LibvirtUnavailable(f"listing domains failed: {error_message(exc)}") from None
+        return tuple(known.values())  # in id order: built from the sorted ids
+
+    @staticmethod
+    def _lookup(conn: libvirt.virConnect, vm_id: int) -> Domain | None:
+        """The running domain with this id, or None if it is gone."""
+        try:
+            dom = conn.lookupByID(vm_id)
+            return Domain(vm_id, dom.name(), dom.UUIDString())
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
 
 
 def error_message(exc: Exception) -> str:

@@ -28,12 +28,23 @@ import functools
 import importlib
 import logging
 import pkgutil
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vhostmd.document import InvalidValue, check_value, render_metric, vm_attributes
 from vhostmd.wire import Collect, Domain, Failure, JobResult
-from vhostmd.workers.collectors.source import MetricSpec, Request, Source, SourceFailed
+from vhostmd.workers.collectors.source import (
+    MetricSpec,
+    Request,
+    Sample,
+    Source,
+    SourceFailed,
+    int_text,
+    seconds_from_ticks,
+    tuple_getter,
+)
 from vhostmd.workers.results import Fragments
 
 log = logging.getLogger("vhostmd")
@@ -150,7 +161,7 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
     old_state = job.state if isinstance(job.state, dict) else {}
     new_state: dict[str, object] = {}
     host_values: dict[str, str] = {}
-    vm_values: dict[int, tuple[Domain, dict[str, str]]] = {}
+    vm_samples: list[Sample] = []
     for source_name, names in wanted.items():
         source = sources[source_name]
         if time.monotonic() >= job.deadline:
@@ -176,8 +187,8 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
         if sample.state is not None:
             new_state[source_name] = sample.state
         host_values.update(sample.host)
-        for domain, values in sample.vms:
-            vm_values.setdefault(domain.id, (domain, {}))[1].update(values)
+        if sample.vms:
+            vm_samples.append(sample)
         failures.extend(Failure(n, known[n][1].context if n in known else kind, d, why)
                         for n, d, why in sample.failures)
     out = Fragments()
@@ -194,18 +205,28 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
         out.add_host(name, spec.type, value, spec.unit)
     vm_specs = tuple(known[n][1] for n in job.metric_names if n in known
                      and known[n][1].context == "vm")
-    template = _vm_template(vm_specs)
-    for vm_id in sorted(vm_values):
-        domain, values = vm_values[vm_id]
-        texts = [values.get(spec.name) for spec in vm_specs]
-        if None not in texts and all(map(_plain_number, texts)):
-            # Every value there and a plain number: one format call for the VM.
-            out.add_vm_rendered(domain, template.format(
-                vm_attributes(domain.id, domain.uuid), *texts))
+    template, arguments = _vm_template(vm_specs)
+    scaled = tuple((index, spec.scale) for index, spec in enumerate(vm_specs) if spec.scale != 1)
+    for domain, row in sorted(_vm_rows(vm_samples, vm_specs), key=_by_id):
+        try:
+            # Non-negative ints (as libvirt gives nearly every value) are valid for
+            # every built-in VM metric's type: one format call for the VM. None
+            # (missing) or a text makes min() raise.
+            plain = min(row, default=0) >= 0
+        except TypeError:
+            plain = False
+        if plain:
+            if scaled:
+                row = list(row)
+                for index, scale in scaled:  # int_text's scaled case, a call less per VM
+                    row[index] = seconds_from_ticks(row[index], scale)
+            out.add_vm_rendered(domain, template % arguments(
+                (vm_attributes(domain.id, domain.uuid), *row)))
             continue
-        for spec, text in zip(vm_specs, texts, strict=True):
-            if text is None:
+        for spec, raw in zip(vm_specs, row, strict=True):
+            if raw is None:
                 continue
+            text = raw if isinstance(raw, str) else int_text(raw, spec.scale)
             try:
                 value = check_value(spec.type, text)
             except InvalidValue as exc:
@@ -215,24 +236,55 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
     return out.result(job.job_id, tuple(failures), new_state or None)
 
 
-def _plain_number(text: str) -> bool:
-    """Digits, or digits with one decimal point: valid for every built-in VM metric's type."""
-    return text.isascii() and text.replace(".", "", 1).isdigit()
+def _by_id(entry: tuple[Domain, tuple]) -> int:
+    return entry[0].id
+
+
+def _vm_rows(samples: list[Sample], specs: tuple[MetricSpec, ...]
+             ) -> list[tuple[Domain, tuple[int | str | None, ...]]]:
+    """Every VM's values in the order of ``specs`` (None where no source gave one).
+
+    The usual case, one source giving the columns in that order, passes its
+    rows through untouched.
+    """
+    names = tuple(spec.name for spec in specs)
+    if len(samples) == 1 and samples[0].vm_names == names:
+        return samples[0].vms
+    merged: dict[int, tuple[Domain, list[int | str | None]]] = {}
+    for sample in samples:
+        where = [(names.index(name), column) for column, name in enumerate(sample.vm_names)
+                 if name in names]
+        for domain, row in sample.vms:
+            values = merged.setdefault(domain.id, (domain, [None] * len(names)))[1]
+            for index, column in where:  # each metric has one source: nothing overlaps
+                values[index] = row[column]
+    return [(domain, tuple(values)) for domain, values in merged.values()]
+
+
+_MARKERS = re.compile("(\0ATTRS\0|\0VALUE\0)")
 
 
 @functools.lru_cache(maxsize=64)
-def _vm_template(specs: tuple[MetricSpec, ...]) -> str:
-    """One VM's metrics as a str.format template: {0} the VM's attributes, then the values.
+def _vm_template(specs: tuple[MetricSpec, ...]
+                 ) -> tuple[str, Callable[[tuple[object, ...]], tuple[object, ...]]]:
+    """One VM's metrics as a %-template, and what turns (attributes, *values) into its args.
 
-    Rendered by the one renderer (render_metric), with markers turned into
-    fields, so the layout cannot drift from it.
+    The attributes repeat in every metric: the second part (an itemgetter)
+    repeats them in C, and %-formatting takes half the time str.format takes
+    for the same fields. Rendered by the one renderer (render_metric), with
+    markers turned into fields, so the layout cannot drift from it.
     """
     parts = []
+    fields = []
     for index, spec in enumerate(specs):
         element = render_metric(spec.name, spec.type, "vm", "\0VALUE\0", spec.unit, "\0ATTRS\0")
-        element = element.replace("{", "{{").replace("}", "}}")
-        parts.append(element.replace("\0ATTRS\0", "{0}").replace("\0VALUE\0", f"{{{index + 1}}}"))
-    return "".join(parts)
+        for piece in _MARKERS.split(element.replace("%", "%%")):
+            if piece in ("\0ATTRS\0", "\0VALUE\0"):
+                parts.append("%s")
+                fields.append(0 if piece == "\0ATTRS\0" else index + 1)
+            else:
+                parts.append(piece)
+    return "".join(parts), tuple_getter(fields)
 
 
 def describe_builtins() -> str:

@@ -17,7 +17,8 @@ This module must stay importable without libvirt or psutil.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,9 @@ class MetricSpec:
     unit: str | None
     origin: str  # for --list-builtins: the exact reading behind the value
     sets: tuple[str, ...] = ()  # the standard sets that include it
+    # A vm value given as an int counts 1/scale of the unit (e.g. 10**9: ns of
+    # a value in s): published with six decimals when scale > 1 (see int_text).
+    scale: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +53,17 @@ class Request:
 
 @dataclass(slots=True)
 class Sample:
-    """What a source returns: unchecked value texts, per-metric problems, state."""
+    """What a source returns: unchecked values, per-metric problems, state.
+
+    VM values come as one row per VM, a value per name of ``vm_names``: an
+    int (exact, rendered by int_text with the metric's scale: most VM values
+    are counters libvirt gives as ints, and a row of non-negative ints needs
+    no check), a text (unchecked, like host values) or None (missing).
+    """
 
     host: dict[str, str] = field(default_factory=dict)
-    vms: list[tuple[Domain, dict[str, str]]] = field(default_factory=list)
+    vm_names: tuple[str, ...] = ()
+    vms: list[tuple[Domain, tuple[int | str | None, ...]]] = field(default_factory=list)
     # (metric name, domain or None, reason): left out this cycle
     failures: list[tuple[str, Domain | None, str]] = field(default_factory=list)
     state: Any = None
@@ -70,14 +81,26 @@ class Source:
     collect: Callable[[Request], Sample]
 
 
-def seconds_from_ns(ns: int) -> str:
-    """Nanoseconds as seconds with six decimals (like the original's printf "%f"), exactly."""
-    whole, rest = divmod(int(ns), 1_000_000_000)
-    return f"{whole}.{rest // 1000:06d}"
+def tuple_getter(indexes: Sequence[int | str]) -> Callable[[Any], tuple[Any, ...]]:
+    """operator.itemgetter that always returns a tuple (of one index it does not)."""
+    if len(indexes) == 1:
+        index = indexes[0]
+        return lambda values: (values[index],)
+    if not indexes:
+        return lambda _values: ()
+    return operator.itemgetter(*indexes)
+
+
+def int_text(value: int, scale: int) -> str:
+    """An int counting 1/scale of a unit as published: six decimals if scaled, exactly."""
+    return str(value) if scale == 1 else seconds_from_ticks(value, scale)
 
 
 def seconds_from_ticks(ticks: int, hz: int) -> str:
-    """Clock ticks as seconds with six decimals, exactly (no float rounding)."""
+    """Clock ticks as seconds with six decimals, exactly (no float rounding).
+
+    Like the original's printf "%f" of a time: truncated, never rounded up.
+    """
     whole, rest = divmod(int(ticks), hz)
     return f"{whole}.{rest * 1_000_000 // hz:06d}"
 
