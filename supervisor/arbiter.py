@@ -20,11 +20,11 @@ import logging
 import math
 import os
 import queue
+import select
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.connection import wait
 
 from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
 from vhostmd.disk.vmdir import VmDir
@@ -78,6 +78,9 @@ class Supervisor:
         self.stopping = False
         self.all_stopped = False  # after shutdown: every child reaped
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller = select.poll()  # the wake pipe and the children's sentinels
+        self.poller.register(self.wake_r, select.POLLIN)
+        self.polled: set[int] = set()  # the sentinels registered with it
         self.pool = ChildPool(level=log_level, beat_interval=beat_interval(config.update_period),
                               on_message=self.on_message, on_lost=self.on_lost,
                               on_started=self.on_started, clock=clock)
@@ -236,8 +239,16 @@ class Supervisor:
         """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
         timeout = max(0.0, min(until - self.clock(), self.pool.beat_interval))
         if self.events.empty():
-            ready = wait([self.wake_r, *self.pool.sentinels()], timeout)
-            if any(r != self.wake_r for r in ready):
+            # One poll object for the daemon's life, updated when children
+            # come and go: the loop wakes tens of times a cycle.
+            sentinels = set(self.pool.sentinels())
+            for fd in self.polled - sentinels:
+                self.poller.unregister(fd)
+            for fd in sentinels - self.polled:
+                self.poller.register(fd, select.POLLIN)
+            self.polled = sentinels
+            ready = self.poller.poll(math.ceil(timeout * 1000))
+            if any(fd != self.wake_r for fd, _ in ready):
                 self.children_changed = True  # a child exited: reap and replace it now
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_r, 4096):

@@ -203,8 +203,9 @@ def render(fragments: Fragments, domains: tuple[Domain, ...], capacity: int | No
             parts = [slot[vm_id] for slot in vm_slots if vm_id in slot]
             if parts:
                 vm_fragments[vm_id] = b"".join(parts)
-    published = host.count(_METRIC) + sum(f.count(_METRIC) for f in vm_fragments.values())
     document = assemble([host, *vm_fragments.values()])
+    # One pass over the whole document (values are escaped: no "<metric " in them).
+    published = document.count(_METRIC)
     not_on_disk = 0
     if capacity is not None and len(document) > capacity:
         room = capacity - (len(document) - sum(map(len, vm_fragments.values())))

@@ -14,6 +14,7 @@ virtio process gets the latest fragments at once.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ log = logging.getLogger("vhostmd")
 
 # Anything with send(message): a Child, or a test double.
 Target = Any
+_ID_AND_NAME = operator.attrgetter("id", "name")
 
 
 def vm_batch(rendered: Rendered) -> tuple[bytes, dict[str, bytes], tuple[str, ...] | None]:
@@ -72,7 +74,7 @@ class Publisher:
         rendered = self.latest
         if virtio is not None and rendered is not None:
             virtio.send(("metrics", rendered.host_fragment, rendered.vm_fragments,
-                         tuple((d.id, d.name) for d in rendered.domains)))
+                         tuple(map(_ID_AND_NAME, rendered.domains))))
 
     def writer_started(self) -> None:
         self.acked = False  # until the new writer says it is ready

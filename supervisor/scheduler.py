@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from vhostmd.mdisk import HEADER_SIZE
-from vhostmd.runtime.child import release_free_memory
+from vhostmd.runtime.child import IdleTrim
 from vhostmd.supervisor import planning
 from vhostmd.supervisor.config import Config
 from vhostmd.supervisor.cycle import (
@@ -84,6 +84,7 @@ class CycleRunner:
         self.pending: list[Job] = []  # planned, not handed to a worker yet (in order)
         self.inflight: dict[int, tuple[Order, Job]] = {}  # handed to a worker, no result yet
         self.work_order = planning.WorkOrder()
+        self.trim = IdleTrim(clock)  # freed heap back between cycles of a long period
         self.latest = LatestValues()
         self.disk_short = 0  # VMs left out of the disk last cycle (logged once per episode)
         self.behind = False  # shell work exceeds the period (logged once per episode)
@@ -113,6 +114,8 @@ class CycleRunner:
         self.dispatch()
         if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
             self.finish_cycle()
+        if self.cycle is None:
+            self.trim.poll()  # late by at most a beat interval: the loop wakes that often
 
     def drop_cycle(self, restart_at: float) -> None:
         """After an internal error: no cycle, nothing pending, the next at ``restart_at``."""
@@ -266,7 +269,7 @@ class CycleRunner:
                           shell_jobs=cycle.shell_jobs, shell_done=cycle.shell_done)
         self.last_cycle_wall = time.time()
         self.on_cycle_end()
-        release_free_memory()
+        self.trim.worked()
         log.debug("cycle %d: %d metrics, %d left out, %.3f s, %d kept from earlier cycles",
                   cycle.number, rendered.published, rendered.left_out, took, rendered.carried)
         # An extra cycle (libvirt event) leaves the regular schedule as it is.

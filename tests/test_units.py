@@ -614,3 +614,31 @@ def test_the_events_childs_state_leaves_the_virtio_refused_count_alone(
     rig.say(events, ("events-state", False, "lost"))
     rig.run_once()
     assert rig.sup.virtio_status == (2, 3, 2) and rig.sup.virtio_refused == 1
+
+
+def test_freed_memory_goes_back_only_after_a_long_enough_idle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vhostmd.runtime import child
+
+    trims: list[float] = []
+    clock = FakeClock()
+    monkeypatch.setattr(child, "release_free_memory", lambda: trims.append(clock()))
+    trim = child.IdleTrim(clock)
+    assert trim.wait(1.0) == 1.0  # nothing freed: sleep as long as the caller likes
+    trim.poll()
+    assert trims == []
+    # A cycle every second: the pages are reused at once, never given back.
+    for _ in range(5):
+        trim.worked()
+        assert trim.wait(5.0) == child.TRIM_AFTER_IDLE
+        clock.advance(1.0)
+        trim.poll()
+    assert trims == []
+    # Then a long pause: given back once, when it has lasted TRIM_AFTER_IDLE.
+    clock.advance(child.TRIM_AFTER_IDLE - 1.0 - 0.01)
+    trim.poll()
+    assert trims == [] and 0 < trim.wait(5.0) <= 0.011
+    clock.advance(0.01)
+    trim.poll()
+    trim.poll()
+    assert trims == [clock()] and trim.wait(5.0) == 5.0

@@ -34,7 +34,7 @@ import time
 
 from vhostmd.logtext import loggable
 from vhostmd.protocol import CHANNEL_NAME, build_response
-from vhostmd.runtime.child import ChildContext, release_free_memory
+from vhostmd.runtime.child import ChildContext, IdleTrim
 from vhostmd.virtio.channel import THROTTLED, Channel, ChannelClosed
 
 log = logging.getLogger("vhostmd")
@@ -315,6 +315,7 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
     manager.selector.register(ctx.doorbell.fd, selectors.EVENT_READ, None)
     shown: tuple[int, ...] | None = None
     next_scan = time.monotonic()
+    trim = IdleTrim()
     try:
         while True:
             ctx.beat()
@@ -330,14 +331,15 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
                 ctx.send(("virtio-status", *status))  # connected, known, max, refused
             if ctx.orphaned():
                 return
-            wake = min(next_scan, now + ctx.beat_interval)
+            trim.poll()
+            wake = min(next_scan, now + trim.wait(ctx.beat_interval))
             throttled_until = manager.next_wakeup()
             if throttled_until is not None:
                 wake = min(wake, throttled_until)
             for key, mask in manager.selector.select(max(0.0, wake - now)):
                 now = time.monotonic()
                 if key.data is None:
-                    if not receive_messages(ctx, manager, now):
+                    if not receive_messages(ctx, manager, now, trim):
                         return
                     next_scan = now  # a fresh VM list: look for their channels at once
                 else:
@@ -347,7 +349,8 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
         manager.close_all()
 
 
-def receive_messages(ctx: ChildContext, manager: ChannelManager, now: float) -> bool:
+def receive_messages(ctx: ChildContext, manager: ChannelManager, now: float,
+                     trim: IdleTrim) -> bool:
     """Take every waiting message from the supervisor. False once it is gone."""
     ctx.drain_doorbell()
     # The bell can ring before the queue's feeder thread has written the
@@ -365,6 +368,6 @@ def receive_messages(ctx: ChildContext, manager: ChannelManager, now: float) -> 
         if isinstance(message, tuple) and len(message) == 4 and message[0] == "metrics":
             _, host_fragment, vm_fragments, domains = message
             manager.update_metrics(host_fragment, vm_fragments, domains, now)
-            release_free_memory()
+            trim.worked()
         else:
             log.debug("ignoring an unknown message from the supervisor")
