@@ -228,9 +228,9 @@ class Supervisor:
         now = self.clock()
         if not self.children_changed and now < self.converge_due:
             return
-        self.children_changed = False
+        reap, self.children_changed = self.children_changed, False
         self.converge_due = now + self.pool.beat_interval
-        self.pool.converge(self._wanted, hang_timeout(self.config.update_period))
+        self.pool.converge(self._wanted, hang_timeout(self.config.update_period), reap)
 
     def sleep(self) -> None:
         self.sleep_until(self.cycles.next_wakeup)

@@ -294,12 +294,18 @@ class ChildPool:
         history = self.history.get(slot)
         return history is not None and history.not_before > self.clock()
 
-    def converge(self, wanted: dict[int, ChildSpec], hang_timeout: float) -> None:
-        """Reap the dead, abort the hung, replace what is missing or outdated."""
+    def converge(self, wanted: dict[int, ChildSpec], hang_timeout: float,
+                 reap: bool = True) -> None:
+        """Reap the dead, abort the hung, replace what is missing or outdated.
+
+        ``reap=False``: the caller knows no child exited since the last
+        converge (no sentinel was readable), so the liveness check (a system
+        call per child) is skipped; hangs, back-offs and reloads are handled.
+        """
         now = self.clock()
-        self._reap_dying(now)
+        self._reap_dying(now, reap)
         for slot, child in list(self.children.items()):
-            how = child.collect()
+            how = child.collect() if reap else None
             if how is not None:
                 del self.children[slot]
                 self.lost(child, f"died ({how})")
@@ -326,10 +332,10 @@ class ChildPool:
                 continue
             self.spawn(spec)
 
-    def _reap_dying(self, now: float) -> None:
+    def _reap_dying(self, now: float, reap: bool = True) -> None:
         still = []
         for child in self.dying:
-            if child.collect() is not None:
+            if reap and child.collect() is not None:
                 if child.aborted_at is not None:
                     report = child.crash_report()
                     if report:
