@@ -689,11 +689,11 @@ else
     track "$pid"
     retry 15 metric "$INIT_DISK" HostName || fail "no metrics on $INIT_DISK"
     sid=$(ps -o sid= -p "$pid" | tr -d ' ')
-    # The supervisor, its forkserver, 4 workers, the disk-writer, the virtio
-    # and the events process (children start once the forkserver has
-    # imported everything: the disk may still show the previous daemon's
-    # document before that).
-    retry 30 session_has_children "$sid" 9 \
+    # The supervisor, its forkserver, 4 workers, the disk-writer and the
+    # virtio process; no events process with the in-process test driver
+    # (children start once the forkserver has imported everything: the disk
+    # may still show the previous daemon's document before that).
+    retry 30 session_has_children "$sid" 8 \
         || fail "only $(pgrep -c -s "$sid" '^vhostmd') vhostmd processes in the daemon's session"
     # Freeze the daemon (the supervisor first) while a worker runs the action.
     action=""
