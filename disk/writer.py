@@ -13,6 +13,7 @@ from vhostmd.disk.mapped import DiskShrunk, DiskTooSmall, MetricsDisk
 from vhostmd.disk.vmdir import VmDir
 from vhostmd.disk.vmwriter import VmDisks
 from vhostmd.runtime.child import ChildContext, serve
+from vhostmd.runtime.published import Placement, SharedSlots
 
 log = logging.getLogger("vhostmd")
 
@@ -20,13 +21,15 @@ __all__ = ["DiskShrunk", "DiskTooSmall", "MetricsDisk", "disk_writer_main"]
 
 
 def disk_writer_main(ctx: ChildContext, handle: DiskHandle | None,
-                     vm_dir: VmDir | None = None) -> None:
+                     vm_dir: VmDir | None = None, slots: SharedSlots | None = None) -> None:
     """Child main: write each document the supervisor sends, acknowledge each.
 
-    A message is ``(seq, document, vms)``: the shared disk's document, and for
-    per-VM disks (``vm_dir``) ``(host fragment, {uuid: VM fragment}, UUIDs of
-    the defined domains not running, or None)``; see disk/vmwriter.py.
+    A message is ``(seq, placement, vms)``: where the shared disk's document
+    is in ``slots`` (see runtime/published.py), and for per-VM disks
+    (``vm_dir``) ``(host fragment, {uuid: VM fragment}, UUIDs of the defined
+    domains not running, or None)``; see disk/vmwriter.py.
     """
+    assert slots is not None, "the supervisor passes the shared slots"
     path = handle.path if handle is not None else f"{vm_dir.path}/" if vm_dir else "?"
     ctx.title(f"disk-writer {path}")
     disk: MetricsDisk | None = None
@@ -58,8 +61,10 @@ def disk_writer_main(ctx: ChildContext, handle: DiskHandle | None,
         else:
             vm_error.clear()
 
-    def write_one(message: tuple[int, bytes, tuple | None]) -> None:
-        seq, content, vms = message
+    def write_one(message: tuple[int, Placement, tuple | None]) -> None:
+        seq, placement, vms = message
+        # A copy out of the slot at once: the supervisor may reuse it after our ack.
+        content = slots.read(placement, 0, placement.document_end)
         ctx.title(f"{idle} writing")
         ack: tuple = ("disk-written", seq, None, None)
         if disk is not None:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
 from vhostmd.disk.vmdir import VmDir
+from vhostmd.runtime.published import SharedSlots
 from vhostmd.supervisor.children import (
     DISK_SLOT,
     VIRTIO_SLOT,
@@ -84,9 +85,10 @@ class Supervisor:
         self.pool = ChildPool(level=log_level, beat_interval=beat_interval(config.update_period),
                               on_message=self.on_message, on_lost=self.on_lost,
                               on_started=self.on_started, clock=clock)
+        self.slots = SharedSlots()  # each cycle's result, for the disk-writer and virtio
         self.publisher = Publisher(lambda: self.pool.get(DISK_SLOT),
                                    lambda: self.pool.get(VIRTIO_SLOT),
-                                   lambda: self.vm_dir is not None)
+                                   lambda: self.vm_dir is not None, self.slots)
         self.cycles = CycleRunner(lambda: self.config, self.pool, self.publisher, clock,
                                   self.cycle_ended)
         self.health = HealthFile()  # <textfile>: health for Prometheus
@@ -223,7 +225,8 @@ class Supervisor:
         if len(inputs) != len(self._wanted_for) or any(
                 a is not b for a, b in zip(inputs, self._wanted_for, strict=True)):
             self._wanted_for = inputs
-            self._wanted = wanted_children(self.config, self.uri, self.disk, self.vm_dir)
+            self._wanted = wanted_children(self.config, self.uri, self.disk, self.vm_dir,
+                                           self.slots)
             self.children_changed = True
         now = self.clock()
         if not self.children_changed and now < self.converge_due:
@@ -295,6 +298,8 @@ class Supervisor:
             self.publisher.written(error_kind, error)
         elif kind == "disk-failed":
             log.error("%s", message[1])
+        elif kind == "virtio-taken":
+            self.publisher.virtio_took()
         elif kind == "virtio-status":
             self.virtio_status = tuple(message[1:4])  # type: ignore[assignment]
             self.virtio_refused = message[4] if len(message) > 4 else 0
@@ -313,7 +318,7 @@ class Supervisor:
             self.publisher.writer_started()
         elif child.slot == VIRTIO_SLOT:
             # A restarted virtio process serves guests without waiting a cycle.
-            self.publisher.send_fragments()
+            self.publisher.virtio_started()
 
     # -- status and shutdown -----------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from vhostmd.disk.handle import DiskHandle
 from vhostmd.disk.vmdir import VmDir
+from vhostmd.runtime.published import SharedSlots
 from vhostmd.supervisor.config import MAX_WORKERS, Config
 from vhostmd.supervisor.pool import ChildSpec
 
@@ -44,13 +45,15 @@ def events_unavailable(uri: str | None) -> str | None:
 
 
 def wanted_children(config: Config, uri: str | None, disk: DiskHandle | None = None,
-                    vm_dir: VmDir | None = None) -> dict[int, ChildSpec]:
+                    vm_dir: VmDir | None = None,
+                    slots: SharedSlots | None = None) -> dict[int, ChildSpec]:
     """What should run for ``config``: the workers, the disk-writer, the virtio process,
     and the events process (libvirt lifecycle events, see ``vhostmd.workers.events``;
     not where it could never hear one, see ``events_unavailable``).
 
     The disk-writer maps ``disk`` and the per-VM disks in ``vm_dir``, which the
     supervisor opened and locked; it is the only child that gets their descriptors.
+    The disk-writer and virtio map ``slots``, where each cycle's result is.
     """
     specs = {
         i: ChildSpec(f"worker {i + 1}", i, "vhostmd.workers.worker:worker_main",
@@ -67,12 +70,12 @@ def wanted_children(config: Config, uri: str | None, disk: DiskHandle | None = N
             key += ("vms", vms.path, vms.size, vms.fd)
         specs[DISK_SLOT] = ChildSpec(
             "disk-writer", DISK_SLOT, "vhostmd.disk.writer:disk_writer_main",
-            {"handle": shared, "vm_dir": vms}, key)
+            {"handle": shared, "vm_dir": vms, "slots": slots}, key)
     if config.virtio:
         specs[VIRTIO_SLOT] = ChildSpec(
             "virtio", VIRTIO_SLOT, "vhostmd.virtio.manager:virtio_main",
             {"channel_paths": config.channel_paths, "max_channels": config.max_channels,
-             "expiration_time": config.expiration_time},
+             "expiration_time": config.expiration_time, "slots": slots},
             ("virtio", config.channel_paths, config.max_channels, config.expiration_time))
     if events_unavailable(uri) is not None:
         return specs

@@ -1,14 +1,18 @@
 """Publishing a cycle's result: the document to the disk-writer, fragments to virtio.
 
-With per-VM disks the disk-writer's message also carries the host fragment,
-each VM's fragment by UUID and the defined domains (``vm_batch``): still one
-message per cycle, under the same flow control.
+Each cycle's result is written once into a slot of shared memory
+(``vhostmd.runtime.published``); the disk-writer and the virtio process get
+only its ``Placement`` over their queues, and copy what they need out of the
+slot. With per-VM disks the disk-writer's message also carries the host
+fragment, each VM's fragment by UUID and the defined domains (``vm_batch``):
+still one message per cycle, under the same flow control.
 
-The disk-writer gets at most one document in flight, always the newest: it
-acknowledges each write ("disk-written"), and a document that was replaced
-by a newer one before the writer was free is simply never sent. A new
-writer says "disk-ready" and gets the latest document at once; a restarted
-virtio process gets the latest fragments at once.
+Each reader has at most one placement in flight, always the newest: it
+acknowledges it (the disk-writer "disk-written" once written, virtio
+"virtio-taken" once copied), and a result replaced by a newer one before
+the reader was free is simply never sent to it. A slot is rewritten only when
+no reader holds it. A new writer says "disk-ready" and gets the latest
+document at once; a restarted virtio process gets the latest fragments at once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+from vhostmd.document import DOCUMENT_OPEN
+from vhostmd.runtime.published import Placement, PublicationTooLarge, SharedSlots
 from vhostmd.supervisor.cycle import Rendered
 
 log = logging.getLogger("vhostmd")
@@ -25,6 +31,7 @@ log = logging.getLogger("vhostmd")
 # Anything with send(message): a Child, or a test double.
 Target = Any
 _ID_AND_NAME = operator.attrgetter("id", "name")
+_PREFIX = len(DOCUMENT_OPEN.encode())  # where the host fragment starts in a document
 
 
 def vm_batch(rendered: Rendered) -> tuple[bytes, dict[str, bytes], tuple[str, ...] | None]:
@@ -42,16 +49,23 @@ def vm_batch(rendered: Rendered) -> tuple[bytes, dict[str, bytes], tuple[str, ..
 class Publisher:
     def __init__(self, disk: Callable[[], Target | None],
                  virtio: Callable[[], Target | None],
-                 vm_disks: Callable[[], bool] = lambda: False) -> None:
+                 vm_disks: Callable[[], bool] = lambda: False,
+                 slots: SharedSlots | None = None) -> None:
         self._disk = disk
         self._virtio = virtio
         self._vm_disks = vm_disks
+        self.slots = slots if slots is not None else SharedSlots()
         self.latest: Rendered | None = None
         self.seq = 0
         self.sent_seq = 0
         self.acked = True
         self.error: str | None = None
         self.error_kind: str | None = None
+        self.virtio_acked = True
+        self.virtio_sent_seq = 0
+        self.placed: Placement | None = None  # the latest result's placement, once written
+        self.held: dict[str, int] = {}  # reader ("disk", "virtio") -> slot it holds
+        self.too_large: str | None = None
 
     def publish(self, rendered: Rendered) -> None:
         self.latest = rendered
@@ -59,25 +73,74 @@ class Publisher:
         self.send_document()
         self.send_fragments()
 
+    def place(self) -> Placement | None:
+        """The latest result in a slot no reader holds (written once, shared by both)."""
+        rendered = self.latest
+        if rendered is None:
+            return None
+        if self.placed is not None and self.placed.seq == self.seq:
+            return self.placed
+        # Each reader holds at most one slot: with three, one is always free.
+        busy = set(self.held.values())
+        slot = next(i for i in range(self.slots.slots) if i not in busy)
+        fragments = list(rendered.vm_fragments.items())
+        on_disk = len(fragments) - rendered.vms_not_on_disk
+        try:
+            self.placed = self.slots.write(slot, self.seq, rendered.document, _PREFIX,
+                                           rendered.host_fragment, fragments[:on_disk],
+                                           fragments[on_disk:])
+        except PublicationTooLarge as exc:
+            if self.too_large is None:
+                log.error("not publishing: %s", exc)
+            self.too_large = str(exc)
+            return None
+        self.too_large = None
+        return self.placed
+
     def send_document(self) -> None:
         writer = self._disk()
         if (writer is None or not self.acked or self.latest is None
                 or self.sent_seq == self.seq):
             return
+        placed = self.place()
+        if placed is None:
+            return
         self.acked = False
         self.sent_seq = self.seq
+        self.held["disk"] = placed.slot
         vms = vm_batch(self.latest) if self._vm_disks() else None
-        writer.send((self.seq, self.latest.document, vms))
+        writer.send((self.seq, placed, vms))
 
     def send_fragments(self) -> None:
         virtio = self._virtio()
         rendered = self.latest
-        if virtio is not None and rendered is not None:
-            virtio.send(("metrics", rendered.host_fragment, rendered.vm_fragments,
-                         tuple(map(_ID_AND_NAME, rendered.domains))))
+        if (virtio is None or rendered is None or not self.virtio_acked
+                or self.virtio_sent_seq == self.seq):
+            return
+        placed = self.place()
+        if placed is None:
+            return
+        self.virtio_acked = False
+        self.virtio_sent_seq = self.seq
+        self.held["virtio"] = placed.slot
+        virtio.send(("metrics", placed, tuple(map(_ID_AND_NAME, rendered.domains))))
+
+    def virtio_took(self) -> None:
+        """Virtio copied its fragments out of the slot: it may have the next."""
+        self.virtio_acked = True
+        self.held.pop("virtio", None)
+        self.send_fragments()
+
+    def virtio_started(self) -> None:
+        """A (re)started virtio process holds nothing and gets the latest at once."""
+        self.virtio_acked = True
+        self.virtio_sent_seq = 0
+        self.held.pop("virtio", None)
+        self.send_fragments()
 
     def writer_started(self) -> None:
         self.acked = False  # until the new writer says it is ready
+        self.held.pop("disk", None)
 
     def writer_ready(self) -> None:
         self.acked = True
@@ -86,6 +149,7 @@ class Publisher:
 
     def written(self, error_kind: str | None, error: str | None) -> None:
         self.acked = True
+        self.held.pop("disk", None)
         # Logged once per kind of problem: a too-large document changes size
         # (and so its message) nearly every cycle.
         if error_kind != self.error_kind:

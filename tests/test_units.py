@@ -19,6 +19,7 @@ import pytest
 
 from vhostmd.disk.handle import open_disk
 from vhostmd.document import parse_document
+from vhostmd.runtime.published import Placement
 from vhostmd.supervisor import planning, pool
 from vhostmd.supervisor.arbiter import Supervisor
 from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, VIRTIO_SLOT, wanted_children
@@ -462,6 +463,7 @@ class SupervisorRig:
     def close(self) -> None:
         os.close(self.sup.wake_r)
         os.close(self.sup.wake_w)
+        self.sup.slots.close()
         if self.sup.disk is not None:
             self.sup.disk.close()
 
@@ -479,8 +481,10 @@ def sup_rig(tmp_path: Path) -> Iterator[Callable[[str], SupervisorRig]]:
         rig.close()
 
 
-def written(disk: FakeChild) -> list[bytes]:
-    return [m[1] for m in disk.sent if isinstance(m, tuple) and isinstance(m[1], bytes)]
+def written(rig: SupervisorRig, disk: FakeChild) -> list[bytes]:
+    """The documents the disk-writer was sent, read from the slots they were placed in."""
+    return [rig.sup.slots.read(m[1], 0, m[1].document_end) for m in disk.sent
+            if isinstance(m, tuple) and isinstance(m[1], Placement)]
 
 
 def test_loop_recovers_from_an_internal_error(sup_rig: Callable[[str], SupervisorRig],
@@ -522,7 +526,7 @@ def test_loop_recovers_from_an_internal_error(sup_rig: Callable[[str], Superviso
         rig.run_once()
     # Cycle 2 published (the worker did not die: the loop's bug cost one cycle).
     assert rig.sup.cycles.cycle is None and rig.sup.cycles.stats["cycles"] == 1
-    [document] = written(disk)
+    [document] = written(rig, disk)
     assert [(m.name, m.value) for m in parse_document(document)] == [("A", "1")]
     assert worker.signals == [] and rig.child(0) is worker
 

@@ -35,6 +35,7 @@ import time
 from vhostmd.logtext import loggable
 from vhostmd.protocol import CHANNEL_NAME, build_response
 from vhostmd.runtime.child import ChildContext, IdleTrim
+from vhostmd.runtime.published import SharedSlots, VmFragments
 from vhostmd.virtio.channel import THROTTLED, Channel, ChannelClosed
 
 log = logging.getLogger("vhostmd")
@@ -60,7 +61,7 @@ class ChannelManager:
         self.last_seen: dict[int, float] = {}  # VM id -> when a metrics message listed it
         self.names: dict[int, str] = {}  # VM id -> its name, as libvirt listed it
         self.host_fragment: bytes | None = None
-        self.vm_fragments: dict[int, bytes] = {}
+        self.vm_fragments: VmFragments | dict[int, bytes] = {}
         self.responses: dict[int, bytes] = {}  # built lazily, once per VM per cycle
         self.throttled: dict[int, Channel] = {}
         self.refused: set[int] = set()  # VMs refused for max_channels (logged once)
@@ -71,7 +72,8 @@ class ChannelManager:
 
     # -- metrics from the supervisor ------------------------------------------
 
-    def update_metrics(self, host_fragment: bytes, vm_fragments: dict[int, bytes],
+    def update_metrics(self, host_fragment: bytes,
+                       vm_fragments: VmFragments | dict[int, bytes],
                        domains: tuple[tuple[int, str], ...], now: float) -> None:
         self.host_fragment = host_fragment
         self.vm_fragments = vm_fragments
@@ -307,8 +309,9 @@ def raise_fd_limit(max_channels: int) -> None:
 
 
 def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channels: int,
-                expiration_time: int) -> None:
+                expiration_time: int, slots: SharedSlots | None = None) -> None:
     """Entry point of the virtio child process (started by the supervisor)."""
+    assert slots is not None, "the supervisor passes the shared slots"
     raise_fd_limit(max_channels)
     manager = ChannelManager(channel_paths, max_channels, float(expiration_time))
     # The supervisor rings the doorbell after each message it sends us.
@@ -339,7 +342,7 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
             for key, mask in manager.selector.select(max(0.0, wake - now)):
                 now = time.monotonic()
                 if key.data is None:
-                    if not receive_messages(ctx, manager, now, trim):
+                    if not receive_messages(ctx, manager, now, trim, slots):
                         return
                     next_scan = now  # a fresh VM list: look for their channels at once
                 else:
@@ -350,7 +353,7 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
 
 
 def receive_messages(ctx: ChildContext, manager: ChannelManager, now: float,
-                     trim: IdleTrim) -> bool:
+                     trim: IdleTrim, slots: SharedSlots) -> bool:
     """Take every waiting message from the supervisor. False once it is gone."""
     ctx.drain_doorbell()
     # The bell can ring before the queue's feeder thread has written the
@@ -365,8 +368,11 @@ def receive_messages(ctx: ChildContext, manager: ChannelManager, now: float,
         if message is None:
             return True
         timeout = 0.0
-        if isinstance(message, tuple) and len(message) == 4 and message[0] == "metrics":
-            _, host_fragment, vm_fragments, domains = message
+        if isinstance(message, tuple) and len(message) == 3 and message[0] == "metrics":
+            _, placement, domains = message
+            # Copied out at once, then acknowledged: the slot is the supervisor's again.
+            host_fragment, vm_fragments = slots.take(placement)
+            ctx.send(("virtio-taken", placement.seq))
             manager.update_metrics(host_fragment, vm_fragments, domains, now)
             trim.worked()
         else:

@@ -1,0 +1,160 @@
+"""Cycle results in shared memory: written once by the supervisor, read by the children.
+
+A 1000-VM document is about 700 KB. Pickled through a queue it is copied
+five times and crosses a 64 KB pipe in a dozen wake-ups, once to the
+disk-writer and once more (as fragments) to the virtio process: per cycle,
+more CPU than rendering it. Instead the supervisor writes each cycle's
+*publication* into a slot of a memfd that both children map, and their
+queues carry only where it is (``Placement``, a few hundred bytes).
+
+A slot holds the document, then the fragments of VMs left off the disk (too
+small a disk): everything virtio serves. ``Placement`` says where the
+document ends, where the host fragment and each VM's fragment are.
+
+Slots are handed out by the supervisor (``vhostmd.supervisor.publisher``):
+each reader has at most one placement in flight and acknowledges it, a slot
+is rewritten only when no reader holds it, and with SLOTS = 3 one is always
+free. Readers copy what they need out of the slot when a placement arrives.
+
+The memfd has no name in any filesystem: only the daemon's processes hold
+it. It is sealed against shrinking and growing, so no child can truncate it
+under the supervisor's mapping. Pages are allocated only where written.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import mmap
+import os
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+from vhostmd.runtime.child import InheritedFd
+
+SLOTS = 3
+# A slot's room: sparse, so only what a publication writes uses memory.
+# 128 MiB is about 180,000 VMs' fragments.
+SLOT_SIZE = 128 * 1024 * 1024
+
+
+class PublicationTooLarge(ValueError):
+    """A publication larger than a slot (str() says how large)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where one publication is: slot, document length, host and VM fragment spans.
+
+    ``spans`` packs (vm id, start, end) triples as signed 64-bit integers
+    (array "q", native order: only the daemon's own processes read it).
+    """
+
+    seq: int
+    slot: int
+    document_end: int
+    end: int  # the document and the fragments left off it
+    host: tuple[int, int]
+    spans: bytes
+
+    def vm_spans(self) -> dict[int, tuple[int, int]]:
+        values = array.array("q")
+        values.frombytes(self.spans)
+        ids, starts, ends = values[0::3], values[1::3], values[2::3]
+        return dict(zip(ids, zip(starts, ends, strict=True), strict=True))
+
+
+class SharedSlots:
+    """The memfd of publications, mapped by the supervisor and the children it is given to."""
+
+    def __init__(self, fd: int | None = None, slots: int = SLOTS,
+                 slot_size: int = SLOT_SIZE) -> None:
+        self.slots = slots
+        self.slot_size = slot_size
+        size = slots * slot_size
+        if fd is None:  # the supervisor: create, size and seal it
+            fd = os.memfd_create("vhostmd-publications", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.map = mmap.mmap(fd, size)
+            self.fd = InheritedFd(fd)  # kept: each new child gets a copy
+        else:  # a child: read only, and the mapping is all it needs
+            self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            os.close(fd)
+            self.fd = InheritedFd(-1)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Only while a child is being started: the descriptor travels with it.
+        return (_rebuild, (self.fd, self.slots, self.slot_size))
+
+    def write(self, slot: int, seq: int, document: bytes, prefix: int, host: bytes,
+              on_disk: list[tuple[int, bytes]], left_off: list[tuple[int, bytes]]) -> Placement:
+        """Write one publication into ``slot``; return where everything is.
+
+        ``document`` is ``prefix`` bytes of wrapper, ``host``, the ``on_disk``
+        VM fragments in order, then the closing wrapper; ``left_off`` are the
+        VMs' fragments that did not fit the disk (virtio serves them all).
+        """
+        extra = sum(len(fragment) for _vm, fragment in left_off)
+        end = len(document) + extra
+        if end > self.slot_size:
+            raise PublicationTooLarge(
+                f"a cycle's metrics take {end} bytes, more than the {self.slot_size} "
+                f"bytes the daemon can publish")
+        base = slot * self.slot_size
+        m = self.map
+        m[base : base + len(document)] = document
+        at = base + len(document)
+        for _vm, fragment in left_off:
+            m[at : at + len(fragment)] = fragment
+            at += len(fragment)
+        host_start = prefix
+        host_end = prefix + len(host)
+        values = array.array("q")
+        for fragments, start in ((on_disk, host_end), (left_off, len(document))):
+            ends = list(accumulate((len(f) for _vm, f in fragments), initial=start))
+            for (vm_id, _f), begin, finish in zip(fragments, ends, ends[1:], strict=False):
+                values.extend((vm_id, begin, finish))
+        return Placement(seq, slot, len(document), end, (host_start, host_end),
+                         values.tobytes())
+
+    def read(self, placement: Placement, start: int = 0, end: int | None = None) -> bytes:
+        """A copy of bytes ``start``..``end`` of the placement's slot."""
+        base = placement.slot * self.slot_size
+        stop = placement.end if end is None else end
+        return self.map[base + start : base + stop]
+
+    def take(self, placement: Placement) -> tuple[bytes, VmFragments]:
+        """Copy a whole publication out: the host fragment and every VM's fragment."""
+        blob = self.read(placement)
+        start, end = placement.host
+        return blob[start:end], VmFragments(blob, placement.vm_spans())
+
+    def close(self) -> None:
+        self.map.close()
+        self.fd.close()
+
+
+class VmFragments:
+    """The VM fragments of a publication copied out of its slot, by VM id.
+
+    One copy of the publication, sliced when a VM's fragment is asked for
+    (virtio builds each VM's response at most once per cycle).
+    """
+
+    def __init__(self, blob: bytes, spans: dict[int, tuple[int, int]]) -> None:
+        self.blob = blob
+        self.spans = spans
+
+    def get(self, vm_id: int) -> bytes | None:
+        span = self.spans.get(vm_id)
+        return None if span is None else self.blob[span[0] : span[1]]
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+
+def _rebuild(fd: InheritedFd, slots: int, slot_size: int) -> SharedSlots:
+    return SharedSlots(fd.fd, slots, slot_size)

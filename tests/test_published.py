@@ -1,0 +1,120 @@
+"""Each cycle's result in shared memory: slots, placements, and who may rewrite what.
+
+Real memfds; the readers are test doubles that record what they were sent
+(the daemon-level tests run the real disk-writer and virtio process on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from vhostmd.document import DOCUMENT_OPEN, assemble
+from vhostmd.runtime.published import Placement, SharedSlots
+from vhostmd.supervisor.cycle import Rendered
+from vhostmd.supervisor.publisher import Publisher
+from vhostmd.wire import Domain
+
+
+class Reader:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(message)
+
+
+def rendered(n: int, cycle: int, on_disk: int | None = None) -> Rendered:
+    host = f"<host cycle='{cycle}'/>\n".encode()
+    fragments = {vm: f"<vm id='{vm}' cycle='{cycle}'/>\n".encode() for vm in range(1, n + 1)}
+    kept = list(fragments.values())[: n if on_disk is None else on_disk]
+    return Rendered(assemble([host, *kept]), host, fragments,
+                    tuple(Domain(vm, f"vm{vm}", f"uuid-{vm}") for vm in fragments),
+                    published=n + 1, left_out=0, vms_not_on_disk=n - len(kept))
+
+
+@pytest.fixture
+def slots() -> Iterator[SharedSlots]:
+    made = SharedSlots(slot_size=1 << 20)
+    yield made
+    made.close()
+
+
+def test_a_placement_finds_the_document_host_and_every_vm(slots: SharedSlots) -> None:
+    result = rendered(5, cycle=1, on_disk=3)  # two VMs left off the disk
+    fragments = list(result.vm_fragments.items())
+    placed = slots.write(2, 7, result.document, len(DOCUMENT_OPEN.encode()),
+                         result.host_fragment, fragments[:3], fragments[3:])
+    assert (placed.seq, placed.slot) == (7, 2)
+    assert slots.read(placed, 0, placed.document_end) == result.document
+    host, vms = slots.take(placed)
+    assert host == result.host_fragment
+    assert {vm: vms.get(vm) for vm in range(1, 6)} == result.vm_fragments
+    assert vms.get(6) is None and len(vms) == 5
+
+
+def test_children_map_it_read_only_and_nobody_can_resize_it(slots: SharedSlots) -> None:
+    child = SharedSlots(os.dup(slots.fd.fd), slots.slots, slots.slot_size)
+    try:
+        with pytest.raises(TypeError):
+            child.map[0:1] = b"x"
+        assert child.fd.fd == -1  # the mapping is all a child keeps
+    finally:
+        child.close()
+    # Sealed: a child truncating it would make the supervisor's writes fault.
+    with pytest.raises(PermissionError):
+        os.ftruncate(slots.fd.fd, 4096)
+
+
+def test_a_slot_a_reader_holds_is_never_rewritten(slots: SharedSlots) -> None:
+    writer, virtio = Reader(), Reader()
+    publisher = Publisher(lambda: writer, lambda: virtio, slots=slots)
+    publisher.publish(rendered(3, cycle=1))
+    [(seq, to_disk, _vms)] = writer.sent
+    [(_kind, to_virtio, names)] = virtio.sent
+    assert to_disk == to_virtio and seq == 1  # written once, for both
+    assert names == ((1, "vm1"), (2, "vm2"), (3, "vm3"))
+    held = slots.read(to_virtio)
+    # Virtio never takes its copy (hung); the writer acknowledges every cycle.
+    for cycle in range(2, 8):
+        publisher.written(None, None)
+        publisher.publish(rendered(3, cycle=cycle))
+        latest = writer.sent[-1][1]
+        assert isinstance(latest, Placement) and latest.slot != to_virtio.slot
+        assert slots.read(latest, 0, latest.document_end) == publisher.latest.document
+        assert slots.read(to_virtio) == held  # untouched all along
+    assert len(virtio.sent) == 1  # nothing more while it holds one
+    publisher.virtio_took()
+    [(_kind, newest, _names)] = virtio.sent[1:]
+    host, _vms = slots.take(newest)
+    assert host == b"<host cycle='7'/>\n"
+
+
+def test_a_restarted_reader_gets_the_latest_at_once_and_holds_nothing_old(
+        slots: SharedSlots) -> None:
+    writer, virtio = Reader(), Reader()
+    publisher = Publisher(lambda: writer, lambda: virtio, slots=slots)
+    publisher.publish(rendered(2, cycle=1))
+    publisher.virtio_started()  # the old one died holding slot 0
+    assert publisher.held.get("virtio") == virtio.sent[-1][1].slot
+    assert len(virtio.sent) == 2 and virtio.sent[-1][1].seq == 1
+
+
+def test_a_publication_larger_than_a_slot_is_refused_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    small = SharedSlots(slot_size=4096)
+    try:
+        writer, virtio = Reader(), Reader()
+        publisher = Publisher(lambda: writer, lambda: virtio, slots=small)
+        with caplog.at_level(logging.ERROR, "vhostmd"):
+            publisher.publish(rendered(200, cycle=1))
+            publisher.publish(rendered(200, cycle=2))
+        assert writer.sent == [] and virtio.sent == []
+        assert caplog.text.count("not publishing: a cycle's metrics take") == 1
+        publisher.publish(rendered(2, cycle=3))  # fits again
+        assert len(writer.sent) == 1 and len(virtio.sent) == 1
+    finally:
+        small.close()
