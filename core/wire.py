@@ -138,7 +138,8 @@ class JobResult:
     ``host`` is the rendered host-context metrics of the job, ``vms`` the
     rendered metrics of each VM (by domain id), both in document order.
     ``timed_out``: the job was stopped at its deadline (the supervisor runs
-    such jobs after the others next time).
+    such jobs after the others next time). A large ``vms`` travels through
+    shared memory (``vms_in_slot``); the supervisor restores ``vms`` on receipt.
     """
 
     job_id: int
@@ -150,3 +151,6 @@ class JobResult:
     error: str | None = None
     state: object = None  # a collector's state for its next Collect job
     inactive: tuple[str, ...] | None = None  # UUIDs of defined domains not running
+    # Instead of ``vms``, for large results: the fragments are in the worker's
+    # result slot (see vhostmd.runtime.published), these are their (id, end) pairs.
+    vms_in_slot: bytes | None = None

@@ -11,6 +11,13 @@ A slot holds the document, then the fragments of VMs left off the disk (too
 small a disk): everything virtio serves. ``Placement`` says where the
 document ends, where the host fragment and each VM's fragment are.
 
+The other way, each worker gets a one-slot region of its own (``writable``
+in the worker) for the VM fragments of its results: ``pack_fragments``
+writes them back to back, the result carries only their ids and ends, and
+the supervisor copies them out (``unpack_fragments``) before it gives that
+worker its next job, so the slot is never rewritten while unread. A region
+belongs to one worker process: a replacement gets a new one.
+
 Slots are handed out by the supervisor (``vhostmd.supervisor.publisher``):
 each reader has at most one placement in flight and acknowledges it, a slot
 is rewritten only when no reader holds it, and with SLOTS = 3 one is always
@@ -69,9 +76,10 @@ class SharedSlots:
     """The memfd of publications, mapped by the supervisor and the children it is given to."""
 
     def __init__(self, fd: int | None = None, slots: int = SLOTS,
-                 slot_size: int = SLOT_SIZE) -> None:
+                 slot_size: int = SLOT_SIZE, writable: bool = False) -> None:
         self.slots = slots
         self.slot_size = slot_size
+        self.writable = writable  # the child's mapping: read-only unless it writes results
         size = slots * slot_size
         if fd is None:  # the supervisor: create, size and seal it
             fd = os.memfd_create("vhostmd-publications", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -80,14 +88,15 @@ class SharedSlots:
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self.map = mmap.mmap(fd, size)
             self.fd = InheritedFd(fd)  # kept: each new child gets a copy
-        else:  # a child: read only, and the mapping is all it needs
-            self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        else:  # a child: the mapping is all it needs
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self.map = mmap.mmap(fd, size, prot=prot)
             os.close(fd)
             self.fd = InheritedFd(-1)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Only while a child is being started: the descriptor travels with it.
-        return (_rebuild, (self.fd, self.slots, self.slot_size))
+        return (_rebuild, (self.fd, self.slots, self.slot_size, self.writable))
 
     def write(self, slot: int, seq: int, document: bytes, prefix: int, host: bytes,
               on_disk: list[tuple[int, bytes]], left_off: list[tuple[int, bytes]]) -> Placement:
@@ -156,5 +165,35 @@ class VmFragments:
         return len(self.spans)
 
 
-def _rebuild(fd: InheritedFd, slots: int, slot_size: int) -> SharedSlots:
-    return SharedSlots(fd.fd, slots, slot_size)
+def _rebuild(fd: InheritedFd, slots: int, slot_size: int, writable: bool) -> SharedSlots:
+    return SharedSlots(fd.fd, slots, slot_size, writable)
+
+
+def pack_fragments(region: SharedSlots, fragments: tuple[tuple[int, bytes], ...]) -> bytes:
+    """A worker's VM fragments written back to back into its slot; returns (id, end) pairs."""
+    total = sum(len(fragment) for _vm, fragment in fragments)
+    if total > region.slot_size:
+        raise PublicationTooLarge(f"a job's metrics take {total} bytes, more than the "
+                                  f"{region.slot_size} bytes a worker can send")
+    m = region.map
+    values = array.array("q")
+    at = 0
+    for vm_id, fragment in fragments:
+        end = at + len(fragment)
+        m[at:end] = fragment
+        values.extend((vm_id, end))
+        at = end
+    return values.tobytes()
+
+
+def unpack_fragments(region: SharedSlots, packed: bytes) -> tuple[tuple[int, bytes], ...]:
+    """The supervisor's copy of the fragments ``pack_fragments`` wrote."""
+    values = array.array("q")
+    values.frombytes(packed)
+    ids, ends = values[0::2], values[1::2]
+    if not ends:
+        return ()
+    blob = region.map[0 : ends[-1]]
+    starts = [0, *ends[:-1]]
+    return tuple((vm_id, blob[start:end])
+                 for vm_id, start, end in zip(ids, starts, ends, strict=True))

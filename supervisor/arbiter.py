@@ -282,6 +282,14 @@ class Supervisor:
                 self.pool.replace(child, f"sent an unreadable message ({message.why}); killed")
                 self.children_changed = True
             elif isinstance(message, JobResult):
+                try:
+                    # Copied out before the worker gets another job (and so
+                    # before it could write its slot again).
+                    message = child.take_result(message)
+                except ValueError as exc:
+                    self.pool.replace(child, f"sent an unreadable result ({exc}); killed")
+                    self.children_changed = True
+                    continue
                 child.busy_with = None
                 self.cycles.handle_result(message)
             elif isinstance(message, tuple) and message:

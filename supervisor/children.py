@@ -57,7 +57,7 @@ def wanted_children(config: Config, uri: str | None, disk: DiskHandle | None = N
     """
     specs = {
         i: ChildSpec(f"worker {i + 1}", i, "vhostmd.workers.worker:worker_main",
-                     {"index": i + 1, "uri": uri}, ("worker",))
+                     {"index": i + 1, "uri": uri}, ("worker",), result_slot=True)
         for i in range(config.workers)
     }
     shared = disk if config.vbd else None

@@ -28,11 +28,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from queue import Empty
 from typing import Any
 
 from vhostmd.runtime.child import BEAT, CELL_SIZE, CTX, GROUP, ChildContext, InheritedFd, child_main
+from vhostmd.runtime.published import SharedSlots, unpack_fragments
+from vhostmd.wire import JobResult
 
 log = logging.getLogger("vhostmd")
 
@@ -54,6 +56,7 @@ class ChildSpec:
     target: str  # "module:function": the supervisor never imports what children run
     kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
     key: tuple = ()  # when the key changes (reload), the running child is replaced
+    result_slot: bool = False  # a shared-memory slot of its own for large results (workers)
 
 
 class Unreadable:
@@ -83,7 +86,11 @@ class Child:
         self._crash, crash_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         ctx = ChildContext(self.role, self.slot, self.inbox, self.outbox, self.cell, shared,
                            InheritedFd(bell_r), InheritedFd(crash_w))
-        self.process = CTX.Process(target=child_main, args=(spec.target, spec.kwargs, ctx, level),
+        # Per process, never per slot: whatever a dying worker still writes
+        # there cannot reach its replacement's results.
+        self.results = SharedSlots(slots=1, writable=True) if spec.result_slot else None
+        kwargs = spec.kwargs if self.results is None else {**spec.kwargs, "results": self.results}
+        self.process = CTX.Process(target=child_main, args=(spec.target, kwargs, ctx, level),
                                    name=self.role, daemon=False)
         try:
             self.process.start()
@@ -124,6 +131,18 @@ class Child:
                 self.inbox.get(timeout=0.1)
         with contextlib.suppress(Exception):
             self.inbox.close()
+
+    def take_result(self, result: JobResult) -> JobResult:
+        """``result`` with its VM fragments copied out of this child's result slot.
+
+        Raises ValueError when the slot is gone or the result points outside it.
+        """
+        if result.vms_in_slot is None:
+            return result
+        if self.results is None or self.gone:
+            raise ValueError("a result in a slot this child does not have")
+        return replace(result, vms=unpack_fragments(self.results, result.vms_in_slot),
+                       vms_in_slot=None)
 
     def heartbeat_age(self) -> float:
         return time.monotonic() - self.cell[BEAT]
@@ -191,6 +210,8 @@ class Child:
         if code is None:
             return None
         self.gone = True
+        if self.results is not None:
+            self.results.close()
         self._kill_action()  # an action the child could not clean up before it died
         self._stopped.set()
         self.process.close()

@@ -13,7 +13,13 @@ from collections.abc import Iterator
 import pytest
 
 from vhostmd.document import DOCUMENT_OPEN, assemble
-from vhostmd.runtime.published import Placement, SharedSlots
+from vhostmd.runtime.published import (
+    Placement,
+    PublicationTooLarge,
+    SharedSlots,
+    pack_fragments,
+    unpack_fragments,
+)
 from vhostmd.supervisor.cycle import Rendered
 from vhostmd.supervisor.publisher import Publisher
 from vhostmd.wire import Domain
@@ -118,3 +124,20 @@ def test_a_publication_larger_than_a_slot_is_refused_once(
         assert len(writer.sent) == 1 and len(virtio.sent) == 1
     finally:
         small.close()
+
+
+def test_worker_fragments_go_through_its_slot_and_come_back_whole() -> None:
+    region = SharedSlots(slots=1, slot_size=1 << 20)
+    try:
+        worker_side = SharedSlots(os.dup(region.fd.fd), 1, region.slot_size, writable=True)
+        fragments = tuple((vm, f"<metric vm='{vm}'/>\n".encode() * (vm % 3 + 1))
+                          for vm in (3, 1, 2, 10))
+        packed = pack_fragments(worker_side, fragments)
+        assert len(packed) == 8 * 2 * len(fragments)  # ids and ends only
+        assert unpack_fragments(region, packed) == fragments
+        assert unpack_fragments(region, pack_fragments(worker_side, ())) == ()
+        with pytest.raises(PublicationTooLarge):
+            pack_fragments(worker_side, ((1, bytes(region.slot_size + 1)),))
+        worker_side.close()
+    finally:
+        region.close()

@@ -87,6 +87,9 @@ class FakeChild:
     def heartbeat_age(self) -> float:
         return self.clock() - self.last_beat
 
+    def take_result(self, result: JobResult) -> JobResult:
+        return result  # fake workers send their fragments inline
+
     def send(self, message: object) -> None:
         if self.fail_send is not None:
             exc, self.fail_send = self.fail_send, None
