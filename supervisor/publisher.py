@@ -83,12 +83,12 @@ class Publisher:
         # Each reader holds at most one slot: with three, one is always free.
         busy = set(self.held.values())
         slot = next(i for i in range(self.slots.slots) if i not in busy)
-        fragments = list(rendered.vm_fragments.items())
+        fragments = rendered.vm_fragments
         on_disk = len(fragments) - rendered.vms_not_on_disk
         try:
             self.placed = self.slots.write(slot, self.seq, rendered.document, _PREFIX,
-                                           rendered.host_fragment, fragments[:on_disk],
-                                           fragments[on_disk:])
+                                           rendered.host_fragment, list(fragments),
+                                           list(fragments.values()), on_disk)
         except PublicationTooLarge as exc:
             if self.too_large is None:
                 log.error("not publishing: %s", exc)

@@ -49,11 +49,13 @@ def slots() -> Iterator[SharedSlots]:
     made.close()
 
 
-def test_a_placement_finds_the_document_host_and_every_vm(slots: SharedSlots) -> None:
-    result = rendered(5, cycle=1, on_disk=3)  # two VMs left off the disk
-    fragments = list(result.vm_fragments.items())
+@pytest.mark.parametrize("on_disk", [5, 3, 0])  # all, two left off the disk, none
+def test_a_placement_finds_the_document_host_and_every_vm(slots: SharedSlots,
+                                                         on_disk: int) -> None:
+    result = rendered(5, cycle=1, on_disk=on_disk)
     placed = slots.write(2, 7, result.document, len(DOCUMENT_OPEN.encode()),
-                         result.host_fragment, fragments[:3], fragments[3:])
+                         result.host_fragment, list(result.vm_fragments),
+                         list(result.vm_fragments.values()), on_disk)
     assert (placed.seq, placed.slot) == (7, 2)
     assert slots.read(placed, 0, placed.document_end) == result.document
     host, vms = slots.take(placed)
