@@ -68,8 +68,10 @@ class StatusFile:
         except BlockingIOError:
             return False
         try:
-            os.ftruncate(self.fd, 0)
+            # Write over, then cut to length: truncating to 0 first makes a
+            # disk filesystem free and reallocate the blocks every cycle.
             os.pwrite(self.fd, data, 0)
+            os.ftruncate(self.fd, len(data))
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         return True
