@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     # run as (it imports what children run as that user), before the
     # supervisor starts any thread.
     start_forkserver()
-    log.info("config %s: period %d s, transports %s, %d workers", args.config,
-             config.update_period, ", ".join(config.transports), config.workers)
+    log.info("config %s: period %d s, transports %s, %d worker%s", args.config,
+             config.update_period, ", ".join(config.transports), config.workers,
+             "" if config.workers == 1 else "s")
     supervisor = Supervisor(config, uri=args.connect, config_path=args.config,
                             status_file=status_file, disk=disk,
                             dropped_to=run_as.user if run_as is not None else None,
