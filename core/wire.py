@@ -105,6 +105,10 @@ class Collect:
     # Whatever the collector returned as `state` last cycle (e.g. counters for
     # rates): workers stay stateless, any worker can take the next sample.
     state: object = None
+    # Sent to the worker that answered the cycle's listing: instead of the
+    # domains (``domains`` is then empty), the id of that listing job; the
+    # worker kept its answer, and 1000 domains need not cross the pipe again.
+    domains_from: int = 0
 
     @property
     def context(self) -> str:

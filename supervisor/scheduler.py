@@ -85,6 +85,8 @@ class CycleRunner:
         self.inflight: dict[int, tuple[Order, Job]] = {}  # handed to a worker, no result yet
         self.work_order = planning.WorkOrder()
         self.trim = IdleTrim(clock)  # freed heap back between cycles of a long period
+        # The last listing job and the child it went to (see Collect.domains_from).
+        self.listed_by: tuple[int, object] = (0, None)
         self.latest = LatestValues()
         self.disk_short = 0  # VMs left out of the disk last cycle (logged once per episode)
         self.behind = False  # shell work exceeds the period (logged once per episode)
@@ -231,8 +233,14 @@ class CycleRunner:
                 # An action may outlive its cycle: it runs for its own timeout.
                 timeout = job.metric.timeout or action_timeout
                 job = replace(job, deadline=self.clock() + timeout)
-            self.inflight[job.job_id] = (order, job)
             child = self.pool.children[slot]
+            if isinstance(job, ListDomains):
+                self.listed_by = (job.job_id, child)
+            elif (isinstance(job, Collect) and job.domains
+                  and self.listed_by == (cycle.domains_job, child)):
+                # This worker listed these domains: it kept them.
+                job = replace(job, domains=(), domains_from=cycle.domains_job)
+            self.inflight[job.job_id] = (order, job)
             child.busy_with = job
             child.send(job)
 

@@ -62,7 +62,8 @@ class StatusFile:
 
     def write(self, status: dict[str, Any]) -> bool:
         """Rewrite it; False if a reader holds the lock now. Raises OSError."""
-        data = (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
+        # One line: json.dumps without indent is C code, with it Python (every cycle).
+        data = (json.dumps(status, sort_keys=True) + "\n").encode()
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

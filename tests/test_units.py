@@ -12,7 +12,9 @@ import itertools
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -649,3 +651,40 @@ def test_freed_memory_goes_back_only_after_a_long_enough_idle(
     trim.poll()
     trim.poll()
     assert trims == [clock()] and trim.wait(5.0) == 5.0
+
+
+def test_the_worker_that_listed_the_domains_is_not_sent_them_again(
+        sup_rig: Callable[[str], SupervisorRig], tmp_path: Path) -> None:
+    from vhostmd.workers.worker import Worker
+
+    rig = sup_rig(config_xml(tmp_path / "disk", '<builtin set="vhostmd"/>',
+                             globals_extra="<workers>1</workers>"))
+    rig.run_once()  # cycle 1 planned; the children start
+    rig.run_once()  # the first job goes out
+    worker = rig.child(0)
+    domains = (Domain(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f"),)
+    for _ in range(4):  # the host built-ins first, then the listing
+        [job] = worker.sent
+        worker.sent.clear()
+        if isinstance(job, ListDomains):
+            listing = job
+            rig.say(worker, JobResult(job.job_id, domains=domains))
+        else:
+            assert job.context == "host"
+            rig.say(worker, JobResult(job.job_id))
+        rig.run_once()
+        if worker.sent and isinstance(worker.sent[0], Collect) and worker.sent[0].domains == ():
+            break
+    [vm_job] = worker.sent
+    assert vm_job.context == "vm" and vm_job.domains == ()
+    assert vm_job.domains_from == listing.job_id
+
+    # The worker side: it answers with the domains it listed (the test driver's "test").
+    real = Worker(None, 1, "test:///default")  # type: ignore[arg-type]
+    listed = real.run(listing)
+    assert [d.name for d in listed.domains or ()] == ["test"]
+    vm_job = replace(vm_job, deadline=time.monotonic() + 30)  # the rig's clock is fake
+    result = real.run(vm_job)
+    assert result.error is None and [vm for vm, _f in result.vms] == [1]
+    stale = real.run(replace(vm_job, domains_from=listing.job_id + 1000))
+    assert stale.error is not None and "did not answer listing job" in stale.error

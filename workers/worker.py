@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from vhostmd.runtime.child import ChildContext, serve
 from vhostmd.runtime.published import PublicationTooLarge, SharedSlots, pack_fragments
-from vhostmd.wire import Collect, Failure, Job, JobResult, ListDomains, RunAction
+from vhostmd.wire import Collect, Domain, Failure, Job, JobResult, ListDomains, RunAction
 from vhostmd.workers import strays
 from vhostmd.workers.actions import (
     ActionFailed,
@@ -36,6 +36,7 @@ class Worker:
         self.index = index
         self.uri = uri
         self.libvirt = LibvirtConnection(uri)
+        self.listed: tuple[int, tuple[Domain, ...]] = (0, ())  # the last listing answered
 
     def run(self, job: Job) -> JobResult:
         if isinstance(job, RunAction):
@@ -45,9 +46,15 @@ class Worker:
                 running, inactive = self.libvirt.list_all_domains(inactive=job.inactive)
             except LibvirtUnavailable as exc:
                 return JobResult(job.job_id, error=str(exc))
+            self.listed = (job.job_id, running)
             return JobResult(job.job_id, domains=running,
                              inactive=inactive if job.inactive else None)
         if isinstance(job, Collect):
+            if job.domains_from:
+                if job.domains_from != self.listed[0]:  # the supervisor never does this
+                    return JobResult(job.job_id, error=f"worker {self.index} did not answer "
+                                                       f"listing job {job.domains_from}")
+                job = replace(job, domains=self.listed[1], domains_from=0)
             return run_collector(job, self.libvirt)
         return JobResult(getattr(job, "job_id", -1), error=f"unknown job {job!r}")
 
