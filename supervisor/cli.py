@@ -29,7 +29,7 @@ from vhostmd.supervisor.daemon import (
     open_log_target,
     setup_logging,
 )
-from vhostmd.supervisor.sizing import check_vms
+from vhostmd.supervisor.sizing import check_vm_disks, check_vms
 from vhostmd.supervisor.status import StatusFile, status_path_for
 from vhostmd.supervisor.vmdisks import prepare_vm_dir, vm_disks_refusal
 
@@ -127,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK ({count_metrics(config)} metrics, "
               f"transports {', '.join(config.transports)})")
         if args.vms is not None:
-            fits, line = check_vms(config, args.vms)
-            print(f"{args.config}: {line}" if config.vbd
-                  else f"{args.config}: no shared metrics disk (per-VM disks only)"
-                  if config.vm_disks_path is not None
-                  else f"{args.config}: no metrics disk (vbd transport off)")
-            return 0 if fits or not config.vbd else 1
+            checks = []
+            if config.vbd:
+                checks.append(check_vms(config, args.vms))
+            if config.vm_disks_path is not None:
+                checks.append(check_vm_disks(config))
+            for _fits, line in checks or [(True, "no metrics disk (vbd transport off)")]:
+                print(f"{args.config}: {line}")
+            return 0 if all(fits for fits, _line in checks) else 1
         return 0
     if args.vms is not None:
         return fail("--vms goes with --check")

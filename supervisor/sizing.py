@@ -1,4 +1,5 @@
 """How big the document gets: does the configured disk hold N running VMs?
+And does each per-VM disk (<vm_disks>) hold the host metrics and its VM's?
 
 The estimate renders one host part and one VM part with the exact layout
 (``vhostmd.document``) and values as wide as their type allows: 20 digits
@@ -77,3 +78,17 @@ def check_vms(config: Config, vms: int) -> tuple[bool, str]:
     return False, (f"the {config.disk_size:,}-byte disk does NOT hold {vms} VMs: {detail}; "
                    f"it holds about {size.vms_that_fit()} VMs; use <size unit=\"k\">{needed_k}"
                    "</size> or more")
+
+
+def check_vm_disks(config: Config) -> tuple[bool, str]:
+    """Whether each per-VM disk holds the host metrics and one VM's, and one line saying so."""
+    size = estimate(config)
+    total = size.total(1)
+    capacity = config.vm_disks_size - HEADER_SIZE
+    detail = (f"about {total:,} bytes (host {size.host:,} + its VM {size.per_vm:,}, string "
+              f"values taken as {STRING_WIDTH} characters)")
+    if total <= capacity:
+        return True, f"each {config.vm_disks_size:,}-byte per-VM disk holds {detail}"
+    needed_k = -(-(total + HEADER_SIZE) // 1024)
+    return False, (f"each {config.vm_disks_size:,}-byte per-VM disk does NOT hold {detail}; "
+                   f"use <vm_disks><size unit=\"k\">{needed_k}</size> or more")

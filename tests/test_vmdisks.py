@@ -338,3 +338,21 @@ def test_domain_xml_is_accepted_by_libvirt(tmp_path: Path,
             only_disk = run_domain_xml(conf, libvirtd.uri, uuid, "--device", "disk")
             assert only_disk.stdout == elements[0] + "\n"
         assert daemon.stop() == 0
+
+
+def test_check_sizes_each_per_vm_disk(tmp_path: Path) -> None:
+    builtins = '<builtin set="sap"/><builtin set="vhostmd"/>'
+    conf = tmp_path / "v.conf"
+    conf.write_text(only_vm_disks(tmp_path / "vms", builtins))
+    fits = subprocess.run([VHOSTMD, "--check", "--vms", "1024", "-f", str(conf)],
+                          capture_output=True, text=True, timeout=30)
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "each 65,536-byte per-VM disk holds about" in fits.stdout
+    # 600 host strings of 32 characters: more than a 64 KiB per-VM disk holds.
+    many = "".join(metric_xml(f"Host{i}", "echo x", mtype="string") for i in range(600))
+    conf.write_text(only_vm_disks(tmp_path / "vms", many))
+    refused = subprocess.run([VHOSTMD, "--check", "--vms", "1", "-f", str(conf)],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "per-VM disk does NOT hold about" in refused.stdout
+    assert '<vm_disks><size unit="k">' in refused.stdout
