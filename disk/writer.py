@@ -21,7 +21,7 @@ __all__ = ["DiskShrunk", "DiskTooSmall", "MetricsDisk", "disk_writer_main"]
 
 
 def disk_writer_main(ctx: ChildContext, handle: DiskHandle | None,
-                     vm_dir: VmDir | None = None, slots: SharedSlots | None = None) -> None:
+                     vm_dir: VmDir | None = None, *, slots: SharedSlots) -> None:
     """Child main: write each document the supervisor sends, acknowledge each.
 
     A message is ``(seq, placement, vms)``: where the shared disk's document
@@ -29,7 +29,6 @@ def disk_writer_main(ctx: ChildContext, handle: DiskHandle | None,
     (``vm_dir``) ``(host fragment, {uuid: VM fragment}, UUIDs of the defined
     domains not running, or None)``; see disk/vmwriter.py.
     """
-    assert slots is not None, "the supervisor passes the shared slots"
     path = handle.path if handle is not None else f"{vm_dir.path}/" if vm_dir else "?"
     ctx.title(f"disk-writer {path}")
     disk: MetricsDisk | None = None

@@ -97,7 +97,7 @@ class Supervisor:
             self.cycles.instant.state(False, why)
         # The pool converges on what wanted_children says for these inputs; it
         # is rebuilt only when one of them changes (a reload, a new disk).
-        self._wanted_for: tuple[object, ...] = ()
+        self._wanted_for: tuple[object, ...] | None = None
         self._wanted: dict[int, ChildSpec] = {}
         # Converging costs a liveness check per child (a syscall each): run it
         # when a child's sentinel fired, when the wanted children changed, and
@@ -222,7 +222,7 @@ class Supervisor:
     def converge(self) -> None:
         """Let the pool converge on the wanted children, when something may have changed."""
         inputs = (self.config, self.uri, self.disk, self.vm_dir)
-        if len(inputs) != len(self._wanted_for) or any(
+        if self._wanted_for is None or any(
                 a is not b for a, b in zip(inputs, self._wanted_for, strict=True)):
             self._wanted_for = inputs
             self._wanted = wanted_children(self.config, self.uri, self.disk, self.vm_dir,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from vhostmd.document import DOCUMENT_OPEN
@@ -46,6 +47,15 @@ def vm_batch(rendered: Rendered) -> tuple[bytes, dict[str, bytes], tuple[str, ..
     return rendered.host_fragment, running, rendered.inactive
 
 
+@dataclass
+class Flow:
+    """One reader's flow control: at most one placement in flight, always the newest."""
+
+    acked: bool = True  # it may be sent the next one
+    sent_seq: int = 0  # the last result it was sent
+    slot: int | None = None  # the slot it holds until it acknowledges
+
+
 class Publisher:
     def __init__(self, disk: Callable[[], Target | None],
                  virtio: Callable[[], Target | None],
@@ -57,15 +67,18 @@ class Publisher:
         self.slots = slots if slots is not None else SharedSlots()
         self.latest: Rendered | None = None
         self.seq = 0
-        self.sent_seq = 0
-        self.acked = True
         self.error: str | None = None
         self.error_kind: str | None = None
-        self.virtio_acked = True
-        self.virtio_sent_seq = 0
+        self.disk_flow = Flow()
+        self.virtio_flow = Flow()
         self.placed: Placement | None = None  # the latest result's placement, once written
-        self.held: dict[str, int] = {}  # reader ("disk", "virtio") -> slot it holds
         self.too_large: str | None = None
+
+    @property
+    def held(self) -> dict[str, int]:
+        """Reader ("disk", "virtio") -> the slot it holds."""
+        flows = {"disk": self.disk_flow, "virtio": self.virtio_flow}
+        return {name: f.slot for name, f in flows.items() if f.slot is not None}
 
     def publish(self, rendered: Rendered) -> None:
         self.latest = rendered
@@ -97,59 +110,47 @@ class Publisher:
         self.too_large = None
         return self.placed
 
+    def _next_for(self, reader: Target | None, flow: Flow) -> Placement | None:
+        """The latest result's placement if ``reader`` is there and may have it, now its."""
+        if (reader is None or not flow.acked or self.latest is None
+                or flow.sent_seq == self.seq):
+            return None
+        placed = self.place()
+        if placed is not None:
+            flow.acked, flow.sent_seq, flow.slot = False, self.seq, placed.slot
+        return placed
+
     def send_document(self) -> None:
         writer = self._disk()
-        if (writer is None or not self.acked or self.latest is None
-                or self.sent_seq == self.seq):
-            return
-        placed = self.place()
-        if placed is None:
-            return
-        self.acked = False
-        self.sent_seq = self.seq
-        self.held["disk"] = placed.slot
-        vms = vm_batch(self.latest) if self._vm_disks() else None
-        writer.send((self.seq, placed, vms))
+        if (placed := self._next_for(writer, self.disk_flow)) is not None:
+            vms = vm_batch(self.latest) if self._vm_disks() else None  # type: ignore[arg-type]
+            writer.send((self.seq, placed, vms))
 
     def send_fragments(self) -> None:
         virtio = self._virtio()
-        rendered = self.latest
-        if (virtio is None or rendered is None or not self.virtio_acked
-                or self.virtio_sent_seq == self.seq):
-            return
-        placed = self.place()
-        if placed is None:
-            return
-        self.virtio_acked = False
-        self.virtio_sent_seq = self.seq
-        self.held["virtio"] = placed.slot
-        virtio.send(("metrics", placed, tuple(map(_ID_AND_NAME, rendered.domains))))
+        if (placed := self._next_for(virtio, self.virtio_flow)) is not None:
+            domains = self.latest.domains  # type: ignore[union-attr]
+            virtio.send(("metrics", placed, tuple(map(_ID_AND_NAME, domains))))
 
     def virtio_took(self) -> None:
         """Virtio copied its fragments out of the slot: it may have the next."""
-        self.virtio_acked = True
-        self.held.pop("virtio", None)
+        self.virtio_flow = Flow(sent_seq=self.virtio_flow.sent_seq)
         self.send_fragments()
 
     def virtio_started(self) -> None:
         """A (re)started virtio process holds nothing and gets the latest at once."""
-        self.virtio_acked = True
-        self.virtio_sent_seq = 0
-        self.held.pop("virtio", None)
+        self.virtio_flow = Flow()
         self.send_fragments()
 
     def writer_started(self) -> None:
-        self.acked = False  # until the new writer says it is ready
-        self.held.pop("disk", None)
+        self.disk_flow = Flow(acked=False)  # until the new writer says it is ready
 
     def writer_ready(self) -> None:
-        self.acked = True
-        self.sent_seq = 0
+        self.disk_flow = Flow()
         self.send_document()
 
     def written(self, error_kind: str | None, error: str | None) -> None:
-        self.acked = True
-        self.held.pop("disk", None)
+        self.disk_flow = Flow(sent_seq=self.disk_flow.sent_seq)
         # Logged once per kind of problem: a too-large document changes size
         # (and so its message) nearly every cycle.
         if error_kind != self.error_kind:

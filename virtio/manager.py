@@ -309,9 +309,8 @@ def raise_fd_limit(max_channels: int) -> None:
 
 
 def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channels: int,
-                expiration_time: int, slots: SharedSlots | None = None) -> None:
+                expiration_time: int, slots: SharedSlots) -> None:
     """Entry point of the virtio child process (started by the supervisor)."""
-    assert slots is not None, "the supervisor passes the shared slots"
     raise_fd_limit(max_channels)
     manager = ChannelManager(channel_paths, max_channels, float(expiration_time))
     # The supervisor rings the doorbell after each message it sends us.
