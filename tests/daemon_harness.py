@@ -216,7 +216,11 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
-        cmd = [VHOSTMD, "-d", "-v", "-f", str(self.conf), "-p", str(self.pid_file)]
+        return self.start_with([VHOSTMD])
+
+    def start_with(self, program: list[str]) -> Daemon:
+        """Start the daemon as ``program`` (e.g. an interpreter and a launcher) + the options."""
+        cmd = [*program, "-d", "-v", "-f", str(self.conf), "-p", str(self.pid_file)]
         if self.uri:
             cmd += ["-c", self.uri]
         cmd += list(self.args)
