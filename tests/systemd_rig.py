@@ -259,11 +259,17 @@ class Container:
                 if pids and self._is_systemd(int(pids[0])):
                     self.leader = int(pids[0])
             time.sleep(0.05)
-        state = self.run(["systemctl", "is-system-running", "--wait"], check=False,
-                         timeout=max(5.0, deadline - time.monotonic()))
+        # systemd answers systemctl once its private socket exists, a moment after exec.
+        while True:
+            state = self.run(["systemctl", "is-system-running", "--wait"], check=False,
+                             timeout=max(5.0, deadline - time.monotonic()))
+            if "Failed to connect to bus" not in state.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if state.stdout.strip() not in ("running", "degraded"):
             failed = self.run(["systemctl", "--failed", "--no-pager"], check=False).stdout
-            raise AssertionError(f"the container did not boot: {state.stdout.strip()}\n{failed}")
+            raise AssertionError(f"the container did not boot: {state.stdout.strip()} "
+                                 f"{state.stderr.strip()}\n{failed}\n{self.log_tail()}")
 
     @staticmethod
     def _is_systemd(pid: int) -> bool:
