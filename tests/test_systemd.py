@@ -171,6 +171,24 @@ class Node:
             time.sleep(0.1)
 
 
+    def settle(self, timeout: float = 60) -> int:
+        """Wait for a running daemon with all its children and documents on both disks.
+
+        Each test starts so, whatever the one before it left: a failure is
+        then this test's own.
+        """
+        pid = self.wait_active(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            documents = self.machine.run(["python3", "/usr/local/lib/check-disk", SHARED,
+                                          VM_DISK], check=False).returncode == 0
+            titles = " ".join(self.unit_processes().values())
+            if documents and "disk-writer" in titles and "worker" in titles:
+                return pid
+            assert time.monotonic() < deadline, f"the daemon did not settle: {titles}"
+            time.sleep(0.1)
+
+
 class Reader:
     """A process inside the container that holds the metrics disks open, as QEMU does."""
 
@@ -259,6 +277,7 @@ def test_start_returns_once_the_disks_hold_a_document(node: Node) -> None:
 
 
 def test_every_process_is_titled_and_the_forkserver_preloaded(node: Node) -> None:
+    node.settle()
     processes = node.unit_processes()
     titles = [info.split(" ", 1)[1] for info in processes.values()]
     for wanted in ("vhostmd: supervisor", "vhostmd: forkserver", "vhostmd: resource tracker",
@@ -273,6 +292,7 @@ def test_every_process_is_titled_and_the_forkserver_preloaded(node: Node) -> Non
 
 
 def test_restart_keeps_the_disks_under_a_reader(node: Node) -> None:
+    node.settle()
     reader = Reader(node, SHARED, VM_DISK)
     try:
         before = reader.look()
@@ -289,6 +309,7 @@ def test_restart_keeps_the_disks_under_a_reader(node: Node) -> None:
 
 
 def test_kill_9_of_the_main_pid_restarts_and_leaves_nothing(node: Node) -> None:
+    node.settle()
     old = node.unit_processes()
     pid = node.main_pid
     assert len(old) >= 5, old
@@ -301,27 +322,44 @@ def test_kill_9_of_the_main_pid_restarts_and_leaves_nothing(node: Node) -> None:
 
 
 def test_reload_with_a_broken_config_fails_and_the_daemon_runs_on(node: Node) -> None:
+    node.settle()
     pid = node.main_pid
     good = node.machine.file(CONFIG).read_text()
     node.machine.file(CONFIG).write_text(good + "<broken")
     try:
         done = node.machine.run(["systemctl", "reload", "vhostmd"], check=False)
         assert done.returncode != 0, "systemctl reload with a broken config succeeded"
-        # The same file by SIGHUP alone: the daemon rejects it and keeps its config.
-        node.run(["kill", "-HUP", str(pid)])
-        deadline = time.monotonic() + 10
-        while "reload rejected" not in node.run(["journalctl", "-u", "vhostmd", "-o", "cat"]):
-            assert time.monotonic() < deadline, "no 'reload rejected' in the journal"
-            time.sleep(0.1)
     finally:
         node.machine.file(CONFIG).write_text(good)
+    # The same file by SIGHUP alone: the daemon rejects it and keeps its config.
+    hup_with_a_broken_config(node, pid)
     assert node.show("ActiveState") == "active"
     assert node.main_pid == pid
     node.run(["systemctl", "reload", "vhostmd"])
     assert node.main_pid == pid
 
 
+def hup_with_a_broken_config(node: Node, pid: int) -> None:
+    """SIGHUP with a broken file (no ExecReload check): the daemon logs an error, runs on."""
+    good = node.machine.file(CONFIG).read_text()
+
+    def rejected() -> int:
+        return node.run(["journalctl", "-u", "vhostmd", "-o", "cat"]).count("reload rejected")
+
+    before = rejected()
+    node.machine.file(CONFIG).write_text(good + "<broken")
+    try:
+        node.run(["kill", "-HUP", str(pid)])
+        deadline = time.monotonic() + 10
+        while rejected() == before:
+            assert time.monotonic() < deadline, "no 'reload rejected' in the journal"
+            time.sleep(0.1)
+    finally:
+        node.machine.file(CONFIG).write_text(good)
+
+
 def test_the_journal_has_the_daemons_priorities(node: Node) -> None:
+    hup_with_a_broken_config(node, node.settle())  # an error line
     entries = [json.loads(line) for line in node.run(
         ["journalctl", "-u", "vhostmd", "-o", "json", "--output-fields=PRIORITY,MESSAGE,_PID"]
     ).splitlines() if line.strip()]
@@ -340,7 +378,7 @@ def test_the_watchdog_restarts_a_hung_supervisor(node: Node) -> None:
     try:
         node.run(["systemctl", "daemon-reload"])
         node.run(["systemctl", "restart", "vhostmd"])
-        pid = node.wait_active()
+        pid = node.settle()
         # Fed by the main loop: alive well past the watchdog's 2 s.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -359,6 +397,7 @@ def test_the_watchdog_restarts_a_hung_supervisor(node: Node) -> None:
 
 
 def test_upgrade_keeps_the_disks_and_leaves_no_old_process(node: Node) -> None:
+    node.settle()
     for deb in node.upgrade:
         shutil.copy(deb, node.machine.file(f"/var/tmp/{deb.name}"))
     reader = Reader(node, SHARED, VM_DISK)
