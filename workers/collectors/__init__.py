@@ -12,7 +12,9 @@ source.py); modules are found at import time, so a new source is one file.
 Every built-in metric has one definition, keyed by (context, name): where two
 standard sets share a name (host TotalCPUTime, PagedInMemory, PagedOutMemory;
 vm TotalCPUTime) they share that definition, so selecting both sets publishes
-each metric once with one unit.
+each metric once with one unit. The standard sets and their order are
+defined once, in ``SETS`` below, not by the modules: adding a module
+reorders nothing.
 
 A cycle runs one host job per <builtin> element that selects host metrics
 (in config order, so the document follows the config) and one vm job for all
@@ -75,7 +77,47 @@ SOURCES: tuple[Source, ...] = _discover()
 METRICS: dict[tuple[str, str], tuple[Source, MetricSpec]] = {}
 # job kind ("host"/"vm") -> name -> (source, spec): what a job's metric_names mean.
 BY_KIND: dict[str, dict[str, tuple[Source, MetricSpec]]] = {"host": {}, "vm": {}}
-SETS: dict[str, list[tuple[str, str]]] = {}
+
+# The standard sets, each in the order the document publishes it: a set's
+# metrics are in this order whatever module defines them, so a new source
+# file reorders nothing. A set's host metrics read through libvirt come first:
+# the cycle's one libvirt job (the vm job) renders them together, and its
+# host part is published just before the host part of the first <builtin>
+# element that selects one of them.
+SETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sap": (
+        ("host", "VirtProductInfo"),
+        ("host", "MemoryAllocatedToVirtualServers"),
+        ("host", "HostName"),
+        ("host", "HostSystemInfo"),
+        ("host", "VirtualizationVendor"),
+        ("host", "NumberOfPhysicalCPUs"),
+        ("host", "TotalCPUTime"),
+        ("host", "FreePhysicalMemory"),
+        ("host", "FreeVirtualMemory"),
+        ("host", "UsedVirtualMemory"),
+        ("host", "PagedInMemory"),
+        ("host", "PagedOutMemory"),
+        ("host", "Time"),
+        ("vm", "TotalCPUTime"),
+        ("vm", "ResourceProcessorLimit"),
+        ("vm", "PhysicalMemoryAllocatedToVirtualSystem"),
+        ("vm", "ResourceMemoryLimit"),
+    ),
+    "vhostmd": (
+        ("host", "TotalPhyCPUs"),
+        ("host", "NumCPUs"),
+        ("host", "TotalPhyMem"),
+        ("host", "UsedMem"),
+        ("host", "FreeMem"),
+        ("host", "PagedInMemory"),
+        ("host", "PagedOutMemory"),
+        ("host", "PageInRate"),
+        ("host", "PageFaultRate"),
+        ("host", "TotalCPUTime"),
+        ("vm", "TotalCPUTime"),
+    ),
+}
 
 for _source in SOURCES:
     for _spec in _source.metrics:
@@ -84,8 +126,17 @@ for _source in SOURCES:
             raise RuntimeError(f"built-in metric {_spec.context} {_spec.name} defined twice")
         METRICS[_key] = (_source, _spec)
         BY_KIND[_source.kind][_spec.name] = (_source, _spec)
-        for _set in _spec.sets:
-            SETS.setdefault(_set, []).append(_key)
+for _set, _keys in SETS.items():
+    for _key in _keys:
+        if _key not in METRICS:
+            raise RuntimeError(f"built-in set {_set} names {_key[0]} {_key[1]}, which no "
+                               "source defines")
+    # The document can follow the set only if its libvirt host metrics lead.
+    _from_vm_job = [_key[0] == "host" and METRICS[_key][0].kind == "vm"
+                    for _key in _keys if _key[0] == "host"]
+    if _from_vm_job != sorted(_from_vm_job, reverse=True):
+        raise RuntimeError(f"built-in set {_set}: host metrics read through libvirt must "
+                           "come first")
 
 
 def _selected(ref: object) -> list[tuple[str, str]]:
@@ -94,7 +145,7 @@ def _selected(ref: object) -> list[tuple[str, str]]:
     name = getattr(ref, "name", None)
     context = getattr(ref, "context", None)
     if set_name is not None:
-        keys = SETS.get(set_name, [])
+        keys = SETS.get(set_name, ())
     else:
         keys = [key for key in METRICS if key[1] == name]
     return [key for key in keys if context is None or key[0] == context]
@@ -292,7 +343,8 @@ def describe_builtins() -> str:
     for (context, name), (_source, spec) in sorted(
             METRICS.items(), key=lambda item: (item[0][0], item[0][1])):
         rows.append((name, context, spec.type, spec.unit or "-",
-                     ",".join(spec.sets) or "-", spec.origin))
+                     ",".join(s for s, keys in SETS.items() if (context, name) in keys) or "-",
+                     spec.origin))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = [
         "Built-in metrics. Select them inside <metrics> in the config:",

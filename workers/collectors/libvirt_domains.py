@@ -163,19 +163,19 @@ SOURCE = Source(
     metrics=(
         MetricSpec("TotalCPUTime", "real64", "vm", "s",
                    "libvirt bulk stats cpu.time (ns) / 1e9; else virDomainGetInfo cpuTime "
-                   "(virsh dominfo: CPU time)", ("sap", "vhostmd"), scale=1_000_000_000),
+                   "(virsh dominfo: CPU time)", scale=1_000_000_000),
         MetricSpec("ResourceProcessorLimit", "uint32", "vm", None,
                    "libvirt bulk stats vcpu.current (vCPUs online); else virDomainGetInfo "
-                   "nrVirtCpu (virsh dominfo: CPU(s))", ("sap",)),
+                   "nrVirtCpu (virsh dominfo: CPU(s))"),
         MetricSpec("PhysicalMemoryAllocatedToVirtualSystem", "uint64", "vm", "KiB",
                    "libvirt bulk stats balloon.current; else virDomainGetInfo memory "
-                   "(virsh dominfo: Used memory)", ("sap",)),
+                   "(virsh dominfo: Used memory)"),
         MetricSpec("ResourceMemoryLimit", "uint64", "vm", "KiB",
                    "libvirt bulk stats balloon.maximum; else virDomainGetInfo maxMem "
-                   "(virsh dominfo: Max memory)", ("sap",)),
+                   "(virsh dominfo: Max memory)"),
         MetricSpec(ALLOCATED, "uint64", "host", "KiB",
                    "sum of balloon.current (virsh dominfo: Used memory) over all running "
-                   "domains, from the same bulk call", ("sap",)),
+                   "domains, from the same bulk call"),
     ),
     collect=collect,
 )
