@@ -27,7 +27,7 @@ from vhostmd.workers import collectors
 from vhostmd.workers.libvirt_conn import LibvirtConnection
 
 import nodes
-from daemon_harness import Daemon, config_xml, disk_metrics, metric_xml, wait_for
+from daemon_harness import Daemon, config_xml, metric_xml, ready_metrics, wait_for
 
 DEFAULT_URI = "test:///default"
 TEST_DOMAIN = Domain(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f")  # of test:///default
@@ -389,9 +389,8 @@ def expected_keys(domains: tuple[Domain, ...]) -> set[tuple[str, str, int | None
 
 def wait_complete(disk: Path, keys: set, timeout: float = 15.0) -> list[Metric]:
     def complete() -> list[Metric] | None:
-        try:
-            metrics = disk_metrics(disk)
-        except Exception:
+        metrics = ready_metrics(disk)
+        if metrics is None:
             return None
         return metrics if {(m.context, m.name, m.vm_id) for m in metrics} >= keys else None
 
