@@ -325,7 +325,9 @@ def test_busy_forever_gives_a_bounded_error(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(DiskBusy, match=r"still busy after 0\.2 s") as info:
         read_vbd(str(path), timeout=0.2)
-    assert time.monotonic() - started < 2
+    # Bounded (the C original spins forever): it gave up after its 0.2 s, give or
+    # take how late a loaded machine wakes it.
+    assert time.monotonic() - started < 10
     assert isinstance(info.value, DiskBusyError)
 
 
