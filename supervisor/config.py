@@ -20,7 +20,7 @@ from vhostmd.document import METRIC_TYPES
 from vhostmd.etc import shipped
 from vhostmd.wire import BuiltinRef, MetricDef, Variable
 from vhostmd.workers.collectors import validate_ref
-from vhostmd.xmlsafe import has_entity_refs, one_line, safe_parser
+from vhostmd.xmlsafe import has_entity_refs, one_line, safe_parser, syntax_error
 
 DEFAULT_CONFIG = "/etc/vhostmd/vhostmd.conf"
 DEFAULT_DISK_PATH = "/dev/shm/vhostmd0"
@@ -124,9 +124,9 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
     try:
         root = etree.fromstring(data, safe_parser(remove_comments=True))
     except etree.XMLSyntaxError as exc:
-        line = exc.lineno or (exc.position[0] if exc.position else None)
+        line, message = syntax_error(exc)
         where = f"{path}:{line}" if line else path
-        raise ConfigError(f"{where}: malformed XML: {one_line(exc.msg)}") from None
+        raise ConfigError(f"{where}: malformed XML: {message}") from None
     if has_entity_refs(root):
         raise ConfigError(f"{path}: entity references are not allowed in the config")
     dtd = _dtd()

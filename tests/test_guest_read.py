@@ -212,6 +212,7 @@ def test_only_a_document_that_is_not_well_formed_is_refused(tmp_path: Path) -> N
         read_vbd(str(path))
     assert isinstance(info.value, DocumentError)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value) == f"{path} line 2: invalid XML: Premature end of data in tag metric"
 
 
 def test_wrong_root_is_a_problem_not_an_error(tmp_path: Path) -> None:
