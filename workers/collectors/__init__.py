@@ -197,9 +197,22 @@ def plan(refs: tuple) -> list[CollectorPlan]:
 
 def run_collector(job: Collect, libvirt: object) -> JobResult:
     """Run every source this job needs; never raises (problems become failures)."""
-    kind = job.context
-    known = BY_KIND[kind]
+    known = BY_KIND[job.context]
     failures: list[Failure] = []
+    host_values, vm_samples, new_state = _sample(job, known, libvirt, failures)
+    out = Fragments()
+    _render_host(job, known, host_values, out, failures)
+    _render_vms(job, known, vm_samples, out, failures)
+    return out.result(job.job_id, tuple(failures), new_state or None)
+
+
+Known = dict[str, tuple[Source, MetricSpec]]
+
+
+def _sample(job: Collect, known: Known, libvirt: object, failures: list[Failure]
+            ) -> tuple[dict[str, str], list[Sample], dict[str, object]]:
+    """Ask each source this job needs once: (host values, VM samples, the sources' state)."""
+    kind = job.context
     wanted: dict[str, list[str]] = {}  # source name -> metric names
     sources: dict[str, Source] = {}
     for name in job.metric_names:
@@ -242,7 +255,11 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
             vm_samples.append(sample)
         failures.extend(Failure(n, known[n][1].context if n in known else kind, d, why)
                         for n, d, why in sample.failures)
-    out = Fragments()
+    return host_values, vm_samples, new_state
+
+
+def _render_host(job: Collect, known: Known, host_values: dict[str, str], out: Fragments,
+                 failures: list[Failure]) -> None:
     # Document order: the plan's order (config, then set order), whatever the sources.
     for name in job.metric_names:
         spec = known[name][1] if name in known else None
@@ -254,6 +271,10 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
             failures.append(Failure(name, "host", None, str(exc)))
             continue
         out.add_host(name, spec.type, value, spec.unit)
+
+
+def _render_vms(job: Collect, known: Known, vm_samples: list[Sample], out: Fragments,
+                failures: list[Failure]) -> None:
     vm_specs = tuple(known[n][1] for n in job.metric_names if n in known
                      and known[n][1].context == "vm")
     template, arguments = _vm_template(vm_specs)
@@ -284,7 +305,6 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
                 failures.append(Failure(spec.name, "vm", domain, str(exc)))
                 continue
             out.add_vm(domain, spec.name, spec.type, value, spec.unit)
-    return out.result(job.job_id, tuple(failures), new_state or None)
 
 
 def _by_id(entry: tuple[Domain, tuple]) -> int:
