@@ -47,7 +47,7 @@ from vhostmd.workers.collectors.source import (
     seconds_from_ticks,
     tuple_getter,
 )
-from vhostmd.workers.results import Fragments
+from vhostmd.workers.results import FragmentBuilder
 
 log = logging.getLogger("vhostmd")
 
@@ -200,7 +200,7 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
     known = BY_KIND[job.context]
     failures: list[Failure] = []
     host_values, vm_samples, new_state = _sample(job, known, libvirt, failures)
-    out = Fragments()
+    out = FragmentBuilder()
     _render_host(job, known, host_values, out, failures)
     _render_vms(job, known, vm_samples, out, failures)
     return out.result(job.job_id, tuple(failures), new_state or None)
@@ -258,7 +258,7 @@ def _sample(job: Collect, known: Known, libvirt: object, failures: list[Failure]
     return host_values, vm_samples, new_state
 
 
-def _render_host(job: Collect, known: Known, host_values: dict[str, str], out: Fragments,
+def _render_host(job: Collect, known: Known, host_values: dict[str, str], out: FragmentBuilder,
                  failures: list[Failure]) -> None:
     # Document order: the plan's order (config, then set order), whatever the sources.
     for name in job.metric_names:
@@ -273,7 +273,7 @@ def _render_host(job: Collect, known: Known, host_values: dict[str, str], out: F
         out.add_host(name, spec.type, value, spec.unit)
 
 
-def _render_vms(job: Collect, known: Known, vm_samples: list[Sample], out: Fragments,
+def _render_vms(job: Collect, known: Known, vm_samples: list[Sample], out: FragmentBuilder,
                 failures: list[Failure]) -> None:
     vm_specs = tuple(known[n][1] for n in job.metric_names if n in known
                      and known[n][1].context == "vm")
