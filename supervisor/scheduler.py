@@ -93,7 +93,7 @@ class CycleRunner:
         self.collector_state: dict[tuple[str, str], object] = {}
         self._plans: list[CollectorPlan] = []
         self._plans_for: Config | None = None
-        self.cycle_clock = CycleClock(config().update_period, clock())
+        self.clock_ = CycleClock(config().update_period, clock())
         self.instant = InstantCycles()  # extra cycles on libvirt lifecycle events
         self.last_cycle_wall = 0.0
         self.refresh = 0.0  # about how long a round of every shell action takes (smoothed)
@@ -105,13 +105,13 @@ class CycleRunner:
     def next_wakeup(self) -> float:
         if self.cycle is not None:
             return self.cycle.deadline
-        return self.instant.wake(self.cycle_clock.next)
+        return self.instant.wake(self.clock_.next)
 
     def step(self) -> None:
         now = self.clock()
-        if self.cycle is None and now >= self.cycle_clock.next:
+        if self.cycle is None and now >= self.clock_.next:
             self.start_cycle(now)
-        elif self.cycle is None and self.instant.due(now, self.cycle_clock.next):
+        elif self.cycle is None and self.instant.due(now, self.clock_.next):
             self.start_cycle(now, extra=True)
         self.dispatch()
         if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
@@ -123,11 +123,11 @@ class CycleRunner:
         """After an internal error: no cycle, nothing pending, the next at ``restart_at``."""
         self.cycle = None
         self.pending.clear()
-        self.cycle_clock.reanchor(restart_at)
+        self.clock_.reanchor(restart_at)
 
     def new_period(self, period: int, now: float) -> None:
-        self.cycle_clock.period = period
-        self.cycle_clock.reanchor(now if self.cycle is None else now + period)
+        self.clock_.period = period
+        self.clock_.reanchor(now if self.cycle is None else now + period)
 
     def handle_result(self, result: JobResult) -> None:
         entry = self.inflight.pop(result.job_id, None)
@@ -190,7 +190,7 @@ class CycleRunner:
         self.cycle_number += 1
         deadline = now + max(0.5, 0.8 * period)
         if extra:  # asked for by a libvirt event: ends by the next regular start
-            deadline = self.instant.deadline(deadline, self.cycle_clock.next)
+            deadline = self.instant.deadline(deadline, self.clock_.next)
         self.instant.started(self.cycle_number, now, extra)
         cycle = Cycle(self.cycle_number, now, deadline)
         # Jobs end a little before the cycle does, so a timed-out job is
@@ -283,7 +283,7 @@ class CycleRunner:
         # An extra cycle (libvirt event) leaves the regular schedule as it is.
         late = 0.0
         if not self.instant.is_extra(cycle.number):
-            late = self.cycle_clock.advance(self.clock())
+            late = self.clock_.advance(self.clock())
         if late:
             log.warning("cycle %d overran the %d s update period (%.2f s late)",
                         cycle.number, self.config().update_period, late)
