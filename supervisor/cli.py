@@ -8,7 +8,6 @@ import multiprocessing.util
 import os
 import shlex
 import sys
-from dataclasses import dataclass
 
 import setproctitle
 
@@ -23,7 +22,6 @@ from vhostmd.supervisor.daemon import (
     DEFAULT_LOG_FILE,
     SYSLOG_SOCKET,
     PidFile,
-    RunAs,
     StartupError,
     daemonize,
     drop_privileges,
@@ -100,156 +98,121 @@ def count_metrics(config: Config) -> int:
     return len(config.metrics) + sum(len(p.metric_names) for p in plan(config.builtins))
 
 
-def make_paths_absolute(args: argparse.Namespace) -> None:
-    """The daemon changes to / when it daemonizes and re-reads its config on
-    SIGHUP: keep the paths it was given meaning what they meant here."""
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # The daemon changes to / when it daemonizes and re-reads its config on
+    # SIGHUP: keep the paths it was given meaning what they meant here.
     args.config = os.path.abspath(args.config)
     if args.pid_file:
         args.pid_file = os.path.abspath(args.pid_file)
     if args.log_file:
         args.log_file = os.path.abspath(args.log_file)
-
-
-def show_status_command(args: argparse.Namespace) -> int:
-    from vhostmd.supervisor.status import show_status
-
-    code, text = show_status(args.pid_file or DEFAULT_PID_FILE)
-    print(text)
-    return code
-
-
-def check_command(args: argparse.Namespace, config: Config) -> int:
-    """--check (and --check --vms N): exit 1 if a disk does not hold N VMs."""
-    print(f"{args.config}: OK ({count_metrics(config)} metrics, "
-          f"transports {', '.join(config.transports)})")
-    if args.vms is None:
-        return 0
-    checks = []
-    if config.vbd:
-        checks.append(check_vms(config, args.vms))
-    if config.vm_disks_path is not None:
-        checks.append(check_vm_disks(config))
-    for _fits, line in checks or [(True, "no metrics disk (vbd transport off)")]:
-        print(f"{args.config}: {line}")
-    return 0 if all(fits for fits, _line in checks) else 1
-
-
-def domain_xml_command(args: argparse.Namespace, config: Config) -> int:
-    from vhostmd.supervisor.domain_xml import DomainXmlError, domain_xml
-
-    try:
-        text, notes = domain_xml(config, args.connect, args.domain_xml, args.device)
-    except DomainXmlError as exc:
-        return fail(str(exc))
-    for note in notes:
-        print(f"vhostmd: {note}", file=sys.stderr)
-    print(text, end="")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    make_paths_absolute(args)
     if args.list_builtins:
         from vhostmd.workers.collectors import describe_builtins
 
         print(describe_builtins())
         return 0
     if args.status:
-        return show_status_command(args)
+        from vhostmd.supervisor.status import show_status
+
+        pid_path = args.pid_file or DEFAULT_PID_FILE
+        code, text = show_status(pid_path)
+        print(text)
+        return code
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         return fail(str(exc))
     if args.check:
-        return check_command(args, config)
+        print(f"{args.config}: OK ({count_metrics(config)} metrics, "
+              f"transports {', '.join(config.transports)})")
+        if args.vms is not None:
+            checks = []
+            if config.vbd:
+                checks.append(check_vms(config, args.vms))
+            if config.vm_disks_path is not None:
+                checks.append(check_vm_disks(config))
+            for _fits, line in checks or [(True, "no metrics disk (vbd transport off)")]:
+                print(f"{args.config}: {line}")
+            return 0 if all(fits for fits, _line in checks) else 1
+        return 0
     if args.vms is not None:
         return fail("--vms goes with --check")
     if args.device is not None and args.domain_xml is None:
         return fail("--device goes with --domain-xml")
     if args.domain_xml is not None:
-        return domain_xml_command(args, config)
-    return run_daemon(args, config, argv)
+        from vhostmd.supervisor.domain_xml import DomainXmlError, domain_xml
 
-
-@dataclass
-class RootFiles:
-    """What the daemon opens as root before it drops privileges (-u): the
-    processes keep the descriptors, and the files stay root's."""
-
-    pid_file: PidFile | None
-    status_file: StatusFile | None
-    disk: DiskHandle | None = None
-    vm_dir: VmDir | None = None
-    run_as: RunAs | None = None
-    daemonized: bool = False
-
-
-def start_up(args: argparse.Namespace, config: Config, argv: list[str] | None,
-             files: RootFiles) -> None:
-    """Open everything that needs root, detach, write the pid and drop root.
-
-    Raises StartupError with one line; ``files`` holds what was opened so far.
-    """
-    files.run_as = lookup_user(args.user) if args.user else None
-    if files.run_as is not None and os.geteuid() != 0:
-        raise StartupError(f"-u {files.run_as.user} needs root to switch users")
-    if (refusal := vm_disks_refusal(config, args.user)) is not None:
-        raise StartupError(refusal)
-    if files.pid_file is not None:
-        files.pid_file.acquire()
-    if files.status_file is not None:
         try:
-            files.status_file.open()
-        except UnsafeFile as exc:
-            raise StartupError(str(exc)) from None
-        except OSError as exc:
-            raise StartupError(f"cannot create status file {files.status_file.path}: "
-                               f"{exc.strerror}") from None
-    if config.vbd:
-        files.disk = prepare_disk(config)
-    try:
-        files.vm_dir = prepare_vm_dir(config)
-    except DiskRefused as exc:
-        raise StartupError(str(exc)) from None
-    if not args.no_daemonize:
-        target = open_log_target(args.log_file)
-        if target.file is not None:
-            why = "" if args.log_file else f" (no syslog at {SYSLOG_SOCKET})"
-            print(f"vhostmd: logging to {target.file}{why}", file=sys.stderr)
-        daemonize()
-        files.daemonized = True
-        setup_logging(verbose=args.verbose, target=target)
-    # Before the pid appears: whoever reads the pid file sees what it runs.
-    setproctitle.setproctitle("vhostmd: supervisor")
-    if files.pid_file is not None:
-        files.pid_file.write(os.getpid())
-    log.info("vhostmd %s starting: %s", __version__,
-             shlex.join(sys.argv[1:] if argv is None else argv))
-    if files.run_as is not None:
-        drop_privileges(files.run_as)
-        # What children run is imported by the forkserver, as this user.
-        problem = unreadable_by_us()
-        if problem is not None:
-            user = files.run_as.user
-            raise StartupError(f"-u {user}: {problem}; install vhostmd where {user} can "
-                               "read it (the Debian package does) or run without -u")
+            text, notes = domain_xml(config, args.connect, args.domain_xml, args.device)
+        except DomainXmlError as exc:
+            return fail(str(exc))
+        for note in notes:
+            print(f"vhostmd: {note}", file=sys.stderr)
+        print(text, end="")
+        return 0
 
-
-def run_daemon(args: argparse.Namespace, config: Config, argv: list[str] | None) -> int:
     # Lines go to stderr until the daemon detaches.
     setup_logging(verbose=args.verbose)
     pid_path = args.pid_file or (DEFAULT_PID_FILE if os.geteuid() == 0 else None)
-    files = RootFiles(PidFile(pid_path) if pid_path else None,
-                      StatusFile(status_path_for(pid_path)) if pid_path else None)
+    pid_file = PidFile(pid_path) if pid_path else None
+    status_file = StatusFile(status_path_for(pid_path)) if pid_path else None
+    disk: DiskHandle | None = None
+    vm_dir: VmDir | None = None
+    daemonized = False
+    # Everything below that needs root (pid, status and log files, the disk)
+    # is opened here, before -u drops it; the processes keep the descriptors
+    # and the files stay root's.
     try:
-        start_up(args, config, argv, files)
+        run_as = lookup_user(args.user) if args.user else None
+        if run_as is not None and os.geteuid() != 0:
+            raise StartupError(f"-u {run_as.user} needs root to switch users")
+        if (refusal := vm_disks_refusal(config, args.user)) is not None:
+            raise StartupError(refusal)
+        if pid_file is not None:
+            pid_file.acquire()
+        if status_file is not None:
+            try:
+                status_file.open()
+            except UnsafeFile as exc:
+                raise StartupError(str(exc)) from None
+            except OSError as exc:
+                raise StartupError(f"cannot create status file {status_file.path}: "
+                                   f"{exc.strerror}") from None
+        if config.vbd:
+            disk = prepare_disk(config)
+        try:
+            vm_dir = prepare_vm_dir(config)
+        except DiskRefused as exc:
+            raise StartupError(str(exc)) from None
+        if not args.no_daemonize:
+            target = open_log_target(args.log_file)
+            if target.file is not None:
+                why = "" if args.log_file else f" (no syslog at {SYSLOG_SOCKET})"
+                print(f"vhostmd: logging to {target.file}{why}", file=sys.stderr)
+            daemonize()
+            daemonized = True
+            setup_logging(verbose=args.verbose, target=target)
+        # Before the pid appears: whoever reads the pid file sees what it runs.
+        setproctitle.setproctitle("vhostmd: supervisor")
+        if pid_file is not None:
+            pid_file.write(os.getpid())
+        log.info("vhostmd %s starting: %s", __version__,
+                 shlex.join(sys.argv[1:] if argv is None else argv))
+        if run_as is not None:
+            drop_privileges(run_as)
+            # What children run is imported by the forkserver, as this user.
+            problem = unreadable_by_us()
+            if problem is not None:
+                raise StartupError(f"-u {run_as.user}: {problem}; install vhostmd where "
+                                   f"{run_as.user} can read it (the Debian package does) "
+                                   "or run without -u")
     except StartupError as exc:
-        if files.status_file is not None:
-            files.status_file.remove()
-        if files.pid_file is not None:
-            files.pid_file.release()
-        if files.daemonized:
+        if status_file is not None:
+            status_file.remove()
+        if pid_file is not None:
+            pid_file.release()
+        if daemonized:
             log.error("%s", exc)
             return 1
         return fail(str(exc))
@@ -263,12 +226,11 @@ def run_daemon(args: argparse.Namespace, config: Config, argv: list[str] | None)
     log.info("config %s: period %d s, transports %s, %d worker%s", args.config,
              config.update_period, ", ".join(config.transports), config.workers,
              "" if config.workers == 1 else "s")
-    run_as = files.run_as
     supervisor = Supervisor(config, uri=args.connect, config_path=args.config,
-                            status_file=files.status_file, disk=files.disk,
+                            status_file=status_file, disk=disk,
                             dropped_to=run_as.user if run_as is not None else None,
                             log_level=logging.DEBUG if args.verbose else logging.INFO,
-                            vm_dir=files.vm_dir)
+                            vm_dir=vm_dir)
     try:
         status = supervisor.run()
         if supervisor.all_stopped:
@@ -280,8 +242,8 @@ def run_daemon(args: argparse.Namespace, config: Config, argv: list[str] | None)
             # under them.
             multiprocessing.util.Finalize(None, stop_forkserver, exitpriority=-100)
     finally:
-        if files.pid_file is not None:
-            files.pid_file.release()
+        if pid_file is not None:
+            pid_file.release()
     return status
 
 
