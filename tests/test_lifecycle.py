@@ -185,3 +185,37 @@ def test_a_per_vm_disk_keeps_its_document_for_a_new_writer(tmp_path: Path) -> No
         disk.close()
     vm_dir.close()
 
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_unit_and_init_script_start_before_libvirt_without_requiring_it() -> None:
+    """The disk before any guest: both start files are ordered before libvirt's daemons.
+
+    The order itself is proven under systemd at boot (tests/test_systemd.py);
+    sysvinit's insserv reads the LSB header, checked here.
+    """
+    unit = (ROOT / "etc" / "vhostmd.service").read_text()
+    settings: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings.setdefault(key.strip(), []).extend(value.split())
+    assert {"libvirtd.service", "virtqemud.service"} <= set(settings.get("Before", []))
+    assert not {"libvirtd.service", "virtqemud.service"} & set(settings.get("After", []))
+    for strong in ("Requires", "Requisite", "BindsTo", "Wants"):
+        assert not [u for u in settings.get(strong, []) if "libvirt" in u or "virtq" in u]
+    assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
+    assert settings["RuntimeDirectoryPreserve"] == ["yes"]
+    assert "WatchdogSec" in settings
+
+    header = (ROOT / "etc" / "vhostmd.init").read_text().split("### END INIT INFO")[0]
+    fields = {}
+    for line in header.splitlines():
+        key, sep, value = line.lstrip("# ").partition(":")
+        if sep:
+            fields[key.strip()] = value.split()
+    assert {"libvirtd", "virtqemud"} <= set(fields.get("X-Start-Before", []))
+    for after in ("Required-Start", "Should-Start"):
+        assert not [f for f in fields.get(after, []) if "libvirt" in f or "virtq" in f]
