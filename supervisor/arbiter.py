@@ -247,7 +247,8 @@ class Supervisor:
 
     def sleep_until(self, until: float) -> None:
         """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
-        timeout = max(0.0, min(until - self.clock(), self.pool.beat_interval))
+        timeout = max(0.0, min(until - self.clock(), self.pool.beat_interval,
+                               self.notifier.wake_within))
         if self.events.empty():
             # One poll object for the daemon's life, updated when children
             # come and go: the loop wakes tens of times a cycle.

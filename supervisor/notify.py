@@ -34,9 +34,11 @@ def watchdog_interval(environ: MutableMapping[str, str], pid: int) -> float | No
         return None
     if owner and (not owner.isdigit() or int(owner) != pid):
         return None  # meant for another process
-    # Half the timeout, as sd_watchdog_enabled(3) advises, and some margin for
-    # a loop that wakes at least once per beat interval (<= 1 s).
-    return int(usec) / 1e6 / 2
+    # sd_watchdog_enabled(3) advises half the timeout. The main loop checks at
+    # least this often (see ``wake_within``) and pings when this much has
+    # passed: a quarter, so that a ping comes at most half the timeout after
+    # the one before.
+    return int(usec) / 1e6 / 4
 
 
 class Notifier:
@@ -100,8 +102,13 @@ class Notifier:
     def notify_stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")
 
+    @property
+    def wake_within(self) -> float:
+        """How long the main loop may sleep at most, for the watchdog (inf: no limit)."""
+        return self.watchdog_every if self.watchdog_every is not None else float("inf")
+
     def ping_watchdog(self) -> None:
-        """WATCHDOG=1 when half the watchdog timeout has passed since the last one."""
+        """WATCHDOG=1 when a quarter of the watchdog timeout has passed since the last one."""
         if self.watchdog_every is None:
             return
         now = self.clock()

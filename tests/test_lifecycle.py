@@ -78,8 +78,8 @@ def test_notifier_speaks_to_path_and_abstract_sockets(tmp_path: Path) -> None:
 
 def test_watchdog_interval() -> None:
     me = os.getpid()
-    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}, me) == 15.0
-    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(me)}, me) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}, me) == 7.5
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(me)}, me) == 7.5
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, me) is None
     assert watchdog_interval({"WATCHDOG_USEC": "0"}, me) is None
     assert watchdog_interval({}, me) is None
@@ -115,14 +115,14 @@ def test_daemon_is_ready_once_the_disk_holds_a_document(tmp_path: Path) -> None:
             assert ready_at.length > 0
             status = [f for f in messages[-1] if f.startswith("STATUS=")]
             assert status and "cycle" in status[0], messages
-            # The watchdog every half second (WATCHDOG_USEC 1 s), STATUS= as cycles end.
+            # The watchdog every quarter second (WATCHDOG_USEC 1 s), STATUS= as cycles end.
             later: list[list[str]] = []
             until = time.monotonic() + 3
             while time.monotonic() < until:
                 if (message := listener.receive(until - time.monotonic())) is not None:
                     later.append(message)
             pings = sum(1 for m in later if m == ["WATCHDOG=1"])
-            assert pings >= 3, later
+            assert pings >= 4, later
             assert any(f.startswith("STATUS=cycle") for m in later for f in m), later
             # Neither children nor their actions inherit systemd's variables.
             assert {m.name: m.value for m in disk_metrics(disk)}["Notify"] == "unset"
