@@ -30,6 +30,7 @@ from vhostmd.guest.api import DEFAULT_TIMEOUT, MetricsDocument, metric_as_json, 
 from vhostmd.guest.errors import MetricsError
 from vhostmd.guest.prometheus import (
     PrometheusUnavailable,
+    check_age,
     prometheus_text,
     require_prometheus_client,
 )
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "collector (e.g. /var/lib/prometheus/node-exporter/vhostmd-guest.prom); when "
         "nothing can be read, the file says so (vhostmd_guest_read_success 0)",
     )
+    parser.add_argument(
+        "--max-age",
+        type=float,
+        metavar="SECONDS",
+        help="with the prometheus format: a document the host sampled longer ago than "
+        "this (by its Time metric) counts as not read, as when the host stopped publishing",
+    )
     parser.add_argument("--metric", metavar="NAME", help="print only this metric's value")
     parser.add_argument(
         "--context", choices=CONTEXTS, help="with --metric: host (default) or vm (this VM's)"
@@ -124,6 +132,10 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--uuid needs --metric and --context vm, or --format prometheus")
     if args.uuid and args.format != "prometheus" and args.context != "vm":
         parser.error("--uuid needs --context vm")
+    if args.max_age is not None and args.format != "prometheus":
+        parser.error("--max-age goes with --format prometheus or --textfile")
+    if args.max_age is not None and not args.max_age > 0:
+        parser.error("--max-age must be a positive number of seconds")
     if not args.timeout > 0:
         parser.error("--timeout must be a positive number of seconds")
 
@@ -141,7 +153,12 @@ def render_output(
         if args.verbose:
             for problem in document.problems:
                 log(problem)
-        return prometheus_text(document, read_at=time.time(), uuid=args.uuid)
+        read_at = time.time()
+        notes = ()
+        if args.max_age is not None:
+            note = check_age(document, read_at, args.max_age)  # StaleDocument: nothing read
+            notes = (note,) if note else ()
+        return prometheus_text(document, read_at=read_at, uuid=args.uuid, notes=notes)
     if args.format == "json":
         # Every metric is delivered; the ones without a value are named once each.
         for problem in document.problems:

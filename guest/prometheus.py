@@ -152,11 +152,11 @@ class Exposition:
 
     def __init__(self, document: MetricsDocument | None, *, read_at: float,
                  error: str | None = None, uuid: str | None = None,
-                 uuid_path: str | None = None) -> None:
+                 uuid_path: str | None = None, notes: tuple[str, ...] = ()) -> None:
         self.document = document
         self.read_at = read_at
         self.error = error
-        self.families = _Families()
+        self.families = _Families(comments=list(notes))
         for info in ("host_info", "vm_info"):
             self.families.taken[f"{PREFIX}_{info}"] = f"the {info.split('_')[0]} info series"
         if document is not None:
@@ -318,11 +318,44 @@ class Exposition:
 
 def prometheus_text(document: MetricsDocument | None, *, read_at: float,
                     error: str | None = None, uuid: str | None = None,
-                    uuid_path: str | None = None) -> bytes:
+                    uuid_path: str | None = None, notes: tuple[str, ...] = ()) -> bytes:
     """The exposition of one read: ``document`` (None when the read failed, ``error``
-    saying why) read at ``read_at`` (Unix time)."""
+    saying why) read at ``read_at`` (Unix time); ``notes`` become comment lines."""
     return Exposition(document, read_at=read_at, error=error, uuid=uuid,
-                      uuid_path=uuid_path).text()
+                      uuid_path=uuid_path, notes=notes).text()
+
+
+class StaleDocument(MetricsError):
+    """The host's clock metric says the document is older than allowed (``--max-age``)."""
+
+
+# The SAP set's host metric: the host's Unix time when the cycle sampled.
+HOST_CLOCK = "Time"
+
+
+def host_clock(document: MetricsDocument) -> float | None:
+    """When the host sampled this document (its ``Time`` metric), or None."""
+    for metric in document.metrics:
+        if (metric.context == "host" and metric.name == HOST_CLOCK
+                and metric.type in NUMERIC_TYPES and _problem(metric) is None):
+            return float(metric.typed_value())
+    return None
+
+
+def check_age(document: MetricsDocument, now: float, max_age: float) -> str | None:
+    """Raise StaleDocument when the host sampled ``document`` more than ``max_age``
+    seconds before ``now``; a note (for a comment line) when its age is unknown."""
+    sampled = host_clock(document)
+    if sampled is None:
+        return (f"the document's age is unknown (no host metric {HOST_CLOCK}): "
+                "--max-age cannot tell a stopped host")
+    age = now - sampled
+    if age > max_age:
+        raise StaleDocument(
+            f"{document.source}: the host sampled this document {age:.0f} s ago (its "
+            f"{HOST_CLOCK} metric), more than --max-age {max_age:g} s: the host no longer "
+            "publishes")
+    return None
 
 
 class PrometheusUnavailable(MetricsError):
