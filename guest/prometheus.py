@@ -125,8 +125,10 @@ class _Families:
     """What one document becomes, before prometheus_client formats it."""
 
     comments: list[str] = field(default_factory=list)
-    numeric: dict[str, tuple[str, str, list[tuple[tuple[str, ...], float]]]] = field(
-        default_factory=dict)  # name -> (kind, help, [(labels, value)])
+    # series name -> (document name, kind, help, [(labels, value)]); the VMs of a shared
+    # disk add samples to the family of the same document name.
+    numeric: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], float]]]] = field(
+        default_factory=dict)
     taken: dict[str, str] = field(default_factory=dict)  # sample name -> what took it
     host_info: dict[str, str] = field(default_factory=dict)
     vm_info: dict[str, dict[str, str]] = field(default_factory=dict)  # uuid -> labels
@@ -239,7 +241,7 @@ class Exposition:
             return
         kind = "counter" if is_counter(metric) else "gauge"
         family = self.families.numeric.get(name)
-        if family is None or family[0] != kind:
+        if family is None or family[:2] != (metric.name, kind):
             clash = next((self.families.taken[n] for n in _sample_names(name, kind)
                           if n in self.families.taken), None)
             if clash is not None:
@@ -247,9 +249,9 @@ class Exposition:
                 return
             for sample in _sample_names(name, kind):
                 self.families.taken[sample] = describe(metric)
-            family = self.families.numeric[name] = (kind, _help(metric), [])
+            family = self.families.numeric[name] = (metric.name, kind, _help(metric), [])
         labels = (metric.uuid or "",) if metric.context == "vm" else ()
-        family[2].append((labels, base_value(metric, metric.typed_value())))
+        family[3].append((labels, base_value(metric, metric.typed_value())))
 
     # -- output -------------------------------------------------------------------
 
@@ -275,7 +277,7 @@ class Exposition:
                                 labels=["transport", "source"])
         info.add_metric([document.transport, document.source], {})
         yield info
-        for name, (kind, help_text, samples) in self.families.numeric.items():
+        for name, (_metric_name, kind, help_text, samples) in self.families.numeric.items():
             labels = ["uuid"] if name.startswith(f"{PREFIX}_vm_") else []
             family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             family = family_type(name, help_text, labels=labels)
@@ -296,7 +298,7 @@ class Exposition:
     def _vm_uuids(self) -> list[str]:
         """The uuid of every VM with a series, in the order first seen."""
         uuids: dict[str, None] = {}
-        for _kind, _help_text, samples in self.families.numeric.values():
+        for _metric_name, _kind, _help_text, samples in self.families.numeric.values():
             for labels, _value in samples:
                 if labels:
                     uuids.setdefault(labels[0])
