@@ -287,3 +287,26 @@ def test_shared_disk_gives_one_vm_and_odd_names_are_left_out(tmp_path: Path) -> 
 def test_usage_errors(args: list[str]) -> None:
     done = run_cli(*args)
     assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1
+
+
+def test_guest_side_loads_only_core_and_guest_modules(tmp_path: Path) -> None:
+    """The guest package ships core/ and guest/ only; libvirt and psutil are not there."""
+    disk = write_disk_image(tmp_path / "disk", render_document([
+        Metric("NumCPUs", "uint32", "host", "4")]).encode())
+    os.chmod(tmp_path, 0o755)
+    code = (
+        "import sys\n"
+        "sys.modules['libvirt'] = None\n"
+        "sys.modules['psutil'] = None\n"
+        "from vhostmd.guest.cli import main\n"
+        "assert main(['--disk', sys.argv[1], '--textfile', sys.argv[2]]) == 0\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('vhostmd'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(disk), str(tmp_path / "g.prom")],
+                          capture_output=True, text=True, timeout=30, check=True)
+    host_side = ("vhostmd.supervisor", "vhostmd.workers", "vhostmd.disk", "vhostmd.virtio",
+                 "vhostmd.runtime", "vhostmd.etc")
+    loaded = done.stdout.split()
+    assert "vhostmd.textfile" in loaded and "vhostmd.guest.prometheus" in loaded
+    assert not [m for m in loaded if m.startswith(host_side)]
+    assert parse((tmp_path / "g.prom").read_text()).value("vhostmd_host_num_cpus") == 4
