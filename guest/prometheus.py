@@ -229,7 +229,9 @@ class Exposition:
             labels = self.families.vm_info.setdefault(metric.uuid or "", {})
         if not label:
             self._leave_out(metric, "its name gives no Prometheus label name")
-        elif label in labels or (metric.context == "vm" and label == "uuid"):
+        elif metric.context == "vm" and label == "uuid":
+            self._leave_out(metric, "label uuid is the VM's own UUID")
+        elif label in labels:
             self._leave_out(metric, f"label {label} is taken by another metric")
         else:
             labels[label] = str(metric.typed_value())

@@ -269,7 +269,7 @@ def test_shared_disk_gives_one_vm_and_odd_names_are_left_out(tmp_path: Path) -> 
     ]
     own = parse(run_cli("--disk", str(disk), "--format", "prometheus", "--uuid", UUID_A).stdout)
     assert own.labels_of("vhostmd_vm_info") == [{"uuid": UUID_A}]
-    assert "label uuid is taken" in own.comments[-1]
+    assert own.comments[-1].endswith("left out: label uuid is the VM's own UUID")
     # Without --uuid this machine's SMBIOS UUID decides; it is neither VM's here.
     unknown = parse(run_cli("--disk", str(disk), "--format", "prometheus").stdout)
     assert not unknown.labels_of("vhostmd_vm_total_cpu_time_seconds_total")
