@@ -227,7 +227,7 @@ class Exposition:
             labels = self.families.host_info
         else:
             labels = self.families.vm_info.setdefault(metric.uuid or "", {})
-        if not label:
+        if not label or label[0].isdigit():
             self._leave_out(metric, "its name gives no Prometheus label name")
         elif metric.context == "vm" and label == "uuid":
             self._leave_out(metric, "label uuid is the VM's own UUID")

@@ -249,6 +249,7 @@ def test_shared_disk_gives_one_vm_and_odd_names_are_left_out(tmp_path: Path) -> 
         Metric("ÄÖÜ", "uint32", "host", "1"),  # no Prometheus name at all
         Metric("Info", "uint32", "host", "1"),  # vhostmd_host_info is the info series'
         Metric("Note", "string", "host", 'line one\nline "two"'),
+        Metric("2ndNote", "string", "host", "x"),  # a label name cannot start with a digit
         Metric("UUID", "string", "vm", "spoof", None, 7, UUID_A),  # the uuid label is taken
         Metric("TotalCPUTime", "real64", "vm", "42.5", "s", 7, UUID_A),
         Metric("TotalCPUTime", "real64", "vm", "69.25", "s", 9, UUID_B),
@@ -266,6 +267,7 @@ def test_shared_disk_gives_one_vm_and_odd_names_are_left_out(tmp_path: Path) -> 
         "its name vhostmd_host_num_cpus is taken by metric NumCPUs (host)",
         "its name gives no Prometheus name",
         "its name vhostmd_host_info is taken by the host info series",
+        "its name gives no Prometheus label name",
     ]
     own = parse(run_cli("--disk", str(disk), "--format", "prometheus", "--uuid", UUID_A).stdout)
     assert own.labels_of("vhostmd_vm_info") == [{"uuid": UUID_A}]
