@@ -82,7 +82,7 @@ def parse(text: str) -> Exposition:
             key = (sample.name, frozenset(sample.labels.items()))
             assert key not in samples, f"sample {key} twice"
             samples[key] = sample.value
-    comments = [line for line in text.splitlines()
+    comments = [line for line in text.split("\n")
                 if line.startswith("#") and not line.startswith(("# HELP ", "# TYPE "))]
     return Exposition(text, types, samples, comments)
 

@@ -22,8 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from vhostmd.document import Metric, render_document
+from vhostmd.document import Metric, escape, render_document
+from vhostmd.guest.api import parse_metrics
+from vhostmd.guest.prometheus import prometheus_text
 from vhostmd.protocol import CHANNEL_NAME
 
 import nodes
@@ -312,3 +316,47 @@ def test_guest_side_loads_only_core_and_guest_modules(tmp_path: Path) -> None:
     assert "vhostmd.textfile" in loaded and "vhostmd.guest.prometheus" in loaded
     assert not [m for m in loaded if m.startswith(host_side)]
     assert parse((tmp_path / "g.prom").read_text()).value("vhostmd_host_num_cpus") == 4
+
+
+# -- any document: a valid exposition ----------------------------------------------------
+
+# What XML 1.0 can carry (a document with anything else is refused whole).
+XML_CHARS = st.characters(blacklist_categories=("Cs", "Cc"),
+                          blacklist_characters="\ufffe\uffff") | st.sampled_from("\t\n\r")
+NAME_TEXT = st.text(XML_CHARS, max_size=12) | st.sampled_from(
+    ["TotalCPUTime", "Info", "UUID", "CPUs", "Total-CPU-Time", "x_total", "9lives",
+     "Two\nLines\\"])
+VALUE_TEXT = (st.text(XML_CHARS, max_size=10) | st.integers(-2**65, 2**65).map(str)
+              | st.floats().map(str))
+FUZZ_METRIC = st.builds(
+    Metric,
+    name=NAME_TEXT,
+    type=st.sampled_from(["int32", "uint32", "int64", "uint64", "real32", "real64", "string"]),
+    context=st.sampled_from(["host", "vm"]),
+    value=VALUE_TEXT,
+    unit=st.sampled_from([None, "s", "KiB", "MiB/s", "1/s", "%", "furlongs"]),
+    vm_id=st.just(7),
+    uuid=st.sampled_from([UUID_A, UUID_B]),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(FUZZ_METRIC, max_size=12))
+def test_any_document_gives_an_exposition_the_parser_reads(metrics: list[Metric]) -> None:
+    """Whatever names, values and units a host publishes: every line parses, no sample
+    twice, and every string value comes back exactly as a label value."""
+    # The renderer escapes string values only (it is given checked numbers): escape the rest.
+    metrics = [Metric(m.name, m.type, m.context,
+                      m.value if m.type == "string" else escape(m.value), m.unit,
+                      *((m.vm_id, m.uuid) if m.context == "vm" else ()))
+               for m in metrics]
+    document = parse_metrics(render_document(metrics).encode(), source="fuzz")
+    text = prometheus_text(document, read_at=1.0, uuid=UUID_A).decode()
+    exposition = parse(text)  # asserts no sample twice
+    assert text.endswith("\n")
+    for line in text[:-1].split("\n"):  # the format's only line break (not U+2028...)
+        assert line.startswith(("# ", "vhostmd_")), line
+    labels = [*exposition.labels_of("vhostmd_host_info"), *exposition.labels_of("vhostmd_vm_info")]
+    given_strings = {str(m.typed_value()) for m in document.metrics
+                     if m.type == "string" and m.problem is None}
+    assert {v for found in labels for k, v in found.items() if k != "uuid"} <= given_strings
