@@ -248,6 +248,11 @@ def _failed_read_exposition(args: argparse.Namespace, reason: str) -> int:
         _write(output, args.dest)
     except (TextfileError, MetricsError) as exc:
         return _fail(f"{reason}; and {exc}")
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_FAILURE
+    except Exception as exc:  # as in main: never a traceback at operators
+        return _fail(f"{reason}; and unexpected error: {type(exc).__name__}: {exc}")
     return _fail(reason)
 
 
