@@ -22,8 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from vhostmd.supervisor.config import Config
 from vhostmd.supervisor.cycle import Cycle, domain_list_failure
-from vhostmd.wire import Collect, Domain, Failure, Job, ListDomains, RunAction
-from vhostmd.workers.actions import is_plain_name
+from vhostmd.wire import Collect, Domain, Failure, Job, ListDomains, RunAction, is_plain_name
 from vhostmd.workers.collectors import CollectorPlan
 
 NewId = Callable[[], int]
