@@ -97,11 +97,14 @@ def cached_root() -> Path:
         shutil.rmtree(root, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f"{root.name}.", dir=CACHE))
         try:
-            done = subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}",
-                 SUITE, str(work / "root"), mirror()],
-                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900,
-                env={"PATH": PATH, "LC_ALL": "C.UTF-8"})
+            try:
+                done = subprocess.run(
+                    ["debootstrap", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}",
+                     SUITE, str(work / "root"), mirror()],
+                    stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=400,
+                    env={"PATH": PATH, "LC_ALL": "C.UTF-8"})
+            except subprocess.TimeoutExpired:
+                raise RigUnavailable("debootstrap took more than 400 s (a slow mirror?)") from None
             if done.returncode != 0:
                 tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
                 raise RigUnavailable(f"debootstrap failed: {' / '.join(tail)}")
