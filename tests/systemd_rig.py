@@ -113,10 +113,10 @@ def cached_root() -> Path:
             for junk in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man",
                          "usr/share/locale"):
                 for entry in (made / junk).glob("*"):
-                    if entry.is_file():
-                        entry.unlink()
-                    elif entry.is_dir():
+                    if entry.is_dir() and not entry.is_symlink():
                         shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
             (made / ".complete").write_text(f"{SUITE} {ROOT_RECIPE} {' '.join(ROOT_PACKAGES)}\n")
             made.rename(root)
         finally:
