@@ -315,7 +315,8 @@ class Daemon:
         return code
 
     def __enter__(self) -> Daemon:
-        return self.start()
+        # Started already with start_with (a launcher of the test's own): not twice.
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

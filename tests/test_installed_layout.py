@@ -70,14 +70,19 @@ def test_installed_layout_preloads_the_forkserver_and_titles_every_process(
         wait_document(disk, 15)
         supervisor = psutil.Process(daemon.pid)
 
+        def everything_titles() -> dict[int, str]:
+            return {p.pid: title_of(p) for p in [supervisor, *supervisor.children(recursive=True)]}
+
         def everything_started() -> dict[int, str] | None:
-            titles = {p.pid: title_of(p)
-                      for p in [supervisor, *supervisor.children(recursive=True)]}
+            titles = everything_titles()
             started = (any(t.startswith("vhostmd: worker") for t in titles.values())
                        and any(t.startswith("vhostmd: disk-writer") for t in titles.values()))
             return titles if started else None
 
-        titles = wait_for(everything_started, 15, "the workers and the disk-writer")
+        try:
+            titles = wait_for(everything_started, 15, "the workers and the disk-writer")
+        except AssertionError:
+            pytest.fail(f"processes: {everything_titles()}\n{daemon.log()}")
         untitled = {pid: title[:100] for pid, title in titles.items()
                     if not title.startswith("vhostmd: ")}
         assert not untitled, f"processes of the daemon without a vhostmd: title: {untitled}"
