@@ -7,7 +7,7 @@ the checkout are installed in it with the libvirt test driver
 run in file order on that one node, as its life goes: start, restart under
 readers, kill -9, reload, watchdog, upgrade under readers, reboot.
 Root, debootstrap and systemd-nspawn are needed; without them the module
-is skipped. About 40 s with a cached root (a first run makes the root:
+is skipped. About 55 s with a cached root (a first run makes the root:
 about a minute more).
 """
 
