@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"{args.config}: OK ({count_metrics(config)} metrics, "
               f"transports {', '.join(config.transports)})")
+        for warning in config.warnings:
+            print(f"{warning}")
         if args.vms is not None:
             checks = []
             if config.vbd:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from vhostmd.mdisk import HEADER_SIZE
+from vhostmd.mdisk import document_capacity
 from vhostmd.runtime.child import IdleTrim
 from vhostmd.supervisor import planning
 from vhostmd.supervisor.config import Config
@@ -299,7 +299,7 @@ class CycleRunner:
         # Only what the config running now names, where it puts it.
         fragments = {layout.order[what]: slot for what, slot in fresh.items()
                      if what in layout.order}
-        capacity = self.config().disk_size - HEADER_SIZE if self.config().vbd else None
+        capacity = document_capacity(self.config().disk_size) if self.config().vbd else None
         rendered = render(fragments, cycle.domains or (), capacity, len(cycle.failures),
                           carried)
         rendered.inactive = cycle.inactive
