@@ -24,8 +24,16 @@ from dataclasses import dataclass, replace
 
 from vhostmd.supervisor.config import Config
 from vhostmd.supervisor.cycle import Cycle, Identity, Order, domain_list_failure
-from vhostmd.wire import Collect, Domain, Failure, Job, ListDomains, MetricDef, RunAction
-from vhostmd.workers.actions import is_plain_name
+from vhostmd.wire import (
+    Collect,
+    Domain,
+    Failure,
+    Job,
+    ListDomains,
+    MetricDef,
+    RunAction,
+    is_plain_name,
+)
 from vhostmd.workers.collectors import CollectorPlan
 from vhostmd.workers.collectors import plan as plan_collectors
 

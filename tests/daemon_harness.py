@@ -143,6 +143,29 @@ def published(disk: Path | str) -> bool:
     return head.busy == 0 and head.length > 0
 
 
+def ready_metrics(disk: Path | str) -> list[Metric] | None:
+    """The disk's metrics, or None while no document is there yet.
+
+    "Not yet" is only: no file, a file not sized yet, a header never written
+    (zeros), or a writer still busy. Anything else (a bad signature, a
+    checksum that does not match, XML that does not parse) raises: a polling
+    test must see a corrupt document, not take it for "not ready".
+    """
+    try:
+        with open(disk, "rb") as f:
+            head = f.read(mdisk.HEADER_SIZE)
+    except FileNotFoundError:
+        return None
+    if len(head) < mdisk.HEADER_SIZE or head == bytes(mdisk.HEADER_SIZE):
+        return None
+    if mdisk.unpack_header(head).busy:
+        return None  # being written now: the next poll will tell
+    try:
+        return parse_document(read_disk(disk, timeout=1.0))
+    except mdisk.DiskBusyError:
+        return None
+
+
 def wait_document(disk: Path | str, timeout: float = 5.0) -> list[Metric]:
     """The one way to wait for a daemon's first document: its metrics, once there is one."""
     wait_for(lambda: published(disk), timeout, f"the first document on {disk}")

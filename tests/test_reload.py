@@ -17,19 +17,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from vhostmd.document import parse_document
+from vhostmd.document import Metric
 from vhostmd.wire import BuiltinRef
 from vhostmd.workers.collectors import BY_KIND, plan
 
-from daemon_harness import VHOSTMD, Daemon, config_xml, metric_xml, read_disk, wait_for
+from daemon_harness import VHOSTMD, Daemon, config_xml, metric_xml, ready_metrics, wait_for
 
 # A document's shape: each (context, name, VM id) with how often it is there,
 # and the value of Gen (which says which config's action ran).
 Shape = tuple[frozenset[tuple[tuple[str, str, int | None], int]], str | None]
 
 
-def shape(document: bytes) -> Shape:
-    metrics = parse_document(document)
+def shape(metrics: list[Metric]) -> Shape:
     counts = Counter((m.context, m.name, m.vm_id) for m in metrics)
     gen = [m.value for m in metrics if m.name == "Gen"]
     return frozenset(counts.items()), ",".join(gen) or None
@@ -49,25 +48,27 @@ def expected(sets: tuple[str, ...], shell: tuple[str, ...], gen: str, vm_ids: se
 
 
 class Watcher(threading.Thread):
-    """Every distinct document on the disk, in the order they appeared."""
+    """Every distinct document on the disk (its metrics), in the order they appeared."""
 
     def __init__(self, disk: Path) -> None:
         super().__init__(daemon=True)
         self.disk = disk
-        self.documents: list[bytes] = []
+        self.documents: list[list[Metric]] = []
+        self.error: Exception | None = None
         self.halt = threading.Event()
 
     def run(self) -> None:
         while not self.halt.is_set():
             try:
-                document = read_disk(self.disk, timeout=2)
-            except Exception:
-                document = b""
-            if document and (not self.documents or document != self.documents[-1]):
-                self.documents.append(document)
+                metrics = ready_metrics(self.disk)
+            except Exception as exc:  # a corrupt document: the test reports it
+                self.error = exc
+                return
+            if metrics and (not self.documents or metrics != self.documents[-1]):
+                self.documents.append(metrics)
             self.halt.wait(0.01)  # a poll interval: documents change once a second
 
-    def stop(self) -> list[bytes]:
+    def stop(self) -> list[list[Metric]]:
         self.halt.set()
         self.join(10)
         return self.documents
@@ -86,11 +87,10 @@ def test_a_reload_publishes_exactly_the_new_configuration(tmp_path: Path) -> Non
                      + metric_xml("Added", "echo 3", mtype="uint32") + "\n"
                      + metric_xml("Gen", "echo 2", mtype="uint32"))
     with Daemon(tmp_path, old) as daemon:
-        wait_for(lambda: disk.exists() and disk.stat().st_size > 0, 10, "the disk")
         watcher = Watcher(disk)
         watcher.start()
         wait_for(lambda: len(watcher.documents) >= 2, 10, "documents of the first config")
-        vm_ids = {m.vm_id for m in parse_document(watcher.documents[-1]) if m.vm_id is not None}
+        vm_ids = {m.vm_id for m in watcher.documents[-1] if m.vm_id is not None}
         assert vm_ids, "the test driver's domain publishes no VM metric"
         before = expected(("vhostmd", "sap"), ("Gen", "Gone"), "1", vm_ids)
         after = expected(("vhostmd",), ("Added", "Gen"), "2", vm_ids)
@@ -113,6 +113,7 @@ def test_a_reload_publishes_exactly_the_new_configuration(tmp_path: Path) -> Non
                 f"too many, {sorted(after[0] - last[0])} missing, Gen={last[1]}") from None
         wait_for(lambda: len(watcher.documents) >= first_new + 3, 10, "later documents")
         documents = watcher.stop()
+        assert watcher.error is None, watcher.error
 
         shapes = [shape(d) for d in documents]
         mixed = [s for s in shapes if s not in (before, after)]
@@ -136,8 +137,8 @@ def test_a_value_kept_across_a_reload_stays_while_young(tmp_path: Path) -> None:
     slow = metric_xml("Slow", f"if [ -e {flag} ]; then sleep 5; fi; echo 7", mtype="uint32",
                       attrs=' timeout="10"')
     with Daemon(tmp_path, config_xml(disk, slow)) as daemon:
-        wait_for(lambda: (d := read_if_there(disk)) and b"<value>7</value>" in d, 10,
-                 "Slow's first value")
+        wait_for(lambda: any(m.name == "Slow" and m.value == "7"
+                             for m in ready_metrics(disk) or ()), 10, "Slow's first value")
         flag.touch()
         daemon.conf.write_text(config_xml(disk, "\n\n" + slow
                                           + metric_xml("Other", "echo 1", mtype="uint32")))
@@ -145,16 +146,10 @@ def test_a_value_kept_across_a_reload_stays_while_young(tmp_path: Path) -> None:
         daemon.proc.send_signal(signal.SIGHUP)
         daemon.wait_log("reloaded")
         reloaded_at = time.monotonic()
-        wait_for(lambda: (d := read_if_there(disk)) and b"Other" in d, 10, "the new config")
+        wait_for(lambda: any(m.name == "Other" for m in ready_metrics(disk) or ()), 10,
+                 "the new config")
         # Slow is still running (5 s); its last value is still published.
         assert time.monotonic() - reloaded_at < 5
-        names = [m.name for m in parse_document(read_disk(disk))]
+        names = [m.name for m in ready_metrics(disk) or ()]
         assert names == ["Slow", "Other"]
         assert daemon.stop() == 0
-
-
-def read_if_there(disk: Path) -> bytes | None:
-    try:
-        return read_disk(disk, timeout=2)
-    except Exception:
-        return None

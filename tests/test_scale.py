@@ -23,6 +23,7 @@ from daemon_harness import (
     disk_metrics,
     header,
     metric_xml,
+    ready_metrics,
     wait_for,
 )
 
@@ -31,7 +32,8 @@ BLOCK_SIZE = 64 * 1024
 
 
 def vm_ids(disk: Path) -> list[int]:
-    return sorted({m.vm_id for m in disk_metrics(disk) if m.vm_id is not None})
+    """The VM ids on the disk (none while no document is there yet)."""
+    return sorted({m.vm_id for m in ready_metrics(disk) or () if m.vm_id is not None})
 
 
 def test_disk_too_small_for_every_vm_keeps_host_and_lowest_ids(tmp_path: Path) -> None:
@@ -40,11 +42,7 @@ def test_disk_too_small_for_every_vm_keeps_host_and_lowest_ids(tmp_path: Path) -
     conf = config_xml(disk, '<builtin set="sap"/><builtin set="vhostmd"/>', size_k=64)
     with Daemon(tmp_path, conf, uri=uri) as daemon:
         def partial() -> list[int] | None:
-            try:
-                ids = vm_ids(disk)
-            except Exception:
-                return None
-            return ids if ids else None
+            return vm_ids(disk) or None
 
         ids = wait_for(partial, 20, "a document with VMs")
         # A stable, documented choice: the lowest domain ids, as many whole VMs as fit.
@@ -81,10 +79,7 @@ def test_shell_work_longer_than_the_period_reaches_every_vm_in_turn(tmp_path: Pa
         seen: set[int] = set()
 
         def every_vm() -> bool:
-            try:
-                metrics = disk_metrics(disk)
-            except Exception:
-                return False
+            metrics = ready_metrics(disk) or []
             for m in metrics:
                 if m.name == "Id" and m.vm_id is not None:
                     assert m.value == str(m.vm_id)  # each VM its own value
@@ -111,10 +106,8 @@ def test_hung_actions_do_not_starve_quick_ones(tmp_path: Path) -> None:
     quick = [metric_xml(f"Quick{i}", "date +%s%N", mtype="uint64") for i in range(5)]
     with Daemon(tmp_path, config_xml(disk, "\n".join(hung + quick), period=2)) as daemon:
         def quick_values() -> dict[str, str] | None:
-            try:
-                got = {m.name: m.value for m in disk_metrics(disk) if m.name.startswith("Quick")}
-            except Exception:
-                return None
+            got = {m.name: m.value for m in ready_metrics(disk) or ()
+                   if m.name.startswith("Quick")}
             return got if len(got) == 5 else None
 
         first = wait_for(quick_values, 20, "all five quick metrics")
@@ -149,7 +142,7 @@ def test_the_estimate_matches_a_real_document(tmp_path: Path) -> None:
     disk = tmp_path / "vhostmd0"
     conf = config_xml(disk, '<builtin set="sap"/><builtin set="vhostmd"/>', size_k=1024)
     with Daemon(tmp_path, conf, uri=uri) as daemon:
-        wait_for(lambda: len(vm_ids_or_none(disk)) == 50, 20, "all 50 VMs")
+        wait_for(lambda: len(vm_ids(disk)) == 50, 20, "all 50 VMs")
         real = disk.read_bytes()
         length = int.from_bytes(real[12:16], "big")
         check = subprocess.run([VHOSTMD, "--check", "--vms", "50", "-f", str(daemon.conf)],
@@ -158,13 +151,6 @@ def test_the_estimate_matches_a_real_document(tmp_path: Path) -> None:
         # An estimate from the widest values: never below the real size, not far above.
         assert length <= estimated <= length * 1.5
         assert daemon.stop() == 0
-
-
-def vm_ids_or_none(disk: Path) -> list[int]:
-    try:
-        return vm_ids(disk)
-    except Exception:
-        return []
 
 
 def test_disk_smaller_than_64k_is_refused(tmp_path: Path) -> None:
@@ -217,7 +203,7 @@ def test_a_disk_of_partial_blocks_publishes_only_what_c_guests_read(tmp_path: Pa
     assert suggested % 64 == 0
 
     with Daemon(tmp_path, conf, uri=uri) as daemon:
-        ids = wait_for(lambda: vm_ids_or_none(disk), 20, "a document with VMs")
+        ids = wait_for(lambda: vm_ids(disk), 20, "a document with VMs")
         assert 0 < len(ids) < 100
         assert HEADER_SIZE + header(disk).length <= BLOCK_SIZE
         assert parse_document(read_like_c_guest(disk))
