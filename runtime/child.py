@@ -326,7 +326,7 @@ def start_forkserver() -> None:
     # multiprocessing removes when the supervisor exits normally. A directory
     # of our own instead: the forkserver removes it when it exits, so a
     # supervisor killed outright leaves nothing behind in /tmp either
-    # (``remove_helpers_dir_at_exit``).
+    # (``clean_up_at_forkserver_exit``).
     config = process.current_process()._config
     if config.get("tempdir") is None:
         config["tempdir"] = tempfile.mkdtemp(prefix=_HELPERS_DIR_PREFIX)
@@ -334,30 +334,69 @@ def start_forkserver() -> None:
     forkserver.ensure_running()
 
 
-def remove_helpers_dir_at_exit() -> None:
-    """In the forkserver: remove its socket and directory as it exits.
+def clean_up_at_forkserver_exit() -> None:
+    """In the forkserver: register what it does as it exits.
 
-    It exits when the supervisor has stopped it, or when the supervisor died
-    (its keep-alive pipe reads EOF); either way nothing connects any more.
-    Only a directory ``start_forkserver`` made: multiprocessing removes its own.
+    It exits when the supervisor has stopped it (every child already gone),
+    or when the supervisor died (its keep-alive pipe reads EOF). Then it ends
+    what is left below it, actions included (``_end_children_and_actions``),
+    and removes its socket and directory (``_remove_helpers_dir``).
+    Children are forked from the forkserver and inherit the registration;
+    they leave with os._exit, which runs no exit handler.
     """
+    atexit.register(_remove_helpers_dir)
+    atexit.register(_end_children_and_actions)  # runs first: last registered
+
+
+def _children_of(pid: int) -> set[int]:
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError), \
+                    open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                found.update(int(child) for child in f.read().split())
+    return found
+
+
+def _end_children_and_actions() -> None:
+    """Kill every child still there, and what each runs: shell actions and their groups.
+
+    Children would die with the forkserver anyway (PDEATHSIG), but a worker's
+    shell action runs in a session of its own and would outlive its worker:
+    the supervisor that kills an action's group is gone. Each child is
+    stopped first, so that it starts nothing meanwhile; then what runs below
+    it (an action leads its own process group; an orphan the worker adopted
+    as subreaper is its child too) is killed, then the child.
+    """
+    children = _children_of(os.getpid())
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in children:
+        for below in _children_of(pid):
+            with contextlib.suppress(OSError):
+                os.killpg(below, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(below, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _remove_helpers_dir() -> None:
+    """The forkserver's socket and directory, if ``start_forkserver`` made the directory
+    (multiprocessing removes its own)."""
     from multiprocessing import forkserver
 
-    def remove() -> None:
-        address = forkserver._forkserver._forkserver_address
-        if not isinstance(address, str) or not address.startswith("/"):
-            return  # an abstract socket: nothing on disk
-        folder = os.path.dirname(address)
-        if not os.path.basename(folder).startswith(_HELPERS_DIR_PREFIX):
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(address)
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
-
-    # Children are forked from the forkserver and inherit this; they leave
-    # with os._exit, which runs no exit handler.
-    atexit.register(remove)
+    address = forkserver._forkserver._forkserver_address
+    if not isinstance(address, str) or not address.startswith("/"):
+        return  # an abstract socket: nothing on disk
+    folder = os.path.dirname(address)
+    if not os.path.basename(folder).startswith(_HELPERS_DIR_PREFIX):
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(address)
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 def stop_forkserver() -> None:

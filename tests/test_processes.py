@@ -97,12 +97,20 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path) -> None:
     disk = tmp_path / "vhostmd0"
     helpers_tmp = tmp_path / "tmp"  # where multiprocessing puts its files (TMPDIR)
     helpers_tmp.mkdir()
+    action_pid = tmp_path / "action.pid"
+    # An action that runs long (a shell and its child, in a session of their own).
+    long_action = (f"echo $$ > {action_pid}.tmp; mv {action_pid}.tmp {action_pid}; "
+                   "sleep 60; echo 1")
     conf = config_xml(disk, metric_xml("A", "echo 1", mtype="uint32")
+                      + metric_xml("Long", long_action, mtype="uint32", attrs=' timeout="90"')
                       + '<builtin set="vhostmd"/>', globals_extra="<workers>2</workers>")
     daemon = Daemon(tmp_path, conf, env={"TMPDIR": str(helpers_tmp)})
     with daemon:
         wait_document(disk, 10)
-        processes = children_of(daemon.pid)
+        shell = int(wait_for(lambda: action_pid.exists() and action_pid.read_text().strip(),
+                             10, "the long action"))
+        sleep = wait_for(lambda: list(children_of(shell)), 5, "the long action's sleep")
+        processes = {**children_of(daemon.pid), shell: "sh", sleep[0]: "sleep"}
         # The forkserver, the resource tracker, two workers, the disk-writer
         # (and maybe an action's shell, if one runs now).
         titles = " | ".join(processes.values())
