@@ -237,7 +237,7 @@ class Daemon:
         self.pid_file = tmp / f"{name}.pid"
         self.uri = uri
         self.args = args
-        self.env = env  # added to the environment
+        self.env = None if env is None else {**os.environ, **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
@@ -250,9 +250,8 @@ class Daemon:
             cmd += ["-c", self.uri]
         cmd += list(self.args)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = None if self.env is None else {**os.environ, **self.env}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env)
+                                     stderr=subprocess.STDOUT, env=self.env)
         return self
 
     @property
