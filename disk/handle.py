@@ -84,12 +84,13 @@ def fit(handle: DiskHandle, *, shrink: bool = True) -> None:
 
 
 def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = True,
-              regular_only: bool = False) -> DiskHandle:
+              regular_only: bool = False, shrink: bool = True) -> DiskHandle:
     """Open (or create) and lock the metrics disk; raises DiskRefused with one line.
 
     With ``dir_fd``, the file ``path`` names is opened in that directory (openat:
     a per-VM disk in the directory the supervisor opened). ``lock=False`` takes
     no flock (per-VM disks: the daemon locks their directory instead).
+    ``shrink=False`` leaves a larger file as it is (see ``fit``).
     """
     try:
         # O_NONBLOCK: opening an odd device node planted at the path must not hang us.
@@ -111,7 +112,7 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
         if lock:
             lock_exclusive(fd, f"metrics disk {path}", "the disk's lock")
         handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode))
-        fit(handle)
+        fit(handle, shrink=shrink)
     except BaseException:
         if created:
             unlink_if_same(path, fd, dir_fd=dir_fd)  # leave no half-made disk behind

@@ -266,6 +266,7 @@ class CycleRunner:
         rendered = render(cycle.fresh, cycle.domains or (), capacity, len(cycle.failures),
                           carried)
         rendered.inactive = cycle.inactive
+        rendered.listed_at = cycle.listed_at
         self.failures.update(cycle.failures, cycle.attempted)
         self.note_disk_fit(rendered)
         self.note_shell_work(cycle)
