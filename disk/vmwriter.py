@@ -151,8 +151,10 @@ class VmDisks:
             wanted = set(self.disks)
         else:
             wanted = set(fragments) | set(inactive)
-            self.remove_gone(wanted, entries, listed_at)
-            self.listed = wanted
+            kept = self.remove_gone(wanted, entries, listed_at)
+            # A gone domain's file kept for now is still one we saw: the next
+            # listing that does not have it removes it.
+            self.listed = wanted | kept
         created = 0
         for uuid in sorted(wanted):
             disk = self.disk_for(uuid, entries.get(uuid))
@@ -206,8 +208,10 @@ class VmDisks:
         return disk
 
     def remove_gone(self, wanted: set[str], entries: dict[str, os.stat_result],
-                    listed_at: float) -> None:
+                    listed_at: float) -> set[str]:
+        """Remove the files of domains not in ``wanted``; the seen ones kept for now."""
         removed = 0
+        kept: set[str] = set()
         now = self.clock()
         me = os.geteuid()
         for uuid, st in entries.items():
@@ -220,10 +224,12 @@ class VmDisks:
                 continue  # not a file we made: never removed
             if ours or uuid in self.listed:
                 # Gone since the last listing: unless claimed after this one was taken.
-                unchanged_since = listed_at - CLAIM_MARGIN
-            else:
-                unchanged_since = now - UNKNOWN_GRACE  # a domain we never saw: maybe to start
-            removed += self.remove_unclaimed(uuid, st, unchanged_since)
+                if self.remove_unclaimed(uuid, st, listed_at - CLAIM_MARGIN):
+                    removed += 1
+                else:
+                    kept.add(uuid)
+            else:  # a domain we never saw: maybe about to start
+                removed += self.remove_unclaimed(uuid, st, now - UNKNOWN_GRACE)
         for uuid in [u for u in self.disks if u not in wanted]:
             self.forget(uuid)  # removed, or claimed for a start: mapped again when listed
         for uuid in [u for u in self.problems if u not in wanted]:
@@ -231,6 +237,7 @@ class VmDisks:
         if removed:
             log.info("VM disks: removed %d in %s (domains no longer defined)", removed,
                      self.dir.path)
+        return kept
 
     def remove_unclaimed(self, uuid: str, st: os.stat_result, unchanged_since: float) -> bool:
         """Remove the file ``st`` describes if it was not modified from ``unchanged_since``

@@ -318,6 +318,17 @@ def test_writer_keeps_a_file_claimed_after_its_listing(tmp_path: Path) -> None:
         # Gone in a listing taken after the last claim: removed.
         writer.publish(b"", {}, (), time.time() + 2 * CLAIM_MARGIN)
         assert not disk.exists()
+
+        # Claimed after a listing that has it gone, and the start failed: the next
+        # listing without it removes it (the writer remembers it saw the domain).
+        writer.publish(b"", {uuid: b""}, (), time.time())
+        os.utime(disk, (1, 1))
+        stale_listing = time.time() - 5
+        prepare_vm_disk(vm_dir, uuid)
+        writer.publish(b"", {}, (), stale_listing)
+        assert disk.exists()
+        writer.publish(b"", {}, (), time.time() + 2 * CLAIM_MARGIN)
+        assert not disk.exists()
     finally:
         writer.close()
         vm_dir.close()
