@@ -161,7 +161,7 @@ def disk_files(xml: bytes) -> tuple[str, list[str]]:
     if root.tag != "domain":
         raise CannotTell(f"the XML on stdin is a <{root.tag}>, not a <domain>")
     uuid = "".join(e.text for e in root.find("uuid")).strip().lower()
-    files = [source.attrs.get("file", "")
+    files = [source.attrs.get("file") or source.attrs.get("dev") or ""
              for devices in root.find("devices") for disk in devices.find("disk")
              for source in disk.find("source")]
     return uuid, [f for f in files if f]
@@ -236,14 +236,17 @@ def our_disk(uuid: str, files: list[str], directory: str) -> str | None:
 
     A file in ``directory`` whose name is a UUID is a per-VM disk; naming
     another domain's is refused. Other names there (the shared disk, when
-    <vm_disks> is its directory) are not ours to judge.
+    <vm_disks> is its directory) are not ours to judge. "In the directory" is
+    what QEMU will open: the file's directory with symlinks resolved (only
+    root can make them there) and '..' and '//' spelt out.
     """
     from vhostmd.disk.vmdir import UUID_RE
 
     own = None
+    real_directory = os.path.realpath(directory)
     for file in files:
         path = os.path.normpath(file)
-        if os.path.dirname(path) != directory:
+        if os.path.realpath(os.path.dirname(path)) != real_directory:
             continue
         disk = os.path.basename(path)
         if not UUID_RE.match(disk):

@@ -190,8 +190,12 @@ def test_a_domain_may_name_only_its_own_disk(tmp_path: Path) -> None:
     mine, other = new_uuid(), new_uuid()
     (setup.vms / other).write_bytes(b"another VM's metrics")
     os.chmod(setup.vms / other, 0o644)
+    os.symlink(setup.vms, tmp_path / "link")
     for xml in (domain(mine, f"{setup.vms}/{other}"),
-                domain(mine, f"{setup.vms}/{mine}", f"{setup.vms}/../vms/{other}")):
+                domain(mine, f"{setup.vms}/{mine}", f"{setup.vms}/../vms/{other}"),
+                domain(mine, f"/{setup.vms}/{other}"),  # '//' at the start
+                domain(mine, f"{tmp_path}/link/{other}"),
+                domain(mine, f"{setup.vms}/{other}").replace("source file=", "source dev=")):
         done = setup.run(xml)
         assert done.returncode == 1
         assert f"per-VM metrics disk of domain {other}, not its own" in one_line(done)
