@@ -58,9 +58,10 @@ install_python_env() {
 
 # PVC attaches the metrics disk as a USB disk and Debian's cloud kernel has no
 # USB: the real-hypervisor tests boot that guest on Debian's generic kernel.
-# Its package is only downloaded (apt-get download: installing it would also
-# build a 60 MB initramfs in /boot for nothing) into the rig's cache, and
-# tests/qemu_rig.py extracts the kernel and the few modules it needs, once.
+# Its package is only downloaded (apt-get download; installing it would add
+# 400 MB of modules and an initramfs in /boot, and repoint /vmlinuz, for
+# nothing) into the rig's kernel cache, and tests/qemu_rig.py extracts the
+# kernel and the few modules it needs, once.
 fetch_usb_kernel() {
     # tests/qemu_rig.py: _kernel_cache_dir()
     local cache="${VHOSTMD_QEMU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhostmd-qemu}-kernel/debs"
