@@ -146,9 +146,10 @@ def switch_vm_dir(current: VmDir | None, path: str | None, size: int, *,
 
 
 def open_vm_disk(vm_dir: VmDir, uuid: str, *, shrink: bool = True) -> DiskHandle:
-    """Open (or create) the disk of the VM ``uuid``, sized; the safety rules of open_disk."""
+    """Open (or create) the disk of the VM ``uuid``, sized; the safety rules of open_disk,
+    a file libvirt gave to QEMU's user taken back."""
     return open_disk(vm_dir.file(uuid), vm_dir.size, dir_fd=vm_dir.fd, lock=False,
-                     regular_only=True, shrink=shrink)
+                     regular_only=True, shrink=shrink, take_back=True)
 
 
 def prepare_vm_disk(vm_dir: VmDir, uuid: str) -> bool:

@@ -8,9 +8,12 @@ metrics + ``</metrics>`` to ``DIR/<uuid>`` with the shared disk's protocol
 idle, msync). A domain that does not run gets the host metrics only.
 
 Files are opened relative to the directory descriptor with the shared disk's
-rules (no symlink, nothing another user owns or may write, no second hard
-link; created exclusively, mode 0644, blocks reserved). A refused file is
-logged once and skipped; the others are still written.
+rules (no symlink, nothing others may write, no second hard link; created
+exclusively, mode 0644, blocks reserved), but a file another user owns is
+taken back (fchown): libvirt gives each disk image to QEMU's user when its
+domain starts and never gives a read-only one back, and only root can make
+files in the directory. A refused file is logged once and skipped; the
+others are still written.
 
 Bounded at 1024 VMs: a file's descriptor is closed as soon as it is mapped
 (the mapping keeps the file), and after each write the mapping's pages are
@@ -213,15 +216,13 @@ class VmDisks:
         removed = 0
         kept: set[str] = set()
         now = self.clock()
-        me = os.geteuid()
         for uuid, st in entries.items():
             if uuid in wanted:
                 continue
             disk = self.disks.get(uuid)
             ours = disk is not None and (st.st_dev, st.st_ino) == disk.ident
-            if not ours and (not stat.S_ISREG(st.st_mode) or st.st_uid != me
-                             or st.st_nlink != 1):
-                continue  # not a file we made: never removed
+            if not ours and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1):
+                continue  # not a file we made: never removed (any owner: see above)
             if ours or uuid in self.listed:
                 # Gone since the last listing: unless claimed after this one was taken.
                 if self.remove_unclaimed(uuid, st, listed_at - CLAIM_MARGIN):

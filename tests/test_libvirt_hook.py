@@ -207,17 +207,28 @@ def test_unsafe_files_fail_only_the_domain_that_names_them(tmp_path: Path) -> No
     setup.vms.mkdir(mode=0o755)
     target = tmp_path / "target"
     target.write_bytes(b"not a metrics disk")
-    linked, foreign, fine = new_uuid(), new_uuid(), new_uuid()
+    linked, writable, given, fine = new_uuid(), new_uuid(), new_uuid(), new_uuid()
     os.symlink(target, setup.vms / linked)
-    (setup.vms / foreign).write_bytes(b"x" * 65536)
-    os.chown(setup.vms / foreign, 65534, 65534)
+    (setup.vms / writable).write_bytes(b"x" * 65536)
+    os.chmod(setup.vms / writable, 0o666)
     done = setup.run(domain(linked, f"{setup.vms}/{linked}"))
     assert done.returncode == 1 and "is a symbolic link" in one_line(done)
-    done = setup.run(domain(foreign, f"{setup.vms}/{foreign}"))
-    assert done.returncode == 1 and "belongs to nobody" in one_line(done)
+    done = setup.run(domain(writable, f"{setup.vms}/{writable}"))
+    assert done.returncode == 1 and "can be written by group or others" in one_line(done)
     assert target.read_bytes() == b"not a metrics disk"
-    assert (setup.vms / foreign).read_bytes() == b"x" * 65536
+    assert (setup.vms / writable).read_bytes() == b"x" * 65536
     assert setup.run(domain(fine, f"{setup.vms}/{fine}")).returncode == 0
+
+    # A domain's second start: libvirt gave its read-only disk to QEMU's user at the
+    # first and never gave it back. The hook takes it back; the content stays.
+    assert setup.run(domain(given, f"{setup.vms}/{given}")).returncode == 0
+    content = (setup.vms / given).read_bytes()
+    os.chown(setup.vms / given, 65534, 65534)
+    done = setup.run(domain(given, f"{setup.vms}/{given}"))
+    assert (done.returncode, done.stderr) == (0, b"")
+    st = (setup.vms / given).stat()
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert (setup.vms / given).read_bytes() == content
 
     # The directory: writable by others, or a symlink, or its parent missing (the
     # hook makes the directory only, never what is above it).
