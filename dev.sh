@@ -72,7 +72,7 @@ fetch_usb_kernel() {
     [ "$(id -u)" -eq 0 ] && [ "$(dpkg --print-architecture)" = amd64 ] || return 0
     local pkg
     pkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
-          | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
+          | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }') || pkg=
     [ -n "$pkg" ] || { say "no linux-image-amd64 in apt: the USB guest test will skip"; return 0; }
     say "downloading $pkg into $cache (the USB guest's kernel; not installed)"
     mkdir -p "$cache"
