@@ -26,19 +26,24 @@ HOOK = str(Path(sys.executable).parent / "vhostmd-libvirt-hook")
 HOOK_NAME = "vhostmd-test"  # the package's is qemu.d/vhostmd
 
 
-def install_hook(host: QemuHost, config: Path) -> Path | None:
-    """Install the hook for ``config``'s <vm_disks>; the log of its calls ("DOMAIN
-    OPERATION SUB-OPERATION" lines), or None when the libvirtd is not the rig's."""
+def install_hook(host: QemuHost, config: Path) -> tuple[Path | None, str | None]:
+    """Install the hook for ``config``'s <vm_disks>: (the log of its calls, "DOMAIN
+    OPERATION SUB-OPERATION" lines; why it is not installed). Never raises: the
+    other tests' guests start either way, the hook's tests fail with the reason."""
     if not host.libvirt.own:
-        return None
+        return None, None
     calls = host.work / "hook-calls.log"
     defaults = host.work / "hook-default"
     defaults.write_text(f"# as /etc/default/vhostmd\nVHOSTMD_CONFIG={config}\n")
-    host.libvirt.add_hook(HOOK_NAME, f"""#!/bin/sh
+    try:
+        host.libvirt.add_hook(HOOK_NAME, f"""#!/bin/sh
 echo "$1 $2 $3" >> {calls}
 VHOSTMD_DEFAULTS={defaults} exec {HOOK} "$@"
 """)
-    return calls
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        qemu_rig.log(f"the libvirt hook is not installed: {exc}")
+        return None, f"the libvirt hook could not be installed: {exc}"
+    return calls, None
 
 
 def hook_calls(log: Path, domain: str, operation: str = "prepare begin") -> int:

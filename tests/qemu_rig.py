@@ -938,9 +938,7 @@ class LibvirtQemu:
                 if not path.is_dir():
                     path.mkdir(mode=0o755)
                     self.hook_paths.append(str(path))
-            hook = directory / name
-            if hook.exists():
-                raise RuntimeError(f"{hook} exists: not ours to replace")
+            hook = directory / name  # one left by a killed run is replaced
             self.hook_paths.append(str(hook))
             self._save_state()
             hook.write_text(text)

@@ -77,6 +77,7 @@ class World:
     gamma: Guest
     gamma_xml: dict[str, str]  # device -> what --domain-xml printed
     hook_calls: Path | None = None  # the libvirt hook's calls (None: not installed)
+    hook_error: str | None = None  # why it could not be installed
 
 
 def world_config(disk: Path, vm_dir: Path) -> str:
@@ -131,7 +132,7 @@ def world(host: QemuHost) -> Iterator[World]:
                   gamma, {})
     try:
         # Every guest starts with the libvirt hook installed (issue 21).
-        state.hook_calls = qemu_pvc.install_hook(host, daemon.conf)
+        state.hook_calls, state.hook_error = qemu_pvc.install_hook(host, daemon.conf)
         # QEMU opens the disk when the VM starts: it must exist by then.
         wait_for(lambda: host_doc(disk), 60, "the daemon's first document", interval=0.2)
         gamma.define()
@@ -625,6 +626,8 @@ PVC_REFUSED = "vhostmd-test-pvc-refused"
 
 
 def hook_installed(world: World) -> Path:
+    if world.hook_error is not None:
+        pytest.fail(world.hook_error)
     if world.hook_calls is None:
         pytest.skip("the libvirt hook is only installed for a libvirtd the rig started "
                     "(libvirtd reads hooks when it starts or reloads)")
