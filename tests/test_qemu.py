@@ -703,10 +703,10 @@ def test_hook_leaves_other_domains_alone_and_refuses_another_domains_disk(
     inode = victim.stat().st_ino
     spec = GuestSpec(PVC_REFUSED, metrics_disk=False, channel=False, usb=True,
                      extra_devices=qemu_pvc.pvc_disk(victim))
-    xml = Guest(spec, world.host.images, world.disk, world.host.work,
-                world.host.domain_type).xml()
+    # Registered with the host: destroyed at the end should it start after all.
+    refused_guest = world.host.guest(spec, world.disk)
     with pytest.raises(libvirt.libvirtError) as refused:
-        qemu_pvc.create_xml(xml)
+        qemu_pvc.create_xml(refused_guest.xml())
     assert (f"per-VM metrics disk of domain {world.alpha.uuid}, not its own"
             in str(refused.value)), refused.value
     assert PVC_REFUSED not in qemu_rig.virsh("list", "--all", "--name").split()
