@@ -10,7 +10,11 @@ if TYPE_CHECKING:  # imported when used: most host processes never parse XML
 
 
 def safe_parser(*, remove_comments: bool = False) -> etree.XMLParser:
-    """A parser that never expands entities, never loads a DTD and never touches the network."""
+    """A parser that never expands entities, never loads a DTD and never touches the network.
+
+    Except in attribute values: libxml2 expands entity references there
+    whatever the options (has_entity_refs sees only those in content).
+    """
     from lxml import etree
 
     return etree.XMLParser(
