@@ -5,9 +5,10 @@ the checkout are installed in it with the libvirt test driver
 (VHOSTMD_URI=test:///default in /etc/default/vhostmd), the shared disk in
 /dev/shm and per-VM disks (``<vm_disks>``) in /run/vhostmd/vms. The tests
 run in file order on that one node, as its life goes: start, restart under
-readers, kill -9, reload, watchdog, upgrade under readers, reboot.
+readers, kill -9, reload, watchdog, the guest's textfile timer, upgrade under
+readers, reboot.
 Root, debootstrap and systemd-nspawn are needed; without them the module
-is skipped. About 55 s with a cached root (a first run makes the root:
+is skipped. About 60 s with a cached root (a first run makes the root:
 about a minute more).
 """
 
