@@ -5,9 +5,10 @@ the checkout are installed in it with the libvirt test driver
 (VHOSTMD_URI=test:///default in /etc/default/vhostmd), the shared disk in
 /dev/shm and per-VM disks (``<vm_disks>``) in /run/vhostmd/vms. The tests
 run in file order on that one node, as its life goes: start, restart under
-readers, kill -9, reload, watchdog, upgrade under readers, reboot.
+readers, kill -9, reload, watchdog, the guest's textfile timer, upgrade under
+readers, reboot.
 Root, debootstrap and systemd-nspawn are needed; without them the module
-is skipped. About 55 s with a cached root (a first run makes the root:
+is skipped. About 60 s with a cached root (a first run makes the root:
 about a minute more).
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import systemd_rig
+from prometheus_check import Exposition, parse
 from systemd_rig import Container
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(600)]
@@ -48,6 +50,7 @@ RIG_CONFIG = f"""<?xml version="1.0"?>
   </globals>
   <metrics>
     <builtin set="vhostmd"/>
+    <builtin name="Time"/>
     <metric type="string" context="host"><name>Nanos</name><action>date +%s%N</action></metric>
   </metrics>
 </vhostmd>
@@ -394,6 +397,106 @@ def test_the_watchdog_restarts_a_hung_supervisor(node: Node) -> None:
         node.run(["systemctl", "daemon-reload"])
         node.run(["systemctl", "restart", "vhostmd"])
         node.wait_active()
+
+
+# The guest package's textfile timer, as docs/guest.md turns it on, reading this
+# node's shared disk (in a guest it finds the disk among its block devices).
+TEXTFILE = "/var/lib/prometheus/node-exporter/vhostmd-guest.prom"
+TEXTFILE_TIMER = "vm-dump-metrics-textfile.timer"
+TEXTFILE_SERVICE = "vm-dump-metrics-textfile.service"
+TEXTFILE_DROPIN = f"/etc/systemd/system/{TEXTFILE_SERVICE}.d/rig.conf"
+# The timer's period (the shipped OnUnitActiveSec=).
+TEXTFILE_PERIOD = 5
+# A document older than this (by its host Time metric) counts as not read: a few of
+# the rig's 1 s update periods, so a stopped daemon shows within a timer period or two.
+MAX_AGE = 3
+
+
+def textfile_now(node: Node) -> Exposition | None:
+    """The textfile as node_exporter would read it now, or None while there is none."""
+    try:
+        return parse(node.machine.file(TEXTFILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def await_textfile(node: Node, success: int, timeout: float) -> Exposition:
+    """Until the timer's service has written a file with read_success ``success``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = textfile_now(node)
+        if got is not None and got.samples.get(("vhostmd_guest_read_success", frozenset())) \
+                == success:
+            return got
+        if time.monotonic() > deadline:
+            journal = node.run(["journalctl", "-u", TEXTFILE_SERVICE, "-o", "cat", "-n", "15"])
+            raise AssertionError(f"no {TEXTFILE} with vhostmd_guest_read_success {success} "
+                                 f"within {timeout} s; now:\n{got.text if got else '(none)'}\n"
+                                 f"journal of {TEXTFILE_SERVICE}:\n{journal}")
+        time.sleep(0.2)
+
+
+def host_series(exposition: Exposition) -> dict[str, float]:
+    return {name: value for (name, _labels), value in exposition.samples.items()
+            if name.startswith("vhostmd_host_")}
+
+
+def test_the_guest_textfile_timer_follows_the_host(node: Node) -> None:
+    """vm-dump-metrics' textfile timer: installed disabled, turned on by the one documented
+    command, writes the host's metrics, then read_success 0 and nothing else once the host
+    stops publishing. The unit's hardening must allow the read and the write."""
+    node.settle()
+    # Installed (by the module's dpkg -i) and never turned on.
+    assert node.run(["systemctl", "is-enabled", TEXTFILE_TIMER], check=False).strip() \
+        == "disabled"
+    assert node.run(["systemctl", "is-active", TEXTFILE_TIMER], check=False).strip() \
+        == "inactive"
+    assert textfile_now(node) is None
+    # The directory as Debian's prometheus-node-exporter ships it: /var/lib/prometheus
+    # the prometheus user's, node-exporter/ in it root's, 0755.
+    node.run("id prometheus >/dev/null 2>&1 || useradd --system --user-group --no-create-home "
+             "--home-dir /var/lib/prometheus --shell /usr/sbin/nologin prometheus; "
+             "install -d -m 0755 -o prometheus -g prometheus /var/lib/prometheus && "
+             "install -d -m 0755 -o root -g root /var/lib/prometheus/node-exporter")
+    dropin = node.machine.file(TEXTFILE_DROPIN)
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(f'[Service]\nEnvironment="OPTIONS=--max-age {MAX_AGE} -b '
+                      f'--disk {SHARED}"\n')
+    try:
+        node.run(["systemctl", "daemon-reload"])
+        node.run(["systemctl", "enable", "--now", TEXTFILE_TIMER])
+        # The boot is long past OnBootSec=: the first run comes at once.
+        running = await_textfile(node, 1, timeout=TEXTFILE_PERIOD + 10)
+        assert running.labels_of("vhostmd_guest_read_info") == [
+            {"transport": "vbd", "source": SHARED}]
+        host = host_series(running)
+        for series in ("vhostmd_host_num_cpus", "vhostmd_host_total_phy_mem_bytes",
+                       "vhostmd_host_total_cpu_time_seconds_total"):
+            assert host.get(series, 0) > 0, (series, running.text)
+        read_at = running.value("vhostmd_guest_read_timestamp_seconds")
+        assert 0 <= read_at - host["vhostmd_host_time_seconds"] <= MAX_AGE
+        info = node.machine.file(TEXTFILE).stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (0, 0o644)
+        assert os.listdir(node.machine.file(os.path.dirname(TEXTFILE))) == [
+            os.path.basename(TEXTFILE)], "a temporary file is left"
+
+        # The host stops publishing: the disk keeps its last document, which ages.
+        node.run(["systemctl", "stop", "vhostmd"])
+        stopped = await_textfile(node, 0, timeout=MAX_AGE + 2 * TEXTFILE_PERIOD + 10)
+        assert not host_series(stopped), stopped.text
+        assert stopped.labels_of("vhostmd_guest_read_info") == []
+        assert any("no longer publishes" in line for line in stopped.comments), stopped.comments
+        # That run succeeded: the timer goes on.
+        assert node.run(["systemctl", "show", "-P", "Result", TEXTFILE_SERVICE]).strip() \
+            == "success"
+        assert node.run(["systemctl", "is-active", TEXTFILE_TIMER]).strip() == "active"
+    finally:
+        node.run(["systemctl", "disable", "--now", TEXTFILE_TIMER], check=False)
+        dropin.unlink(missing_ok=True)
+        node.run(["systemctl", "daemon-reload"])
+        node.machine.file(TEXTFILE).unlink(missing_ok=True)
+        node.run(["systemctl", "start", "vhostmd"])
+    node.settle()
 
 
 def test_upgrade_keeps_the_disks_and_leaves_no_old_process(node: Node) -> None:
