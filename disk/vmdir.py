@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import stat
 from dataclasses import dataclass
 
 from vhostmd import mdisk
 from vhostmd.disk.handle import DiskHandle, DiskRefused, lock_exclusive, open_disk
 from vhostmd.runtime.child import InheritedFd
+from vhostmd.runtime.files import UnsafeFile, check_owned
 
 # A UUID as libvirt prints it (virDomainGetUUIDString): lower-case, dashed.
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -69,14 +69,10 @@ def open_vm_dir(path: str, size: int, *, lock: bool = True) -> VmDir:
                               "there (name the real directory)") from None
         raise DiskRefused(f"cannot open {what}: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
-        me = os.geteuid()
-        if st.st_uid != me:
-            raise DiskRefused(f"{what} belongs to uid {st.st_uid}, not to uid {me}; "
-                              "give it to that user or name another")
-        if st.st_mode & 0o022:
-            raise DiskRefused(f"{what} can be written by group or others (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w it")
+        try:
+            check_owned(os.fstat(fd), path, what="VM disk directory")
+        except UnsafeFile as exc:
+            raise DiskRefused(str(exc)) from None
         if lock:
             lock_exclusive(fd, what, "the directory's lock")
     except BaseException:
