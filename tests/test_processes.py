@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from daemon_harness import Daemon, config_xml, disk_metrics, metric_xml, wait_for
+from daemon_harness import Daemon, config_xml, metric_xml, ready_metrics, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"core": "vhostmd", "supervisor": "vhostmd.supervisor", "workers": "vhostmd.workers",
@@ -42,10 +42,7 @@ def test_supervisor_has_no_libvirt_and_children_hold_no_sibling_pipes(tmp_path: 
                       + '<builtin set="vhostmd"/>', globals_extra="<workers>3</workers>")
     with Daemon(tmp_path, conf) as daemon:
         def vm_metrics() -> bool:
-            try:
-                return any(m.context == "vm" for m in disk_metrics(disk))
-            except Exception:
-                return False
+            return any(m.context == "vm" for m in ready_metrics(disk) or ())
 
         wait_for(vm_metrics, 10, "VM metrics")
         supervisor = psutil.Process(daemon.pid)
