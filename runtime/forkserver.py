@@ -17,7 +17,9 @@ import vhostmd.disk.writer
 import vhostmd.virtio.manager
 import vhostmd.workers.events
 import vhostmd.workers.worker  # noqa: F401
+from vhostmd.runtime.child import clean_up_at_forkserver_exit
 
 setproctitle.setproctitle("vhostmd: forkserver")
+clean_up_at_forkserver_exit()
 gc.collect()
 gc.freeze()

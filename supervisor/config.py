@@ -264,6 +264,12 @@ def _disk_size(reader: _Reader, elem: etree._Element) -> int:
             elem, f"disk size {size} bytes is out of range (64 KiB .. 256 MiB; guests read "
             "the disk in 64 KiB blocks)"
         )
+    if size % mdisk.BLOCK_SIZE:
+        whole = size - size % mdisk.BLOCK_SIZE
+        reader.warnings.append(
+            f"{reader.path}:{elem.sourceline}: disk size {size} bytes is not a multiple of "
+            f"64 KiB; guests read the disk in whole 64 KiB blocks, so documents use only its "
+            f"first {whole // 1024} KiB")
     return size
 
 

@@ -222,7 +222,8 @@ class Daemon:
     """A vhostmd started with -d (foreground, log on stderr) for one test."""
 
     def __init__(self, tmp: Path, config: str, *, uri: str = "test:///default",
-                 args: tuple[str, ...] = (), name: str = "vhostmd") -> None:
+                 args: tuple[str, ...] = (), name: str = "vhostmd",
+                 env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.conf = tmp / f"{name}.conf"
         self.conf.write_text(config)
@@ -230,6 +231,7 @@ class Daemon:
         self.pid_file = tmp / f"{name}.pid"
         self.uri = uri
         self.args = args
+        self.env = None if env is None else {**os.environ, **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
@@ -239,7 +241,7 @@ class Daemon:
         cmd += list(self.args)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env=self.env)
         return self
 
     @property
