@@ -214,7 +214,7 @@ class Supervisor:
             self.handle_signals()
             self.handle_events()
             self.sleep_until(until)
-        self.cycles.clock_.reanchor(self.clock())
+        self.cycles.cycle_clock.reanchor(self.clock())
 
     def recover(self) -> None:
         # A bug must not take every guest's metrics down with the supervisor:

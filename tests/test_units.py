@@ -528,7 +528,7 @@ def test_loop_recovers_from_an_internal_error(sup_rig: Callable[[str], Superviso
     # The cycle is dropped and the next one is a whole period away.
     error_at = rig.clock()
     assert rig.sup.cycles.cycle is None and not rig.sup.cycles.pending
-    assert rig.sup.cycles.clock_.next == error_at + period
+    assert rig.sup.cycles.cycle_clock.next == error_at + period
     rig.clock.advance(period - 0.25)
     rig.run_once()
     assert rig.sup.cycles.cycle is None
