@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import vhostmd.guest.vbd as vbd  # the modules, not the package (whose __init__ imports us)
+import vhostmd.guest.vbd as vbd
 import vhostmd.guest.virtio as virtio
 from vhostmd.document import (
     CONTEXTS,
