@@ -15,12 +15,14 @@ cd "$(dirname "$(readlink -f "$0")")"
 # dpkg-dev ... lintian: the packaging test builds and checks the .deb files;
 # qemu-system-x86 ... busybox-static: the real-hypervisor tests (tests/test_qemu.py)
 # run libvirtd's QEMU driver and boot guests from Debian's cloud kernel and a
-# busybox initramfs built at test time (ss, from iproute2, shows who holds a channel).
+# busybox initramfs built at test time (ss, from iproute2, shows who holds a channel);
+# debootstrap, systemd-container: the systemd tests (tests/test_systemd.py) boot a
+# Debian root under systemd-nspawn and install the packages there.
 APT_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-clients
               libvirt-daemon socat procps util-linux
               dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-setuptools lintian
               qemu-system-x86 libvirt-daemon-driver-qemu linux-image-cloud-amd64 busybox-static
-              iproute2)
+              iproute2 debootstrap systemd-container)
 VENV=.venv
 
 say() { printf '==> %s\n' "$*" >&2; }

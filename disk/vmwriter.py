@@ -78,6 +78,10 @@ class Mapping:
         assert self.view is not None
         self.view[where] = data
 
+    def __getitem__(self, where: slice) -> bytes:
+        assert self.view is not None
+        return bytes(self.view[where])
+
     def _call(self, function: str, *args: int) -> None:
         if getattr(_libc, function)(self.addr, self.size, *args) != 0:
             err = ctypes.get_errno()

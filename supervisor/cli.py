@@ -29,6 +29,7 @@ from vhostmd.supervisor.daemon import (
     open_log_target,
     setup_logging,
 )
+from vhostmd.supervisor.notify import Notifier
 from vhostmd.supervisor.planning import count_metrics
 from vhostmd.supervisor.sizing import check_vm_disks, check_vms
 from vhostmd.supervisor.status import StatusFile, status_path_for
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for warning in config.warnings:
         log.warning("%s", warning)
+    # Takes systemd's variables out of the environment before any child exists.
+    notifier = Notifier()
     # Children are forked from the forkserver, started now: as the user we
     # run as (it imports what children run as that user), before the
     # supervisor starts any thread.
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                             status_file=status_file, disk=disk,
                             dropped_to=run_as.user if run_as is not None else None,
                             log_level=logging.DEBUG if args.verbose else logging.INFO,
-                            vm_dir=vm_dir)
+                            vm_dir=vm_dir, notifier=notifier)
     try:
         status = supervisor.run()
         if supervisor.all_stopped:

@@ -295,42 +295,17 @@ fi
 
 WORK=$(mktemp -d /tmp/vhostmd-packaging.XXXXXX)
 SRC=$WORK/src
-mkdir "$SRC" "$WORK/run"
-say "copying the checkout to $SRC"
-# .git is a file in a worktree ("git worktree add"), a directory elsewhere.
-if [ -e "$REPO/.git" ] && command -v git >/dev/null; then
-    # What git knows of, with the working tree's content (uncommitted changes
-    # too), not what it ignores (.venv, build/, run/...).
-    git -C "$REPO" ls-files -z -co --exclude-standard \
-        | (cd "$REPO" && while IFS= read -r -d '' f; do
-               # Skip files deleted but not yet committed.
-               if [ -e "$f" ] || [ -L "$f" ]; then printf '%s\0' "$f"; fi
-           done) \
-        | tar -C "$REPO" --null -T - -cf - | tar -C "$SRC" -xf -
-else
-    tar -C "$REPO" --exclude=.git --exclude=.venv --exclude=run --exclude=build \
-        --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
-        --exclude=.ruff_cache --exclude=.hypothesis -cf - . | tar -C "$SRC" -xf -
-fi
-
-VERSION=$(dpkg-parsechangelog -l "$SRC/debian/changelog" -S Version)
-CODE_VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$SRC/core/__init__.py")
-[ "$VERSION" = "$CODE_VERSION" ] \
-    || fail "debian/changelog says $VERSION, core/__init__.py says $CODE_VERSION: add a changelog entry"
+mkdir "$WORK/run"
 
 # Every path of the source tree, to compare with what "debian/rules clean"
-# leaves after the build.
+# leaves after the build (build.sh wrote the list before building).
 source_tree() {
     (cd "$SRC" && find . | sort)
 }
-source_tree >"$WORK/tree.before"
 
-say "building $VERSION: dpkg-buildpackage -us -uc -b (log: $WORK/build.log)"
-if ! (cd "$SRC" && env -i PATH="$PATH" HOME="$WORK" LC_ALL=C.UTF-8 \
-        dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1; then
-    tail -n 40 "$WORK/build.log" >&2
-    fail "dpkg-buildpackage failed"
-fi
+say "building from a copy of the checkout in $SRC: dpkg-buildpackage -us -uc -b (log: $WORK/build.log)"
+VERSION=$(bash "$REPO/tests/packaging/build.sh" "$WORK") || fail "building the packages failed"
+say "built $VERSION"
 
 say "debian/rules clean leaves the source tree as it was"
 (cd "$SRC" && env -i PATH="$PATH" HOME="$WORK" LC_ALL=C.UTF-8 debian/rules clean) \
@@ -570,9 +545,19 @@ grep -q "<name>HostName</name>" "$WORK/fg-metrics.xml" || fail "no HostName metr
 retry 10 sh -c "/usr/sbin/vm-dump-metrics --disk '$WORK/run/fg-vhostmd0' | grep -q \"context='vm'\"" \
     || fail "no vm metrics from test:///default"
 titles=$(ps -o args= --sid "$fg_pid")
-for title in "vhostmd: supervisor" "vhostmd: worker" "vhostmd: disk-writer"; do
+for title in "vhostmd: supervisor" "vhostmd: worker" "vhostmd: disk-writer" \
+             "vhostmd: forkserver" "vhostmd: resource tracker"; do
     grep -q "^$title" <<<"$titles" || fail "no process titled '$title': $titles"
 done
+# Every process of the daemon says what it is (actions run in sessions of
+# their own), and the forkserver's preload ran: libvirt is in its memory
+# (the package's private module tree is on the forkserver's path).
+if grep -v '^vhostmd: ' <<<"$titles"; then
+    fail "processes of the daemon without a vhostmd: title (above)"
+fi
+forkserver=$(ps -o pid=,args= --sid "$fg_pid" | awk '$2 == "vhostmd:" && $3 == "forkserver" { print $1 }')
+grep -q libvirt "/proc/$forkserver/maps" \
+    || fail "the forkserver's preload did not run: libvirt is not in its memory"
 kill -TERM "$fg_pid"
 fg_rc=0
 wait "$fg_pid" || fg_rc=$?
