@@ -84,12 +84,21 @@ def fit(handle: DiskHandle, *, shrink: bool = True) -> None:
 
 
 def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = True,
-              regular_only: bool = False) -> DiskHandle:
+              regular_only: bool = False, shrink: bool = True,
+              take_back: bool = False) -> DiskHandle:
     """Open (or create) and lock the metrics disk; raises DiskRefused with one line.
 
     With ``dir_fd``, the file ``path`` names is opened in that directory (openat:
     a per-VM disk in the directory the supervisor opened). ``lock=False`` takes
     no flock (per-VM disks: the daemon locks their directory instead).
+    ``shrink=False`` leaves a larger file as it is (see ``fit``).
+
+    ``take_back=True`` (per-VM disks, in a directory only root may write): a
+    regular file with one link that another user owns and nobody else may
+    write is given back to us (fchown) instead of refused. libvirt's DAC
+    driver chowns every disk image to QEMU's user when a domain starts and
+    never gives read-only ones back; nobody but root can have made the file
+    there. Elsewhere (/dev/shm) the file may be another user's plant.
     """
     try:
         # O_NONBLOCK: opening an odd device node planted at the path must not hang us.
@@ -100,6 +109,8 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
     except OSError as exc:
         raise DiskRefused(f"cannot open metrics disk {path}: {exc.strerror}") from None
     try:
+        if take_back:
+            _take_back(fd)
         try:
             st = check_private(fd, path, what="metrics disk")
         except UnsafeFile as exc:
@@ -111,13 +122,22 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
         if lock:
             lock_exclusive(fd, f"metrics disk {path}", "the disk's lock")
         handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode))
-        fit(handle)
+        fit(handle, shrink=shrink)
     except BaseException:
         if created:
             unlink_if_same(path, fd, dir_fd=dir_fd)  # leave no half-made disk behind
         os.close(fd)
         raise
     return handle
+
+
+def _take_back(fd: int) -> None:
+    """Make a regular, single-link file nobody else may write ours (see open_disk)."""
+    st = os.fstat(fd)
+    me = os.geteuid()
+    if (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and not st.st_mode & 0o022
+            and (st.st_uid, st.st_gid) != (me, os.getegid())):
+        os.fchown(fd, me, os.getegid())
 
 
 def lock_exclusive(fd: int, what: str, lock: str) -> None:

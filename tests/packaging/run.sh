@@ -346,14 +346,21 @@ expect_files vhostmd \
     usr/share/doc/vhostmd/copyright usr/share/doc/vhostmd/changelog.gz \
     usr/share/doc/vhostmd/examples/vhostmd.conf \
     usr/share/doc/vhostmd/examples/vhostmd-pvc.conf \
+    usr/share/doc/vhostmd/examples/vhostmd-pvc-domain.xml \
+    etc/libvirt/hooks/qemu.d/vhostmd \
     "$PRIVATE/etc/vhostmd.dtd" "$PRIVATE/etc/metric.dtd" usr/share/vhostmd/scripts/pagerate.pl
 # Upstream configs run it through PATH: it must stay executable.
 # (grep without -q: an early exit would fail the pipeline under pipefail.)
 dpkg-deb -c "$DAEMON_DEB" | grep -E '^-rwxr-xr-x .* \./usr/share/vhostmd/scripts/pagerate\.pl$' \
     >/dev/null || fail "package vhostmd lacks an executable usr/share/vhostmd/scripts/pagerate.pl"
+# libvirtd runs only executable hooks.
+dpkg-deb -c "$DAEMON_DEB" | grep -E '^-rwxr-xr-x .* \./etc/libvirt/hooks/qemu\.d/vhostmd$' \
+    >/dev/null || fail "package vhostmd lacks an executable /etc/libvirt/hooks/qemu.d/vhostmd"
 # dh_compress compresses the README (long enough) or not (short): either.
 grep -qxE 'usr/share/doc/vhostmd/README\.md(\.gz)?' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks usr/share/doc/vhostmd/README.md"
+grep -qxE 'usr/share/doc/vhostmd/README\.Debian(\.gz)?' "$WORK/vhostmd.files" \
+    || fail "package vhostmd lacks usr/share/doc/vhostmd/README.Debian"
 grep -qxE '(usr/)?lib/systemd/system/vhostmd\.service' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks vhostmd.service"
 expect_files vm-dump-metrics \
@@ -387,7 +394,7 @@ if grep -E "^$PRIVATE/(supervisor|workers|disk|virtio|runtime|etc)/" "$WORK/vm-d
 fi
 
 conffiles=$(dpkg-deb -I "$DAEMON_DEB" conffiles | sort | paste -sd' ')
-[ "$conffiles" = "/etc/default/vhostmd /etc/init.d/vhostmd /etc/vhostmd/vhostmd.conf" ] \
+[ "$conffiles" = "/etc/default/vhostmd /etc/init.d/vhostmd /etc/libvirt/hooks/qemu.d/vhostmd /etc/vhostmd/vhostmd.conf" ] \
     || fail "vhostmd conffiles: $conffiles"
 dpkg-deb --fsys-tarfile "$DAEMON_DEB" | tar -xOf - ./etc/vhostmd/vhostmd.conf \
     | cmp -s - "$SRC/etc/vhostmd-pvc.conf" \
@@ -564,6 +571,32 @@ wait "$fg_pid" || fg_rc=$?
 [ "$fg_rc" -eq 0 ] || { cat "$WORK/fg.log" >&2; fail "vhostmd exited with status $fg_rc on SIGTERM"; }
 [ ! -e "$WORK/run/fg.pid" ] || fail "the pid file is left after SIGTERM"
 no_process_left "after SIGTERM"
+
+# --- the libvirt hook ----------------------------------------------------------------------
+
+say "/etc/libvirt/hooks/qemu.d/vhostmd as libvirtd runs it (prepare begin, domain XML on stdin)"
+hook=/etc/libvirt/hooks/qemu.d/vhostmd
+vm_uuid=5a3c0d2e-7f41-4b8e-9c1d-2e6f8a9b0c11
+write_config "$WORK/hook.conf" "$WORK/run/hook-vhostmd0" hook
+sed -i "s#</globals>#<vm_disks><path>$WORK/run/vms</path></vm_disks></globals>#" "$WORK/hook.conf"
+/usr/sbin/vhostmd --check -f "$WORK/hook.conf" || fail "the hook test's configuration is invalid"
+echo "VHOSTMD_CONFIG=$WORK/hook.conf" >"$WORK/hook-default"
+cat >"$WORK/hook-domain.xml" <<EOF
+<domain type='kvm'><name>web1</name><uuid>$vm_uuid</uuid><devices>
+<disk type='file' device='disk'><driver name='qemu' type='raw'/>
+<source file='$WORK/run/vms/$vm_uuid'/><target dev='sdz' bus='usb'/><readonly/></disk>
+</devices></domain>
+EOF
+out=$("$hook" web1 started begin - <"$WORK/hook-domain.xml" 2>&1) || fail "hook (started begin) failed: $out"
+[ -z "$out" ] && [ ! -e "$WORK/run/vms" ] || fail "hook (started begin) did something: $out"
+started=$(date +%s%N)
+out=$(VHOSTMD_DEFAULTS="$WORK/hook-default" "$hook" web1 prepare begin - <"$WORK/hook-domain.xml" 2>&1) \
+    || fail "hook (prepare begin) failed: $out"
+took=$(( ($(date +%s%N) - started) / 1000000 ))
+[ -z "$out" ] || fail "hook (prepare begin) printed: $out"
+[ "$(stat -c '%s %a %U' "$WORK/run/vms/$vm_uuid")" = "65536 644 root" ] \
+    || fail "hook made no 64 KiB root file $WORK/run/vms/$vm_uuid"
+say "the hook made $WORK/run/vms/$vm_uuid in $took ms"
 
 # --- the init script ---------------------------------------------------------------------
 
@@ -744,6 +777,7 @@ INSTALLED=0
 no_process_left "after purge"
 [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after purge"
 for path in /etc/vhostmd /etc/default/vhostmd /etc/init.d/vhostmd /usr/share/vhostmd \
+            /etc/libvirt/hooks/qemu.d/vhostmd \
             /usr/sbin/vhostmd /usr/sbin/rcvhostmd /usr/sbin/vm-dump-metrics /usr/sbin/vm_dump_metrics; do
     if [ -e "$path" ] || [ -L "$path" ]; then
         fail "$path is left after purge"
