@@ -6,6 +6,11 @@ its metrics already rendered (bytes in the document's exact layout, see
 ``vhostmd.document``): the supervisor only joins fragments, it never builds or
 unpickles one object per metric.
 
+Every other message a child sends is one of the small types at the end
+(``Ready``, ``DiskWritten``, ``VirtioStatus``, ...; ``CHILD_MESSAGES``): both
+directions are typed, and the supervisor replaces a child that sends
+anything else.
+
 Deadlines are CLOCK_MONOTONIC readings, which are the same in every process of
 the machine. Nothing here imports libvirt, psutil or a process module.
 """
@@ -168,3 +173,75 @@ class JobResult:
     # Instead of ``vms``, for large results: the fragments are in the worker's
     # result slot (see vhostmd.runtime.published), these are their (id, end) pairs.
     vms_in_slot: bytes | None = None
+
+
+# -- what children tell the supervisor (besides a worker's JobResult and log records) --
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A child started and serves (every child, once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiskReady:
+    """The disk-writer mapped its disk(s) and waits for documents."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class DiskFailed:
+    """The disk-writer cannot use its disk; it exits after saying why (one line)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DiskWritten:
+    """The disk-writer is done with publication ``seq`` (written, or ``error``)."""
+
+    seq: int
+    error_kind: str | None = None  # "too-large", "truncated", "os-error N"
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioTaken:
+    """The virtio process copied publication ``seq`` out of shared memory."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioStatus:
+    """The virtio process's channels now."""
+
+    connected: int
+    known: int
+    maximum: int
+    refused: int  # VMs refused a channel for max_channels
+
+
+@dataclass(frozen=True, slots=True)
+class DomainsChanged:
+    """libvirt said a domain started, stopped or crashed (``domain_id``), or the
+    events connection came (back), when anything may have changed (None)."""
+
+    event: str  # "started", "stopped", "crashed", "connected"
+    domain_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventsState:
+    """Whether the events child receives lifecycle events, and why not."""
+
+    connected: bool
+    detail: str
+
+
+ChildMessage = (Ready | DiskReady | DiskFailed | DiskWritten | VirtioTaken | VirtioStatus
+                | DomainsChanged | EventsState)
+# For isinstance(): every type a child may send besides JobResult.
+CHILD_MESSAGES = (Ready, DiskReady, DiskFailed, DiskWritten, VirtioTaken, VirtioStatus,
+                  DomainsChanged, EventsState)

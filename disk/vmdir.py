@@ -34,13 +34,13 @@ import errno
 import fcntl
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vhostmd import mdisk
 from vhostmd.disk.handle import DiskHandle, DiskRefused, lock_exclusive, open_disk
+from vhostmd.runtime.files import UnsafeFile, check_owned
 
 if TYPE_CHECKING:  # imported where a VmDir is made: the hook never loads the child runtime
     from vhostmd.runtime.child import InheritedFd
@@ -110,14 +110,10 @@ def open_vm_dir_fd(path: str, *, lock: bool, parents: bool = True) -> int:
                               "there (name the real directory)") from None
         raise DiskRefused(f"cannot open {what}: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
-        me = os.geteuid()
-        if st.st_uid != me:
-            raise DiskRefused(f"{what} belongs to uid {st.st_uid}, not to uid {me}; "
-                              "give it to that user or name another")
-        if st.st_mode & 0o022:
-            raise DiskRefused(f"{what} can be written by group or others (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w it")
+        try:
+            check_owned(os.fstat(fd), path, what="VM disk directory")
+        except UnsafeFile as exc:
+            raise DiskRefused(str(exc)) from None
         if lock:
             lock_exclusive(fd, what, "the directory's lock")
     except BaseException:

@@ -14,6 +14,7 @@ from vhostmd.disk.vmdir import VmDir
 from vhostmd.disk.vmwriter import VmDisks
 from vhostmd.runtime.child import ChildContext, serve
 from vhostmd.runtime.published import Placement, SharedSlots
+from vhostmd.wire import DiskFailed, DiskReady, DiskWritten
 
 log = logging.getLogger("vhostmd")
 
@@ -41,12 +42,12 @@ def disk_writer_main(ctx: ChildContext, handle: DiskHandle | None,
 
             vm_disks = VmDisks(vm_dir)
     except DiskRefused as exc:
-        ctx.send(("disk-failed", str(exc)))
+        ctx.send(DiskFailed(str(exc)))
         raise SystemExit(1) from None
     except OSError as exc:
-        ctx.send(("disk-failed", f"cannot map metrics disk {path}: {exc.strerror or exc}"))
+        ctx.send(DiskFailed(f"cannot map metrics disk {path}: {exc.strerror or exc}"))
         raise SystemExit(1) from None
-    ctx.send(("disk-ready", path))
+    ctx.send(DiskReady(path))
     idle = f"disk-writer {path}"
     vm_error: list[str] = []
 
@@ -66,16 +67,16 @@ def disk_writer_main(ctx: ChildContext, handle: DiskHandle | None,
         # A copy out of the slot at once: the supervisor may reuse it after our ack.
         content = slots.read(placement, 0, placement.document_end)
         ctx.title(f"{idle} writing")
-        ack: tuple = ("disk-written", seq, None, None)
+        ack = DiskWritten(seq)
         if disk is not None:
             try:
                 disk.write(content)
             except DiskTooSmall as exc:
-                ack = ("disk-written", seq, "too-large", str(exc))
+                ack = DiskWritten(seq, "too-large", str(exc))
             except DiskShrunk as exc:
-                ack = ("disk-written", seq, "truncated", str(exc))
+                ack = DiskWritten(seq, "truncated", str(exc))
             except OSError as exc:
-                ack = ("disk-written", seq, f"os-error {exc.errno}", str(exc))
+                ack = DiskWritten(seq, f"os-error {exc.errno}", str(exc))
         if vm_disks is not None and vms is not None:
             write_vms(vms)
         ctx.send(ack)

@@ -52,6 +52,8 @@ from typing import Any
 
 import setproctitle
 
+from vhostmd.wire import Ready
+
 log = logging.getLogger("vhostmd")
 
 CTX = multiprocessing.get_context("forkserver")
@@ -263,7 +265,7 @@ def child_main(target: str, kwargs: dict[str, Any], ctx: ChildContext, level: in
     _setup(ctx)
     logging.getLogger("vhostmd").setLevel(level)
     ctx.beat()
-    ctx.send(("ready",))
+    ctx.send(Ready())
     module, _, function = target.partition(":")
     try:
         main = getattr(importlib.import_module(module), function)

@@ -62,11 +62,9 @@ def open_no_follow(path: str, flags: int, *, what: str, mode: int = 0o644,
     raise UnsafeFile(f"{what} {path} keeps appearing and disappearing; not using it")
 
 
-def check_private(fd: int, path: str, *, what: str) -> os.stat_result:
-    """Refuse a regular file that another user owns or may write, or that has other names."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        return st
+def check_owned(st: os.stat_result, path: str, *, what: str) -> None:
+    """The one ownership rule for what the daemon writes as root (files, the
+    per-VM disk directory): it is the daemon's user's, and nobody else may write it."""
     me = os.geteuid()
     if st.st_uid != me:
         raise UnsafeFile(f"{what} {path} belongs to {_user(st.st_uid)}, not to {_user(me)}; "
@@ -74,6 +72,14 @@ def check_private(fd: int, path: str, *, what: str) -> os.stat_result:
     if st.st_mode & 0o022:
         raise UnsafeFile(f"{what} {path} can be written by group or others "
                          f"(mode {stat.S_IMODE(st.st_mode):04o}); remove it or chmod go-w it")
+
+
+def check_private(fd: int, path: str, *, what: str) -> os.stat_result:
+    """Refuse a regular file that another user owns or may write, or that has other names."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return st
+    check_owned(st, path, what=what)
     if st.st_nlink != 1:
         # Another name for the same file, possibly in a place another user controls.
         raise UnsafeFile(f"{what} {path} has {st.st_nlink} hard links; not using it")

@@ -48,7 +48,19 @@ from vhostmd.supervisor.publisher import Publisher
 from vhostmd.supervisor.scheduler import CycleRunner
 from vhostmd.supervisor.status import StatusFile, build_status
 from vhostmd.supervisor.vmdisks import reload_vm_dir
-from vhostmd.wire import JobResult
+from vhostmd.wire import (
+    CHILD_MESSAGES,
+    ChildMessage,
+    DiskFailed,
+    DiskReady,
+    DiskWritten,
+    DomainsChanged,
+    EventsState,
+    JobResult,
+    Ready,
+    VirtioStatus,
+    VirtioTaken,
+)
 
 log = logging.getLogger("vhostmd")
 
@@ -209,7 +221,7 @@ class Supervisor:
             self.handle_signals()
             self.handle_events()
             self.sleep_until(until)
-        self.cycles.clock_.reanchor(self.clock())
+        self.cycles.cycle_clock.reanchor(self.clock())
 
     def recover(self) -> None:
         # A bug must not take every guest's metrics down with the supervisor:
@@ -283,8 +295,8 @@ class Supervisor:
                 log.handle(message)  # a child's log line, written where ours go
             elif not self.pool.is_current(child):
                 # From a child already replaced: only its last words still matter.
-                if isinstance(message, tuple) and message and message[0] == "disk-failed":
-                    log.error("%s", message[1])
+                if isinstance(message, DiskFailed):
+                    log.error("%s", message.reason)
             elif isinstance(message, Unreadable):
                 self.pool.replace(child, f"sent an unreadable message ({message.why}); killed")
                 self.children_changed = True
@@ -299,34 +311,37 @@ class Supervisor:
                     continue
                 child.busy_with = None
                 self.cycles.handle_result(message)
-            elif isinstance(message, tuple) and message:
+            elif isinstance(message, CHILD_MESSAGES):
                 self.handle_child_message(child, message)
+            else:
+                self.pool.replace(child, f"sent a message of unknown type "
+                                  f"{type(message).__name__}; killed")
+                self.children_changed = True
 
-    def handle_child_message(self, child: Child, message: tuple) -> None:
-        kind = message[0]
-        if kind == "ready":
+    def handle_child_message(self, child: Child, message: ChildMessage) -> None:
+        if isinstance(message, Ready):
             child.ready = True
-        elif kind == "disk-ready":
+        elif isinstance(message, DiskReady):
             self.publisher.writer_ready()
-        elif kind == "disk-written":
-            _, _seq, error_kind, error = message
-            self.publisher.written(error_kind, error)
+        elif isinstance(message, DiskWritten):
+            self.publisher.written(message.error_kind, message.error)
             # The disk (and every per-VM disk) holds a document now: libvirt,
             # ordered after us, may start guests.
             self.notifier.notify_ready(self.status_line())
-        elif kind == "disk-failed":
-            log.error("%s", message[1])
-        elif kind == "virtio-taken":
+        elif isinstance(message, DiskFailed):
+            log.error("%s", message.reason)
+        elif isinstance(message, VirtioTaken):
             self.publisher.virtio_took()
-        elif kind == "virtio-status":
-            self.virtio_status = tuple(message[1:4])  # type: ignore[assignment]
-            self.virtio_refused = message[4] if len(message) > 4 else 0
-        elif kind == "domains-changed":
-            log.debug("libvirt event: %s%s; listing again now", message[1],
-                      f" (domain id {message[2]})" if message[2] is not None else "")
+        elif isinstance(message, VirtioStatus):
+            self.virtio_status = (message.connected, message.known, message.maximum)
+            self.virtio_refused = message.refused
+        elif isinstance(message, DomainsChanged):
+            log.debug("libvirt event: %s%s; listing again now", message.event,
+                      f" (domain id {message.domain_id})" if message.domain_id is not None
+                      else "")
             self.cycles.instant.request()
-        elif kind == "events-state":
-            self.cycles.instant.state(bool(message[1]), str(message[2]))
+        elif isinstance(message, EventsState):
+            self.cycles.instant.state(message.connected, message.detail)
 
     def on_lost(self, child: Child, why: str) -> None:
         self.cycles.on_lost(child, why)

@@ -152,15 +152,15 @@ class Cycle:
 
 def store_fragments(into: dict[Any, dict[int | None, bytes]], key: Order | Identity,
                     result: JobResult) -> None:
-    slot = into.setdefault(key, {})
+    by_vm = into.setdefault(key, {})
     if result.host:
-        slot[None] = result.host
-    slot.update(result.vms)  # one dict update for all VMs of a job, not a loop
+        by_vm[None] = result.host
+    by_vm.update(result.vms)  # one dict update for all VMs of a job, not a loop
 
 
 def by_identity(fragments: Fragments, layout: dict[Order, Identity]) -> Values:
     """A cycle's fragments keyed by what they are (``layout``: the config it was planned from)."""
-    return {layout[order]: slot for order, slot in fragments.items() if order in layout}
+    return {layout[order]: by_vm for order, by_vm in fragments.items() if order in layout}
 
 
 class LatestValues:
@@ -180,9 +180,9 @@ class LatestValues:
         self.stamps: dict[Identity, dict[int | None, float]] = {}
 
     def store(self, fresh: Values, now: float) -> None:
-        for identity, slot in fresh.items():
-            self.fragments.setdefault(identity, {}).update(slot)
-            self.stamps.setdefault(identity, {}).update(dict.fromkeys(slot, now))
+        for identity, by_vm in fresh.items():
+            self.fragments.setdefault(identity, {}).update(by_vm)
+            self.stamps.setdefault(identity, {}).update(dict.fromkeys(by_vm, now))
 
     def fill(self, fresh: Values, live: set[int] | None, now: float, max_age: float,
              wanted: Container[Identity]) -> int:
@@ -204,11 +204,11 @@ class LatestValues:
             for key in forget:
                 kept.pop(key, None)
                 stamps.pop(key, None)
-            slot = fresh.setdefault(identity, {})
-            for key in kept.keys() - slot.keys():
+            by_vm = fresh.setdefault(identity, {})
+            for key in kept.keys() - by_vm.keys():
                 if key is not None and live is None:
                     continue
-                slot[key] = kept[key]
+                by_vm[key] = kept[key]
                 carried += 1
         return carried
 
@@ -221,17 +221,17 @@ def render(fragments: Fragments, domains: tuple[Domain, ...], capacity: int | No
     document that does not fit keeps the host metrics and as many whole VMs
     as fit, lowest domain ids first; virtio still serves every VM.
     """
-    slots = [fragments[order] for order in sorted(fragments)]
-    host = b"".join(slot[None] for slot in slots if None in slot)
+    positions = [fragments[order] for order in sorted(fragments)]
+    host = b"".join(by_vm[None] for by_vm in positions if None in by_vm)
     live = {d.id for d in domains}
-    vm_slots = [slot for slot in slots if len(slot) > (None in slot)]
+    vm_positions = [by_vm for by_vm in positions if len(by_vm) > (None in by_vm)]
     vm_fragments: dict[int, bytes] = {}
-    if len(vm_slots) == 1:  # the common case: one job (the built-ins) for every VM
-        only = vm_slots[0]
+    if len(vm_positions) == 1:  # the common case: one job (the built-ins) for every VM
+        only = vm_positions[0]
         vm_fragments = {vm_id: only[vm_id] for vm_id in sorted(live & only.keys())}
     else:
         for vm_id in sorted(live):  # VMs not listed this cycle are gone: never published
-            parts = [slot[vm_id] for slot in vm_slots if vm_id in slot]
+            parts = [by_vm[vm_id] for by_vm in vm_positions if vm_id in by_vm]
             if parts:
                 vm_fragments[vm_id] = b"".join(parts)
     document = assemble([host, *vm_fragments.values()])

@@ -1,6 +1,6 @@
 """Extra cycles on libvirt lifecycle events, between the regular ones.
 
-The events child (``vhostmd.workers.events``) says "domains-changed" when a
+The events child (``vhostmd.workers.events``) sends DomainsChanged when a
 domain starts or stops. The supervisor then runs a cycle at once if none is
 running, or right after the running one, so a new VM is served and a stopped
 one leaves the document within a second instead of one update period.

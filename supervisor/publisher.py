@@ -8,10 +8,10 @@ fragment, each VM's fragment by UUID and the defined domains (``vm_batch``):
 still one message per cycle, under the same flow control.
 
 Each reader has at most one placement in flight, always the newest: it
-acknowledges it (the disk-writer "disk-written" once written, virtio
-"virtio-taken" once copied), and a result replaced by a newer one before
+acknowledges it (the disk-writer DiskWritten once written, virtio
+VirtioTaken once copied), and a result replaced by a newer one before
 the reader was free is simply never sent to it. A slot is rewritten only when
-no reader holds it. A new writer says "disk-ready" and gets the latest
+no reader holds it. A new writer says DiskReady and gets the latest
 document at once; a restarted virtio process gets the latest fragments at once.
 """
 

@@ -97,7 +97,7 @@ class CycleRunner:
         self._plans_for: Config | None = None
         self._layout = planning.Layout({}, {})
         self._layout_for: Config | None = None
-        self.clock_ = CycleClock(config().update_period, clock())
+        self.cycle_clock = CycleClock(config().update_period, clock())
         self.instant = InstantCycles()  # extra cycles on libvirt lifecycle events
         self.last_cycle_wall = 0.0
         self.refresh = 0.0  # about how long a round of every shell action takes (smoothed)
@@ -109,13 +109,13 @@ class CycleRunner:
     def next_wakeup(self) -> float:
         if self.cycle is not None:
             return self.cycle.deadline
-        return self.instant.wake(self.clock_.next)
+        return self.instant.wake(self.cycle_clock.next)
 
     def step(self) -> None:
         now = self.clock()
-        if self.cycle is None and now >= self.clock_.next:
+        if self.cycle is None and now >= self.cycle_clock.next:
             self.start_cycle(now)
-        elif self.cycle is None and self.instant.due(now, self.clock_.next):
+        elif self.cycle is None and self.instant.due(now, self.cycle_clock.next):
             self.start_cycle(now, extra=True)
         self.dispatch()
         if self.cycle is not None and (self.cycle.complete or now >= self.cycle.deadline):
@@ -127,7 +127,7 @@ class CycleRunner:
         """After an internal error: no cycle, nothing pending, the next at ``restart_at``."""
         self.cycle = None
         self.pending.clear()
-        self.clock_.reanchor(restart_at)
+        self.cycle_clock.reanchor(restart_at)
 
     def reconfigured(self, now: float) -> None:
         """A reload: the next document published is the new config's, and soon.
@@ -136,11 +136,11 @@ class CycleRunner:
         end (its listing and values still count) but publishes nothing, and
         the next cycle starts as soon as it ends; otherwise one starts now.
         """
-        self.clock_.period = self.config().update_period
+        self.cycle_clock.period = self.config().update_period
         if self.cycle is not None:
             self.cycle.replanned = True
         else:
-            self.clock_.reanchor(now)
+            self.cycle_clock.reanchor(now)
 
     def handle_result(self, result: JobResult) -> None:
         entry = self.inflight.pop(result.job_id, None)
@@ -214,7 +214,7 @@ class CycleRunner:
         self.cycle_number += 1
         deadline = now + max(0.5, 0.8 * period)
         if extra:  # asked for by a libvirt event: ends by the next regular start
-            deadline = self.instant.deadline(deadline, self.clock_.next)
+            deadline = self.instant.deadline(deadline, self.cycle_clock.next)
         self.instant.started(self.cycle_number, now, extra)
         cycle = Cycle(self.cycle_number, now, deadline, layout=self.layout().identity)
         # Jobs end a little before the cycle does, so a timed-out job is
@@ -286,7 +286,7 @@ class CycleRunner:
         if cycle.replanned:
             # Planned from the config a reload replaced: the next cycle, at
             # once, is the new config's first document.
-            self.clock_.reanchor(self.clock())
+            self.cycle_clock.reanchor(self.clock())
             log.debug("cycle %d: planned before the reload, not published", cycle.number)
             return
         live = {d.id for d in cycle.domains} if cycle.domains is not None else None
@@ -320,7 +320,7 @@ class CycleRunner:
         # An extra cycle (libvirt event) leaves the regular schedule as it is.
         late = 0.0
         if not self.instant.is_extra(cycle.number):
-            late = self.clock_.advance(self.clock())
+            late = self.cycle_clock.advance(self.clock())
         if late:
             log.warning("cycle %d overran the %d s update period (%.2f s late)",
                         cycle.number, self.config().update_period, late)

@@ -178,20 +178,14 @@ def values(disk: Path | str) -> dict[tuple[str, str, int | None], str]:
 
 
 def metric_names(disk: Path | str) -> set[str]:
-    """Metric names on the disk now (empty while there is no readable document)."""
-    try:
-        return {m.name for m in disk_metrics(disk)}
-    except Exception:
-        return set()
+    """Metric names on the disk now (empty while there is no document yet)."""
+    return {m.name for m in ready_metrics(disk) or ()}
 
 
 def host_value(disk: Path | str, name: str) -> str | None:
-    """The value of host metric ``name`` now (None while there is none, or no document)."""
-    try:
-        return next((m.value for m in disk_metrics(disk)
-                     if m.name == name and m.vm_id is None), None)
-    except Exception:
-        return None
+    """The value of host metric ``name`` now (None while there is none, or no document yet)."""
+    return next((m.value for m in ready_metrics(disk) or ()
+                 if m.name == name and m.vm_id is None), None)
 
 
 def updates_resume(disk: Path | str, timeout: float = 5.0, metric: str = "Nanos") -> None:

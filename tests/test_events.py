@@ -24,7 +24,7 @@ import pytest
 from vhostmd.supervisor.cycle import CycleClock
 from vhostmd.supervisor.instant import MIN_GAP, InstantCycles
 
-from daemon_harness import Daemon, config_xml, disk_metrics, metric_xml, virtio_xml, wait_for
+from daemon_harness import Daemon, config_xml, metric_xml, ready_metrics, virtio_xml, wait_for
 from test_faults import Libvirtd, libvirtd  # noqa: F401 - the fixture
 from test_virtio import FakeQemu
 
@@ -58,17 +58,12 @@ def create(server: Libvirtd, name: str, where: Path) -> None:
 
 def vm_ids(disk: Path) -> set[int] | None:
     """Domain ids with a VmId on the disk now (None while no document is readable)."""
-    try:
-        return {int(m.value) for m in disk_metrics(disk) if m.name == "VmId"}
-    except Exception:
-        return None
+    metrics = ready_metrics(disk)
+    return None if metrics is None else {int(m.value) for m in metrics if m.name == "VmId"}
 
 
 def nanos(disk: Path) -> str | None:
-    try:
-        return next((m.value for m in disk_metrics(disk) if m.name == "Nanos"), None)
-    except Exception:
-        return None
+    return next((m.value for m in ready_metrics(disk) or () if m.name == "Nanos"), None)
 
 
 def after_a_regular_cycle(disk: Path) -> None:

@@ -25,7 +25,7 @@ import pytest
 
 from vhostmd.runtime.child import GROUP, start_forkserver
 from vhostmd.supervisor.pool import ChildPool, ChildSpec
-from vhostmd.wire import JobResult, MetricDef, RunAction
+from vhostmd.wire import JobResult, MetricDef, Ready, RunAction
 
 from daemon_harness import alive, wait_for
 
@@ -60,9 +60,10 @@ class Pool:
                 return
 
     def said(self, child: object, kind: type | str) -> object | None:
+        """The first message of type ``kind`` ("ready": Ready) ``child`` sent, if any."""
+        wanted = Ready if kind == "ready" else kind
         for who, message in self.seen:
-            if who is child and (message == (kind,) if isinstance(kind, str)
-                                 else isinstance(message, kind)):
+            if who is child and isinstance(message, wanted):  # type: ignore[arg-type]
                 return message
         return None
 

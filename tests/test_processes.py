@@ -25,8 +25,8 @@ from daemon_harness import (
     alive,
     children_of,
     config_xml,
-    disk_metrics,
     metric_xml,
+    ready_metrics,
     wait_document,
     wait_for,
 )
@@ -56,10 +56,7 @@ def test_supervisor_has_no_libvirt_and_children_hold_no_sibling_pipes(tmp_path: 
                       + '<builtin set="vhostmd"/>', globals_extra="<workers>3</workers>")
     with Daemon(tmp_path, conf) as daemon:
         def vm_metrics() -> bool:
-            try:
-                return any(m.context == "vm" for m in disk_metrics(disk))
-            except Exception:
-                return False
+            return any(m.context == "vm" for m in ready_metrics(disk) or ())
 
         wait_for(vm_metrics, 10, "VM metrics")
         supervisor = psutil.Process(daemon.pid)

@@ -28,7 +28,17 @@ from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, VIRTIO_SLOT, wan
 from vhostmd.supervisor.config import Config, load_config, parse_config_bytes
 from vhostmd.supervisor.cycle import Cycle, CycleClock, render
 from vhostmd.supervisor.pool import ChildPool, ChildSpec, SlotHistory, describe_exit
-from vhostmd.wire import Collect, Domain, JobResult, ListDomains, RunAction, needs_libvirt
+from vhostmd.wire import (
+    Collect,
+    DiskReady,
+    Domain,
+    EventsState,
+    JobResult,
+    ListDomains,
+    RunAction,
+    VirtioStatus,
+    needs_libvirt,
+)
 from vhostmd.workers.collectors import plan as plan_collectors
 from vhostmd.workers.results import FragmentBuilder
 
@@ -501,7 +511,7 @@ def test_loop_recovers_from_an_internal_error(sup_rig: Callable[[str], Superviso
     rig.run_once()  # cycle 1 planned; the children start
     assert rig.sup.cycles.cycle is not None and rig.sup.cycles.cycle.number == 1
     worker, disk = rig.child(0), rig.child(DISK_SLOT)
-    rig.say(disk, ("disk-ready", str(tmp_path / "disk")))
+    rig.say(disk, DiskReady(str(tmp_path / "disk")))
     rig.run_once()  # the listing goes out
     [listing] = worker.sent
     worker.sent.clear()
@@ -518,7 +528,7 @@ def test_loop_recovers_from_an_internal_error(sup_rig: Callable[[str], Superviso
     # The cycle is dropped and the next one is a whole period away.
     error_at = rig.clock()
     assert rig.sup.cycles.cycle is None and not rig.sup.cycles.pending
-    assert rig.sup.cycles.clock_.next == error_at + period
+    assert rig.sup.cycles.cycle_clock.next == error_at + period
     rig.clock.advance(period - 0.25)
     rig.run_once()
     assert rig.sup.cycles.cycle is None
@@ -612,17 +622,31 @@ def test_the_events_childs_state_leaves_the_virtio_refused_count_alone(
                              globals_extra="<workers>1</workers>" + virtio_xml(tmp_path)))
     rig.run_once()  # the children start
     virtio, events = rig.child(VIRTIO_SLOT), rig.child(EVENTS_SLOT)
-    rig.say(virtio, ("virtio-status", 2, 3, 2, 1))  # connected, known, max, refused
+    rig.say(virtio, VirtioStatus(connected=2, known=3, maximum=2, refused=1))
     rig.run_once()
     assert rig.sup.virtio_status == (2, 3, 2) and rig.sup.virtio_refused == 1
     # The events child connecting (or losing libvirt) says nothing about channels;
     # the virtio process reports only changes, so a reset would stick.
-    rig.say(events, ("events-state", True, "watching"))
+    rig.say(events, EventsState(True, "watching"))
     rig.run_once()
     assert rig.sup.virtio_refused == 1
-    rig.say(events, ("events-state", False, "lost"))
+    rig.say(events, EventsState(False, "lost"))
     rig.run_once()
     assert rig.sup.virtio_status == (2, 3, 2) and rig.sup.virtio_refused == 1
+
+
+def test_a_child_message_of_no_known_type_replaces_the_child(
+        sup_rig: Callable[[str], SupervisorRig], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    rig = sup_rig(config_xml(tmp_path / "disk", metric_xml("A", "echo 1", mtype="uint32"),
+                             globals_extra="<workers>1</workers>"))
+    rig.run_once()  # the children start
+    worker = rig.child(0)
+    rig.say(worker, ("ready",))  # a plain tuple: not part of the contract (core/wire.py)
+    with caplog.at_level(logging.WARNING, "vhostmd"):
+        rig.run_once()
+    assert "sent a message of unknown type tuple; killed" in caplog.text
+    assert rig.child(0) is not worker
 
 
 def test_freed_memory_goes_back_only_after_a_long_enough_idle(

@@ -322,6 +322,14 @@ def test_domain_xml_makes_the_disk_and_names_what_to_attach(tmp_path: Path) -> N
                               "link; vhostmd does not follow links there (name the real "
                               "directory)\n")
     assert list(real.iterdir()) == []
+    # The directory follows the daemon's one rule for what it writes as root
+    # (runtime/files.py): its own, and nobody else may write it.
+    real.chmod(0o775)
+    linked.write_text(only_vm_disks(real, NANOS))
+    refused = run_domain_xml(linked, "test:///default", "test")
+    assert refused.stderr == (f"vhostmd: VM disk directory {real} can be written by group or "
+                              "others (mode 0775); remove it or chmod go-w it\n")
+    assert list(real.iterdir()) == []
 
 
 def test_domain_xml_is_accepted_by_libvirt(tmp_path: Path,

@@ -37,6 +37,7 @@ from vhostmd.protocol import CHANNEL_NAME, build_response
 from vhostmd.runtime.child import ChildContext, IdleTrim
 from vhostmd.runtime.published import SharedSlots, VmFragments
 from vhostmd.virtio.channel import THROTTLED, Channel, ChannelClosed
+from vhostmd.wire import VirtioStatus, VirtioTaken
 
 log = logging.getLogger("vhostmd")
 
@@ -330,7 +331,7 @@ def virtio_main(ctx: ChildContext, *, channel_paths: tuple[str, ...], max_channe
             if status != shown:
                 shown = status
                 ctx.title("virtio {}/{}/{} channels".format(*status))
-                ctx.send(("virtio-status", *status))  # connected, known, max, refused
+                ctx.send(VirtioStatus(*status))
             if ctx.orphaned():
                 return
             trim.poll()
@@ -371,7 +372,7 @@ def receive_messages(ctx: ChildContext, manager: ChannelManager, now: float,
             _, placement, domains = message
             # Copied out at once, then acknowledged: the slot is the supervisor's again.
             host_fragment, vm_fragments = slots.take(placement)
-            ctx.send(("virtio-taken", placement.seq))
+            ctx.send(VirtioTaken(placement.seq))
             manager.update_metrics(host_fragment, vm_fragments, domains, now)
             trim.worked()
         else:

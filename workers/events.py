@@ -7,14 +7,14 @@ supervisor runs a cycle right away instead of at the next period: a new VM
 gets its metrics and its virtio channel, a stopped one leaves the document,
 within a second.
 
-Messages to the supervisor (tuples, like the other children's):
+Messages to the supervisor (``vhostmd.wire``):
 
-- ``("domains-changed", EVENT, DOMAIN_ID)``: a domain started, stopped or
-  crashed (EVENT is "started", "stopped" or "crashed"), or ``("domains-changed",
-  "connected", None)`` after (re)connecting: anything may have changed while
-  nobody was watching.
-- ``("events-state", CONNECTED, DETAIL)``: whether events are being received
-  now, and if not why (one line).
+- ``DomainsChanged(event, domain_id)``: a domain started, stopped or crashed
+  (event "started", "stopped" or "crashed"), or ``DomainsChanged("connected",
+  None)`` after (re)connecting: anything may have changed while nobody was
+  watching.
+- ``EventsState(connected, detail)``: whether events are being received now,
+  and if not why (one line).
 
 Nothing depends on these messages arriving: without them the supervisor
 lists every cycle as it always does. So the connection is lost (libvirtd
@@ -39,6 +39,7 @@ import time
 import libvirt
 
 from vhostmd.runtime.child import ChildContext
+from vhostmd.wire import DomainsChanged, EventsState
 from vhostmd.workers.libvirt_conn import FIRST_RETRY, MAX_RETRY, error_message
 
 log = logging.getLogger("vhostmd")
@@ -114,7 +115,7 @@ class EventWatcher:
             domain_id: int | None = dom.ID()
         except libvirt.libvirtError:
             domain_id = None
-        self.ctx.send(("domains-changed", what, domain_id))
+        self.ctx.send(DomainsChanged(what, domain_id))
 
     def on_close(self, _conn: object, reason: int, _opaque: object) -> None:
         self.lost_reason = {
@@ -177,7 +178,7 @@ class EventWatcher:
     def tell(self, connected: bool, detail: str) -> None:
         if self.state != (connected, detail):
             self.state = (connected, detail)
-            self.ctx.send(("events-state", connected, detail))
+            self.ctx.send(EventsState(connected, detail))
 
     def step(self, now: float) -> None:
         """Keep the connection: notice its loss, reconnect when it is time."""
@@ -207,7 +208,7 @@ class EventWatcher:
         self.failures = 0
         self.tell(True, "watching")
         # Whatever happened while nobody watched: list again now.
-        self.ctx.send(("domains-changed", "connected", None))
+        self.ctx.send(DomainsChanged("connected", None))
 
 
 def events_main(ctx: ChildContext, uri: str | None) -> None:
