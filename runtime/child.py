@@ -49,6 +49,8 @@ from typing import Any
 
 import setproctitle
 
+from vhostmd.runtime.privileges import RUN_AS_ENV, forbid_tracing
+
 log = logging.getLogger("vhostmd")
 
 CTX = multiprocessing.get_context("forkserver")
@@ -205,6 +207,9 @@ class _ToSupervisor(logging.Handler):
 def _setup(ctx: ChildContext) -> None:
     with contextlib.suppress(AttributeError):
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Inherited from the forkserver already; a child holds root's descriptors
+    # (the disk, the channels), so it makes sure (runtime/privileges.py).
+    forbid_tracing()
     # Our parent is the forkserver, which exits when the supervisor does: then
     # the kernel kills us too (PDEATHSIG above), even after a SIGKILL.
     ctx.parent_pid = os.getppid()
@@ -267,13 +272,16 @@ def serve(ctx: ChildContext, handle: Any, idle_title: str) -> None:
         ctx.title(idle_title)
 
 
-def start_forkserver() -> None:
+def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     """Start the process children are forked from; call before any thread exists.
 
-    It is started from the supervisor as it is then (user, groups, working
-    directory), so call it after dropping privileges.
+    With ``run_as`` (user, uid, gid; -u), call it as root before dropping
+    privileges: the forkserver starts as root and becomes that user itself
+    before it imports anything of ours (runtime/privileges.py), and its
+    socket is given to the user so that the supervisor, by then that user
+    too, can connect to it.
     """
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, util
 
     # multiprocessing re-runs the parent's main script (or module, with -m)
     # in every child it starts, to find functions defined there, unless
@@ -285,7 +293,20 @@ def start_forkserver() -> None:
     if hasattr(main, "__file__"):
         del main.__file__
     CTX.set_forkserver_preload(["vhostmd.runtime.forkserver"])
-    forkserver.ensure_running()
+    if run_as is None:
+        forkserver.ensure_running()
+        return
+    user, uid, gid = run_as
+    os.environ[RUN_AS_ENV] = f"{user}:{uid}:{gid}"
+    try:
+        forkserver.ensure_running()
+    finally:
+        del os.environ[RUN_AS_ENV]
+    # The listener's directory (private, 0700) and socket: the supervisor
+    # connects for every child it starts, as the user.
+    address = forkserver._forkserver._forkserver_address  # type: ignore[attr-defined]
+    for path in (util.get_temp_dir(), address):
+        os.chown(path, uid, gid)
 
 
 def stop_forkserver() -> None:

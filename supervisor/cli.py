@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("vhostmd %s starting: %s", __version__,
                  shlex.join(sys.argv[1:] if argv is None else argv))
         if run_as is not None:
+            # Started as root, it becomes the user itself (runtime/privileges.py).
+            start_forkserver((run_as.user, run_as.uid, run_as.gid))
             drop_privileges(run_as)
             # What children run is imported by the forkserver, as this user.
             problem = unreadable_by_us()
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{run_as.user} can read it (the Debian package does) "
                                    "or run without -u")
     except StartupError as exc:
+        stop_forkserver()  # started for -u before the refusal: leave nothing behind
         if status_file is not None:
             status_file.remove()
         if pid_file is not None:
@@ -219,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for warning in config.warnings:
         log.warning("%s", warning)
-    # Children are forked from the forkserver, started now: as the user we
-    # run as (it imports what children run as that user), before the
-    # supervisor starts any thread.
-    start_forkserver()
+    # Children are forked from the forkserver, started now (with -u: above,
+    # before dropping root), before the supervisor starts any thread.
+    if run_as is None:
+        start_forkserver()
     log.info("config %s: period %d s, transports %s, %d worker%s", args.config,
              config.update_period, ", ".join(config.transports), config.workers,
              "" if config.workers == 1 else "s")

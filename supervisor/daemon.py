@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow
+from vhostmd.runtime.privileges import forbid_tracing
 
 log = logging.getLogger("vhostmd")
 
@@ -137,6 +138,12 @@ def drop_privileges(run_as: RunAs) -> None:
         raise StartupError(f"cannot switch to user {run_as.user}: {exc.strerror}") from None
     if os.getuid() == 0 or os.geteuid() == 0:
         raise StartupError("still root after dropping privileges")
+    # Not traceable by the user, whatever fs.suid_dumpable says: we hold root's files.
+    try:
+        forbid_tracing()
+    except OSError as exc:
+        raise StartupError(f"cannot keep {run_as.user} from tracing vhostmd: "
+                           f"{exc.strerror}") from None
     groups = ",".join(grp.getgrgid(g).gr_name for g in os.getgroups() if _has_group(g))
     log.info("running as %s (groups %s)", run_as.user, groups or "-")
 

@@ -8,17 +8,27 @@ pidfd_getfd calls.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from daemon_harness import Daemon, config_xml, metric_xml, wait_for
+from daemon_harness import (
+    Daemon,
+    config_xml,
+    metric_xml,
+    updates_resume,
+    virtio_xml,
+    wait_for,
+)
 
 NANOS = metric_xml("Nanos", "date +%s%N", mtype="uint64")
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (other users)")
@@ -103,3 +113,97 @@ def test_textfile_is_never_written_through_a_directory_another_user_controls(
         assert [name for name in os.listdir(where) if name != "vhostmd.prom"] == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- 2. -u USER: no process of the daemon is USER's to trace --------------------------------
+
+ATTACKER = "vhostmd-test-u"
+
+# Run as the -u user against each pid given: every way the first round's
+# attacker got at the disk-writer's descriptors and memory. Prints one line
+# per pid and way that worked.
+TRACE_ATTEMPTS = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+PTRACE_ATTACH, PTRACE_DETACH, SYS_PIDFD_GETFD = 16, 17, 438
+for pid in map(int, sys.argv[1:]):
+    try:
+        with open(f"/proc/{pid}/mem", "rb") as mem:
+            print(pid, "mem opened")
+    except OSError:
+        pass
+    try:
+        print(pid, "fds listed", os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        pass
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        continue
+    for fd in range(64):
+        got = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if got >= 0:
+            print(pid, "fd taken", fd, os.readlink(f"/proc/self/fd/{got}"))
+    os.close(pidfd)
+    if libc.ptrace(PTRACE_ATTACH, pid, None, None) == 0:
+        print(pid, "attached")
+        os.waitpid(pid, 0)
+        libc.ptrace(PTRACE_DETACH, pid, None, None)
+print("done")
+"""
+
+
+@pytest.fixture(scope="module")
+def test_user() -> Iterator[str]:
+    """A system account made for the test (-u runs the daemon as it), removed after."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd(8)")
+    subprocess.run(["userdel", ATTACKER], capture_output=True, check=False)  # a leftover
+    made = subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
+                           "--shell", "/usr/sbin/nologin", ATTACKER],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot add a user: {made.stderr.strip()}")
+    try:
+        yield ATTACKER
+    finally:
+        subprocess.run(["userdel", ATTACKER], capture_output=True, check=False)
+
+
+def daemon_processes(daemon: Daemon) -> dict[int, str]:
+    root = psutil.Process(daemon.pid)
+    found = {root.pid: " ".join(root.cmdline())}
+    for child in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            found[child.pid] = " ".join(child.cmdline())
+    return found
+
+
+def test_user_option_user_can_trace_no_process_of_the_daemon(
+        test_user: str, shared_dir: Path) -> None:
+    disk = shared_dir / "vhostmd0"
+    channels = shared_dir / "channels"
+    channels.mkdir()
+    conf = config_xml(disk, NANOS, transports=("vbd", "virtio"),
+                      globals_extra=virtio_xml(channels))
+    script = shared_dir / "attempts.py"
+    script.write_text(TRACE_ATTEMPTS)
+    script.chmod(0o644)
+    with Daemon(shared_dir, conf, args=("-u", test_user)) as daemon:
+        updates_resume(disk)
+        for role in ("forkserver", "worker", "disk-writer", "virtio"):
+            daemon.child_pid(role)
+        processes = daemon_processes(daemon)
+        tried = as_user(test_user, sys.executable, str(script), *map(str, processes))
+        assert tried.returncode == 0, tried.stderr
+        assert tried.stdout.splitlines() == ["done"], (tried.stdout, processes)
+        # Each runs as the user all the same, the resource tracker excepted (root's).
+        users = {pid: psutil.Process(pid).uids().real for pid in processes}
+        assert {pid for pid, uid in users.items() if uid != pwd.getpwnam(test_user).pw_uid} \
+            == {pid for pid, cmd in processes.items() if "resource_tracker" in cmd}, processes
+        updates_resume(disk)
+        assert daemon.stop() == 0
+    # The root tracker included, nothing of the daemon outlives it.
+    assert not [pid for pid in processes if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
