@@ -7,23 +7,27 @@ root's (no chown), a restarted writer gets the same file whatever now sits at
 the path, and a reload that names a new disk opens it before the old writer is
 replaced.
 
-One daemon per disk: the descriptor holds an exclusive flock(2). flock locks
-and the POSIX/OFD byte-range locks (fcntl) that QEMU takes on disk images are
-separate lock types on Linux and never conflict (flock(2), NOTES), so guests
-attached to the disk keep working; only on NFS, where the kernel emulates
-flock with byte-range locks, would the two meet.
+One daemon per disk: the supervisor holds an exclusive lock for the disk.
+The disk is world-readable, and flock(2) needs only read access, so a daemon
+running as root does not lock the disk itself (any user could, and keep
+vhostmd from starting): it locks a root-only file named after the disk's
+identity (runtime/locks.py). A daemon that is not root flocks the disk's
+descriptor. flock locks and the POSIX/OFD byte-range locks (fcntl) that QEMU
+takes on disk images are separate lock types on Linux and never conflict
+(flock(2), NOTES), so guests attached to the disk keep working; only on NFS,
+where the kernel emulates flock with byte-range locks, would the two meet.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import stat
 from dataclasses import dataclass
 
 from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow, unlink_if_same
+from vhostmd.runtime.locks import HeldLock, LockBusy, LockUnavailable, lock_name_for_file
+from vhostmd.runtime.locks import take as take_lock
 
 
 class DiskRefused(Exception):
@@ -32,7 +36,7 @@ class DiskRefused(Exception):
 
 @dataclass(frozen=True)
 class DiskHandle:
-    """An open, locked metrics disk. ``fd`` is O_RDWR and holds the disk's flock.
+    """An open, locked metrics disk. ``fd`` is O_RDWR; ``lock`` is the disk's lock.
 
     Passed to the disk-writer child as is: with the fork start method the child
     inherits ``fd``; through a spawn/forkserver start method the descriptor is
@@ -43,6 +47,7 @@ class DiskHandle:
     size: int
     fd: int
     regular: bool  # a regular file (we size it) or a block device (it must be large enough)
+    lock: HeldLock | None = None  # the supervisor's only; a child's copy has none
 
     def __reduce__(self) -> tuple:
         from multiprocessing import reduction
@@ -53,6 +58,8 @@ class DiskHandle:
         return (_rebuild, (self.path, self.size, reduction.DupFd(self.fd), self.regular))
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
@@ -108,10 +115,15 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
             raise DiskRefused(f"metrics disk {path} is not a regular file")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise DiskRefused(f"metrics disk {path} is not a regular file or block device")
-        if lock:
-            lock_exclusive(fd, f"metrics disk {path}", "the disk's lock")
-        handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode))
-        fit(handle)
+        held = lock_exclusive(fd, f"metrics disk {path}", "the disk's lock",
+                              kind="disk") if lock else None
+        handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode), held)
+        try:
+            fit(handle)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
     except BaseException:
         if created:
             unlink_if_same(path, fd, dir_fd=dir_fd)  # leave no half-made disk behind
@@ -120,14 +132,16 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
     return handle
 
 
-def lock_exclusive(fd: int, what: str, lock: str) -> None:
-    """flock ``fd`` exclusively (one daemon per disk, or per VM disk directory)."""
+def lock_exclusive(fd: int, what: str, lock: str, *, kind: str) -> HeldLock:
+    """Take the lock of the disk (or VM disk directory) open as ``fd``: one daemon each."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise DiskRefused(f"cannot lock {what}: {exc.strerror}") from None
+        return take_lock(lock_name_for_file(kind, os.fstat(fd)), fd)
+    except LockBusy:
         raise DiskRefused(f"{what} is in use by another vhostmd (it holds {lock})") from None
+    except LockUnavailable as exc:
+        raise DiskRefused(str(exc)) from None
+    except OSError as exc:
+        raise DiskRefused(f"cannot lock {what}: {exc.strerror}") from None
 
 
 def switch_disk(current: DiskHandle | None, path: str | None, size: int, *,
@@ -147,7 +161,7 @@ def switch_disk(current: DiskHandle | None, path: str | None, size: int, *,
             return current
         # Same file, held open: resizing needs no privileges. Only grow it now
         # (the running writer maps the old size); the new writer shrinks it.
-        resized = DiskHandle(path, size, current.fd, current.regular)
+        resized = DiskHandle(path, size, current.fd, current.regular, current.lock)
         fit(resized, shrink=False)
         return resized
     if dropped_to is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from vhostmd import mdisk
 from vhostmd.disk.handle import DiskHandle, DiskRefused, lock_exclusive, open_disk
 from vhostmd.runtime.child import InheritedFd
+from vhostmd.runtime.locks import HeldLock
 
 # A UUID as libvirt prints it (virDomainGetUUIDString): lower-case, dashed.
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -42,6 +43,8 @@ class VmDir:
     path: str
     size: int
     dir: InheritedFd
+    lock: HeldLock | None = None  # the supervisor's only; pickled for a child, it is None
+
 
     @property
     def fd(self) -> int:
@@ -51,6 +54,8 @@ class VmDir:
         return os.path.join(self.path, uuid)
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         self.dir.close()
 
 
@@ -77,12 +82,11 @@ def open_vm_dir(path: str, size: int, *, lock: bool = True) -> VmDir:
         if st.st_mode & 0o022:
             raise DiskRefused(f"{what} can be written by group or others (mode "
                               f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w it")
-        if lock:
-            lock_exclusive(fd, what, "the directory's lock")
+        held = lock_exclusive(fd, what, "the directory's lock", kind="vmdir") if lock else None
     except BaseException:
         os.close(fd)
         raise
-    return VmDir(path, size, InheritedFd(fd))
+    return VmDir(path, size, InheritedFd(fd), held)
 
 
 def switch_vm_dir(current: VmDir | None, path: str | None, size: int, *,
@@ -97,7 +101,8 @@ def switch_vm_dir(current: VmDir | None, path: str | None, size: int, *,
     if path is None:
         return None
     if current is not None and current.path == path:
-        return current if current.size == size else VmDir(path, size, current.dir)
+        return current if current.size == size else VmDir(path, size, current.dir,
+                                                          current.lock)
     if dropped_to is not None:
         raise DiskRefused(f"<vm_disks> needs root, and vhostmd runs as {dropped_to} (-u); "
                           "restart vhostmd without -u to use it")

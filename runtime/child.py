@@ -212,6 +212,10 @@ def _setup(ctx: ChildContext) -> None:
     forbid_tracing()
     # Our parent is the forkserver, which exits when the supervisor does: then
     # the kernel kills us too (PDEATHSIG above), even after a SIGKILL.
+    # multiprocessing hands every child the write end of the pipe whose end
+    # tells the forkserver to exit; held here, a SIGKILLed supervisor would
+    # leave the forkserver, and so us, running for ever (holding root's disk).
+    _close_forkserver_alive_fd()
     ctx.parent_pid = os.getppid()
     if ctx.parent_pid == 1:
         os._exit(1)
@@ -227,6 +231,17 @@ def _setup(ctx: ChildContext) -> None:
     root.handlers.clear()
     root.addHandler(_ToSupervisor(ctx))
     root.propagate = False
+
+
+def _close_forkserver_alive_fd() -> None:
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(fd, int) and fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
 def child_main(target: str, kwargs: dict[str, Any], ctx: ChildContext, level: int) -> None:

@@ -368,6 +368,12 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self.all_stopped = self.pool.shutdown(STOP_GRACE)
+        if self.all_stopped:
+            # No writer is left: let go of the disk's (and directory's) lock,
+            # removing its file while it is still held.
+            for held in (self.disk, self.vm_dir):
+                if held is not None:
+                    held.close()
         if self.status_file is not None:
             self.status_file.remove()
         log.info("stopped")

@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "or run without -u")
     except StartupError as exc:
         stop_forkserver()  # started for -u before the refusal: leave nothing behind
+        for held in (disk, vm_dir):
+            if held is not None:
+                held.close()
         if status_file is not None:
             status_file.remove()
         if pid_file is not None:

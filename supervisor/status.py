@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from typing import Any
 
@@ -162,21 +163,66 @@ def build_status(supervisor: Any) -> dict[str, Any]:
 
 
 def daemon_running(pid_path: str) -> int | None:
-    """The pid of the vhostmd holding ``pid_path``'s lock, or None if nobody holds it."""
+    """The pid of the vhostmd holding ``pid_path``'s lock, or None if no vhostmd holds it.
+
+    Any user who can read the file can lock it, and the pid in a stale file
+    may belong to another process by now: the process must also hold the file
+    open for writing, as only the daemon does (or, where we may not look at
+    its descriptors, be titled as the supervisor).
+    """
     try:
-        fd = os.open(pid_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(pid_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
+            if not text.isdigit():
+                return -1
+            pid = int(text)
+            holds = holds_for_writing(pid, st)
+            if holds is None:
+                holds = _title(pid).startswith("vhostmd: supervisor")
+            return pid if holds else None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def holds_for_writing(pid: int, st: os.stat_result) -> bool | None:
+    """Whether process ``pid`` has the file ``st`` open for writing; None: not ours to see."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except PermissionError:
+        return None
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if not os.path.samestat(os.stat(f"/proc/{pid}/fd/{name}"), st):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as info:
+                flags = next((line.split()[1] for line in info if line.startswith("flags:")),
+                             "0")
+        except (OSError, IndexError):
+            continue
+        if int(flags, 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+            return True
+    return False
+
+
+def _title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read(256).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _ago(wall: float | None, now: float) -> str:

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from daemon_harness import (
+    VHOSTMD,
     Daemon,
     config_xml,
     metric_xml,
@@ -207,3 +208,151 @@ def test_user_option_user_can_trace_no_process_of_the_daemon(
     # The root tracker included, nothing of the daemon outlives it.
     assert not [pid for pid in processes if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+# -- 3. locks another user can take; the init script's pid --------------------------------
+
+HOLD_LOCK = r"""
+import fcntl, os, sys, time
+fds = [os.open(path, os.O_RDONLY) for path in sys.argv[1:]]
+for fd in fds:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_locks(user: str, *paths: Path) -> subprocess.Popen[str]:
+    """A process of ``user`` holding an exclusive flock on each of ``paths`` (read access only)."""
+    entry = pwd.getpwnam(user)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, *map(str, paths)],
+                              user=entry.pw_uid, group=entry.pw_gid, extra_groups=[],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+@ROOT_ONLY
+def test_a_users_flock_keeps_no_daemon_from_starting(shared_dir: Path) -> None:
+    disk = shared_dir / "vhostmd0"
+    vm_dir = shared_dir / "vms"
+    conf = config_xml(disk, NANOS, globals_extra=f"<vm_disks><path>{vm_dir}</path></vm_disks>")
+    with Daemon(shared_dir, conf, name="first") as daemon:
+        updates_resume(disk)
+        assert daemon.stop() == 0
+    # The disk, the VM disk directory and the pid file are world-readable:
+    # nobody flocks them all, as the first round's attacker did.
+    pid_file = shared_dir / "again.pid"
+    pid_file.write_text("1\n")
+    holder = hold_locks("nobody", disk, vm_dir, pid_file)
+    try:
+        with Daemon(shared_dir, conf, name="again") as daemon:
+            updates_resume(disk)
+            assert pid_file.read_text() == f"{daemon.pid}\n"
+            # ... and a second vhostmd is still refused: the lock that counts is root's.
+            second = subprocess.run([VHOSTMD, "-d", "-f", str(daemon.conf), "-p",
+                                     str(shared_dir / "second.pid"), "-c", "test:///default"],
+                                    capture_output=True, text=True, timeout=30)
+            assert second.returncode == 1
+            assert second.stderr.strip() == (f"vhostmd: metrics disk {disk} is in use by "
+                                             "another vhostmd (it holds the disk's lock)")
+            assert daemon.stop() == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _set_subreaper(on: bool) -> None:
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, int(on), 0, 0, 0)
+
+
+def _take_pid(pid: int) -> subprocess.Popen[bytes] | None:
+    """A root process with ``pid`` (freed before), through ns_last_pid; None if others raced."""
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as last:
+            last.write(str(pid - 1))
+        proc = subprocess.Popen(["sleep", "600"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
+@ROOT_ONLY
+def test_init_script_never_signals_a_pid_that_is_not_the_daemon(
+        test_user: str, shared_dir: Path, tmp_path: Path) -> None:
+    if not Path("/lib/lsb/init-functions").exists() or Path("/run/systemd/system").exists():
+        pytest.skip("needs /lib/lsb/init-functions, and no systemd (it would take the commands)")
+    source = Path(__file__).resolve().parent.parent / "etc" / "vhostmd.init"
+    defaults = tmp_path / "default"
+    pid_file = shared_dir / "vhostmd.pid"
+    disk = shared_dir / "vhostmd0"
+    conf = tmp_path / "vhostmd.conf"
+    conf.write_text(config_xml(disk, NANOS))
+    defaults.write_text(f'VHOSTMD_CONFIG={conf}\nVHOSTMD_URI=test:///default\n'
+                        f'VHOSTMD_PIDFILE={pid_file}\nVHOSTMD_STOP_TIMEOUT=10\n'
+                        f'VHOSTMD_OPTIONS="-u {test_user} --log-file {tmp_path}/log"\n')
+    # The installed script, pointed at this checkout's vhostmd and these defaults.
+    init = tmp_path / "vhostmd.init"
+    init.write_text(source.read_text().replace("DAEMON=/usr/sbin/vhostmd", f"DAEMON={VHOSTMD}")
+                    .replace("/etc/default/vhostmd", str(defaults)))
+    init.chmod(0o755)
+
+    def command(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(init), name], capture_output=True, text=True, timeout=60)
+
+    # Where pid 1 reaps no orphans (containers), the killed daemon must be ours
+    # to reap, or its pid is never free again.
+    _set_subreaper(True)
+    holder = victim = None
+    try:
+        assert command("start").returncode == 0
+        pid = int(wait_for(lambda: pid_file.read_text().strip(), 10, "the pid"))
+        updates_resume(disk)
+        assert command("status").returncode == 0
+        # The -u user kills its daemon (same uid), and locks the stale pid file.
+        children = psutil.Process(pid).children(recursive=True)
+        assert as_user(test_user, "kill", "-KILL", str(pid)).returncode == 0
+        os.waitpid(pid, 0)
+        # Its children go with it (none keeps root's disk open for ever).
+        wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                                 for c in children), 10, "the children to end")
+        holder = hold_locks(test_user, pid_file)
+        status = command("status")
+        assert (status.returncode, "is not running, but" in status.stdout) == (1, True), status
+        shown = subprocess.run([VHOSTMD, "--status", "-p", str(pid_file)], capture_output=True,
+                               text=True, timeout=30)
+        assert (shown.returncode, shown.stdout.strip()) == (
+            1, f"vhostmd is not running (stale pid file {pid_file})")
+        # A root process gets the dead daemon's pid: never signalled.
+        victim = _take_pid(pid)
+        if victim is not None:
+            assert command("status").returncode == 1
+        stopped = command("stop")
+        assert stopped.returncode == 0 and "not running" in stopped.stdout, stopped
+        if victim is not None:
+            assert victim.poll() is None, "stop signalled a process that is not vhostmd"
+        # start is not fooled either: it starts a daemon, which replaces the pid file.
+        started = command("start")
+        assert started.returncode == 0 and "already running" not in started.stdout, started
+        new_pid = int(wait_for(lambda: pid_file.read_text().strip(), 10, "the new pid"))
+        assert new_pid != pid
+        assert command("status").returncode == 0
+        assert command("stop").returncode == 0
+        assert not psutil.pid_exists(new_pid) or \
+            psutil.Process(new_pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        for proc in (holder, victim):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        if pid_file.exists():
+            command("stop")
+        _set_subreaper(False)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:  # what was reparented to us meanwhile
+                pass
