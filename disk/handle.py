@@ -25,6 +25,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from vhostmd import mdisk
 from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow, unlink_if_same
 from vhostmd.runtime.locks import HeldLock, LockBusy, LockUnavailable, lock_name_for_file
 from vhostmd.runtime.locks import take as take_lock
@@ -115,6 +116,8 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
             raise DiskRefused(f"metrics disk {path} is not a regular file")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise DiskRefused(f"metrics disk {path} is not a regular file or block device")
+        if not created and stat.S_ISREG(st.st_mode):
+            check_adoptable(fd, path, st.st_size)
         held = lock_exclusive(fd, f"metrics disk {path}", "the disk's lock",
                               kind="disk") if lock else None
         handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode), held)
@@ -130,6 +133,55 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
         os.close(fd)
         raise
     return handle
+
+
+# Beyond this, an existing file without the signature is not read through for zeros.
+ZERO_CHECK_LIMIT = 64 * 2**20
+
+
+def check_adoptable(fd: int, path: str, size: int) -> None:
+    """Refuse an existing file that is not a metrics disk: a typo must not destroy a file.
+
+    Adopted: a metrics disk (the signature), or a file that is empty or all
+    zeros (made by fallocate or truncate for the purpose).
+    """
+    if size == 0 or os.pread(fd, len(mdisk.SIGNATURE), 0) == mdisk.SIGNATURE:
+        return
+    if size <= ZERO_CHECK_LIMIT:
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            if chunk.count(0) != len(chunk):
+                break
+            offset += len(chunk)
+        else:
+            return
+    raise DiskRefused(f"metrics disk {path} already holds something else (not a metrics "
+                      "disk, not empty or zeros); not overwriting it: remove it or name "
+                      "another path")
+
+
+def existing_disk_refusal(path: str) -> str | None:
+    """For --check: why the daemon would refuse the file already at ``path`` (None: it would not).
+
+    Only what can be told without root and without changing anything: a file
+    that is there, readable, and not a metrics disk.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                     | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            check_adoptable(fd, path, st.st_size)
+    except DiskRefused as exc:
+        return str(exc)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
 
 
 def lock_exclusive(fd: int, what: str, lock: str, *, kind: str) -> HeldLock:

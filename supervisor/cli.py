@@ -12,7 +12,7 @@ import sys
 import setproctitle
 
 from vhostmd import __version__
-from vhostmd.disk.handle import DiskHandle, DiskRefused, open_disk
+from vhostmd.disk.handle import DiskHandle, DiskRefused, existing_disk_refusal, open_disk
 from vhostmd.disk.vmdir import VmDir
 from vhostmd.runtime.child import start_forkserver, stop_forkserver, unreadable_by_us
 from vhostmd.runtime.files import UnsafeFile
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(str(exc))
     if args.check:
+        if config.vbd and (refusal := existing_disk_refusal(config.disk_path)) is not None:
+            return fail(refusal)
         print(f"{args.config}: OK ({count_metrics(config)} metrics, "
               f"transports {', '.join(config.transports)})")
         if args.vms is not None:

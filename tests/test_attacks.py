@@ -21,6 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from vhostmd import mdisk
+
 from daemon_harness import (
     VHOSTMD,
     Daemon,
@@ -356,3 +358,34 @@ def test_init_script_never_signals_a_pid_that_is_not_the_daemon(
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0] > 0:  # what was reparented to us meanwhile
                 pass
+
+
+# -- 4. an existing file named as the disk ---------------------------------------------------
+
+
+def test_existing_file_that_is_not_a_metrics_disk_is_never_adopted(tmp_path: Path) -> None:
+    disk = tmp_path / "passwd-copy"
+    original = Path("/etc/passwd").read_bytes()
+    disk.write_bytes(original)
+    disk.chmod(0o644)
+    conf = tmp_path / "typo.conf"
+    conf.write_text(config_xml(disk, NANOS))
+    refusal = (f"vhostmd: metrics disk {disk} already holds something else (not a metrics "
+               "disk, not empty or zeros); not overwriting it: remove it or name another path")
+    checked = subprocess.run([VHOSTMD, "--check", "-f", str(conf)], capture_output=True,
+                             text=True, timeout=30)
+    assert (checked.returncode, checked.stderr.strip(), checked.stdout) == (1, refusal, "")
+    started = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-p", str(tmp_path / "t.pid"),
+                              "-c", "test:///default"], capture_output=True, text=True,
+                             timeout=30)
+    assert (started.returncode, started.stderr.strip()) == (1, refusal)
+    assert disk.read_bytes() == original
+    # Zeros (fallocate, truncate) and an old metrics disk are adopted.
+    for content in (b"", bytes(4096), mdisk.pack_header(0, 0, 0) + b"old"):
+        disk.write_bytes(content)
+        checked = subprocess.run([VHOSTMD, "--check", "-f", str(conf)], capture_output=True,
+                                 text=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
+        with Daemon(tmp_path, conf.read_text()) as daemon:
+            updates_resume(disk)
+            assert daemon.stop() == 0
