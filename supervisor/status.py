@@ -92,10 +92,17 @@ class StatusFile:
         self.fd = -1
 
 
+# A status file is a few KiB (one line per child).
+MAX_STATUS_BYTES = 1 << 20
+
+
 def read_status(path: str, timeout: float = 2.0) -> dict[str, Any]:
     """The status file's content, read under a shared lock; raises OSError or ValueError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: a FIFO put there must not hang `vhostmd --status`.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -106,10 +113,10 @@ def read_status(path: str, timeout: float = 2.0) -> dict[str, Any]:
                     raise OSError(errno.EWOULDBLOCK, "locked by its writer for too long") \
                         from None
                 time.sleep(0.01)
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return json.loads(b"".join(chunks))
+        data = os.read(fd, MAX_STATUS_BYTES + 1)
+        if len(data) > MAX_STATUS_BYTES:
+            raise ValueError("larger than a status file")
+        return json.loads(data)
     finally:
         os.close(fd)
 

@@ -389,3 +389,54 @@ def test_existing_file_that_is_not_a_metrics_disk_is_never_adopted(tmp_path: Pat
         with Daemon(tmp_path, conf.read_text()) as daemon:
             updates_resume(disk)
             assert daemon.stop() == 0
+
+
+# -- 5. smaller findings -----------------------------------------------------------------------
+
+
+def test_fifo_at_the_pid_file_path_is_one_line_and_status_never_blocks(tmp_path: Path) -> None:
+    pid_file = tmp_path / "vhostmd.pid"
+    os.mkfifo(pid_file)
+    conf = tmp_path / "f.conf"
+    conf.write_text(config_xml(tmp_path / "vhostmd0", NANOS))
+    started = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-p", str(pid_file),
+                              "-c", "test:///default"], capture_output=True, text=True,
+                             timeout=30)
+    assert (started.returncode, started.stderr.strip()) == (
+        1, f"vhostmd: pid file {pid_file} is not a regular file; remove it")
+    assert not (tmp_path / "vhostmd.status").exists()
+    shown = subprocess.run([VHOSTMD, "--status", "-p", str(pid_file)], capture_output=True,
+                           text=True, timeout=30)
+    assert shown.returncode in (1, 3) and "not running" in shown.stdout
+    # A FIFO where a running daemon's status file was: --status says so, at once.
+    pid_file.unlink()
+    with Daemon(tmp_path, conf.read_text()) as daemon:
+        status = tmp_path / "vhostmd.status"
+        wait_for(status.exists, 10, "the status file")
+        status.unlink()
+        os.mkfifo(status)
+        shown = subprocess.run([VHOSTMD, "--status", "-p", str(daemon.pid_file)],
+                               capture_output=True, text=True, timeout=30)
+        assert (shown.returncode, shown.stdout.strip()) == (
+            4, f"vhostmd is running (pid {daemon.pid}) but {status} is not a regular file")
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("config", ["/dev/zero", "/dev/null", "fifo", "huge"])
+def test_config_that_is_not_a_regular_file_or_too_large_is_one_line(
+        tmp_path: Path, config: str) -> None:
+    path = Path(config)
+    if config == "fifo":
+        path = tmp_path / "fifo.conf"
+        os.mkfifo(path)
+    elif config == "huge":
+        path = tmp_path / "huge.conf"
+        with open(path, "wb") as huge:
+            huge.truncate(64 * 2**20)
+    for args in (["--check"], ["-d", "-p", str(tmp_path / "c.pid"), "-c", "test:///default"]):
+        proc = subprocess.run([VHOSTMD, *args, "-f", str(path)], capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode == 1
+        why = ("config is larger than 4 MiB; not reading it" if config == "huge" else
+               "cannot read config: not a regular file")
+        assert proc.stderr.strip() == f"vhostmd: {path}: {why}", proc.stderr
