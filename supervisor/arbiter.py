@@ -78,6 +78,7 @@ class Supervisor:
         self.signal_queue: deque[int] = deque()
         self.stopping = False
         self.all_stopped = False  # after shutdown: every child reaped
+        self.said_once: set[object] = set()  # children's "once" log lines already written
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = select.poll()  # the wake pipe and the children's sentinels
         self.poller.register(self.wake_r, select.POLLIN)
@@ -273,7 +274,13 @@ class Supervisor:
             except queue.Empty:
                 return
             if isinstance(message, logging.LogRecord):
-                log.handle(message)  # a child's log line, written where ours go
+                # A child's log line, written where ours go; one a child marks
+                # "once" (extra={"once": key}) is written once, whichever child sent it.
+                once = getattr(message, "once", None)
+                if once is None or once not in self.said_once:
+                    if once is not None:
+                        self.said_once.add(once)
+                    log.handle(message)
             elif not self.pool.is_current(child):
                 # From a child already replaced: only its last words still matter.
                 if isinstance(message, tuple) and message and message[0] == "disk-failed":

@@ -440,3 +440,29 @@ def test_config_that_is_not_a_regular_file_or_too_large_is_one_line(
         why = ("config is larger than 4 MiB; not reading it" if config == "huge" else
                "cannot read config: not a regular file")
         assert proc.stderr.strip() == f"vhostmd: {path}: {why}", proc.stderr
+
+
+def test_actions_escaping_with_setsid_end_with_the_daemon_and_are_named_once(
+        tmp_path: Path) -> None:
+    # One escapes and keeps running until its timeout (so a stop finds it
+    # running), one escapes and returns at once, one is innocent.
+    slow = "setsid sleep 1000.41 &gt;/dev/null 2&gt;&amp;1 &amp; sleep 5; echo 1"
+    fast = "setsid -f sleep 1000.42 &gt;/dev/null 2&gt;&amp;1; echo 1"
+    conf = config_xml(tmp_path / "vhostmd0", metric_xml("Slow", slow, mtype="uint32")
+                      + metric_xml("Fast", fast, mtype="uint32")
+                      + metric_xml("Innocent", "echo 1", mtype="uint32"))
+
+    def escaped() -> list[int]:
+        return [p.pid for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [""])[-1] in ("1000.41", "1000.42")]
+
+    with Daemon(tmp_path, conf) as daemon:
+        wait_for(lambda: cycles(daemon) >= 4, 15, "four cycles")
+        daemon.wait_log("action Slow left")
+        assert daemon.stop() == 0
+    wait_for(lambda: not escaped(), 5, "no escaped process after the stop")
+    lines = [x.split(": WARNING: ")[1] for x in daemon.log().splitlines() if " left " in x
+             and "behind" in x]
+    assert sorted(lines) == [
+        f"action {name} left 1 process(es) behind in other sessions; killed them "
+        "(said once per action)" for name in ("Fast", "Slow")], lines
