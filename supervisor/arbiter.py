@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
+from vhostmd.disk.handle import DiskHandle, DiskRefused, open_disk, switch_disk
 from vhostmd.disk.vmdir import VmDir
 from vhostmd.runtime.published import SharedSlots
 from vhostmd.supervisor.children import (
@@ -78,6 +78,7 @@ class Supervisor:
         self.signal_queue: deque[int] = deque()
         self.stopping = False
         self.all_stopped = False  # after shutdown: every child reaped
+        self.disk_removed_said: str | None = None  # why a removed disk is not made again
         self.said_once: set[object] = set()  # children's "once" log lines already written
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = select.poll()  # the wake pipe and the children's sentinels
@@ -355,8 +356,47 @@ class Supervisor:
         return self.cycles.failures
 
     def cycle_ended(self) -> None:
+        self.check_disk_present()
         self.write_status()
         self.health.write(self.config.textfile, self)
+
+    def check_disk_present(self) -> None:
+        """Make the metrics disk again if it was removed (one fstat a cycle).
+
+        Its path would otherwise stay free for anyone to plant a file at, and
+        the daemon would go on writing a file nobody can open any more. The new
+        one is opened with the same rules as at start (not through a link, not
+        another user's file); until that works, one line says why.
+        """
+        disk = self.disk
+        if disk is None or not disk.regular:
+            return
+        try:
+            removed = os.fstat(disk.fd).st_nlink == 0
+        except OSError:
+            return
+        if not removed:
+            self.disk_removed_said = None
+            return
+        if self.dropped_to is not None:
+            why = (f"vhostmd runs as {self.dropped_to} (-u) and cannot make it again; "
+                   "restart vhostmd")
+        else:
+            try:
+                new = open_disk(disk.path, disk.size)
+            except DiskRefused as exc:
+                why = f"cannot make it again: {exc}; trying again every cycle"
+            else:
+                log.warning("metrics disk %s was removed while in use; made it again (guests "
+                            "that had it attached keep the old, unchanging file until they "
+                            "attach it again)", disk.path)
+                self.disk = new  # the disk-writer is replaced with one that maps it
+                disk.close()
+                self.disk_removed_said = None
+                return
+        if self.disk_removed_said != why:
+            log.error("metrics disk %s was removed while in use; %s", disk.path, why)
+        self.disk_removed_said = why
 
     def write_status(self) -> None:
         if self.status_file is None:

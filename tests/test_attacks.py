@@ -466,3 +466,27 @@ def test_actions_escaping_with_setsid_end_with_the_daemon_and_are_named_once(
     assert sorted(lines) == [
         f"action {name} left 1 process(es) behind in other sessions; killed them "
         "(said once per action)" for name in ("Fast", "Slow")], lines
+
+
+@ROOT_ONLY
+def test_disk_removed_while_in_use_is_made_again_never_adopted_from_another_user(
+        shared_dir: Path) -> None:
+    disk = shared_dir / "vhostmd0"
+    with Daemon(shared_dir, config_xml(disk, NANOS)) as daemon:
+        updates_resume(disk)
+        # Removed (by root), and a local user quick to plant a file there: as
+        # one step (a rename over it), so that the daemon cannot come first.
+        planted = shared_dir / "planted"
+        assert as_nobody("sh", "-c", f"umask 022; echo fake > {planted}").returncode == 0
+        os.rename(planted, disk)
+        daemon.wait_log(f"metrics disk {disk} was removed while in use; cannot make it again: "
+                        f"metrics disk {disk} belongs to nobody")
+        more_cycles(daemon, 3)
+        assert daemon.log().count("was removed while in use") == 1
+        assert disk.read_bytes() == b"fake\n"
+        disk.unlink()
+        daemon.wait_log(f"metrics disk {disk} was removed while in use; made it again")
+        updates_resume(disk)
+        st = disk.stat()
+        assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o644)
+        assert daemon.stop() == 0
