@@ -26,7 +26,13 @@ import stat
 from dataclasses import dataclass
 
 from vhostmd import mdisk
-from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow, unlink_if_same
+from vhostmd.runtime.files import (
+    UnsafeFile,
+    check_parents,
+    check_private,
+    open_no_follow,
+    unlink_if_same,
+)
 from vhostmd.runtime.locks import HeldLock, LockBusy, LockUnavailable, lock_name_for_file
 from vhostmd.runtime.locks import take as take_lock
 
@@ -99,6 +105,8 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
     a per-VM disk in the directory the supervisor opened). ``lock=False`` takes
     no flock (per-VM disks: the daemon locks their directory instead).
     """
+    if dir_fd is None:
+        refuse_unsafe_parents(path, "metrics disk")
     try:
         # O_NONBLOCK: opening an odd device node planted at the path must not hang us.
         fd, created = open_no_follow(path, os.O_RDWR | os.O_NONBLOCK, what="metrics disk",
@@ -182,6 +190,17 @@ def existing_disk_refusal(path: str) -> str | None:
     finally:
         os.close(fd)
     return None
+
+
+def refuse_unsafe_parents(path: str, what: str) -> None:
+    """DiskRefused (one line) if a directory above ``path`` can be changed by another user."""
+    try:
+        check_parents(path, what=what)
+    except UnsafeFile as exc:
+        raise DiskRefused(str(exc)) from None
+    except OSError as exc:
+        raise DiskRefused(f"cannot check the directories above {what} {path}: "
+                          f"{exc.strerror}") from None
 
 
 def lock_exclusive(fd: int, what: str, lock: str, *, kind: str) -> HeldLock:

@@ -22,7 +22,13 @@ import stat
 from dataclasses import dataclass
 
 from vhostmd import mdisk
-from vhostmd.disk.handle import DiskHandle, DiskRefused, lock_exclusive, open_disk
+from vhostmd.disk.handle import (
+    DiskHandle,
+    DiskRefused,
+    lock_exclusive,
+    open_disk,
+    refuse_unsafe_parents,
+)
 from vhostmd.runtime.child import InheritedFd
 from vhostmd.runtime.locks import HeldLock
 
@@ -62,6 +68,8 @@ class VmDir:
 def open_vm_dir(path: str, size: int, *, lock: bool = True) -> VmDir:
     """Open (creating it, mode 0755, if missing) and lock DIR; DiskRefused with one line."""
     what = f"VM disk directory {path}"
+    # Before anything is made there: every directory above must be root's alone.
+    refuse_unsafe_parents(path, "VM disk directory")
     try:
         os.makedirs(path, 0o755, exist_ok=True)
     except OSError as exc:

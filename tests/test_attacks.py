@@ -490,3 +490,48 @@ def test_disk_removed_while_in_use_is_made_again_never_adopted_from_another_user
         st = disk.stat()
         assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o644)
         assert daemon.stop() == 0
+
+
+@ROOT_ONLY
+def test_disk_paths_whose_directories_another_user_can_change_are_refused(
+        tmp_path: Path, shared_dir: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    private = tmp_path / "private"
+    private.mkdir()
+    # A link of nobody's on the way (into a directory of root's), nobody's own
+    # directory, a directory root's group may write.
+    assert as_nobody("ln", "-s", str(private), str(shared_dir / "link")).returncode == 0
+    assert as_nobody("mkdir", "-m", "755", str(shared_dir / "mine")).returncode == 0
+    group_writable = tmp_path / "group"
+    group_writable.mkdir()
+    group_writable.chmod(0o775)
+    cases = {
+        shared_dir / "link" / "vhostmd0":
+            f"{shared_dir}/link is a symbolic link that belongs to nobody (uid "
+            f"{nobody.pw_uid}); vhostmd only follows links of root's",
+        shared_dir / "mine" / "vhostmd0":
+            f"its directory {shared_dir}/mine belongs to nobody (uid {nobody.pw_uid}), who "
+            "could replace what vhostmd puts there; use a directory of root's",
+        group_writable / "vhostmd0":
+            f"its directory {group_writable} can be written by group or others (mode 0775); "
+            "chmod go-w it",
+    }
+    for disk, why in cases.items():
+        conf = tmp_path / "p.conf"
+        conf.write_text(config_xml(disk, NANOS))
+        proc = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-p", str(tmp_path / "p.pid"),
+                               "-c", "test:///default"], capture_output=True, text=True,
+                              timeout=30)
+        assert (proc.returncode, proc.stderr.strip()) == (
+            1, f"vhostmd: metrics disk {disk}: {why}")
+        # The same for the directory of per-VM disks.
+        vms = disk.parent / "vms"
+        conf.write_text(config_xml(tmp_path / "vhostmd0", NANOS,
+                                   globals_extra=f"<vm_disks><path>{vms}</path></vm_disks>"))
+        proc = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-p", str(tmp_path / "p.pid"),
+                               "-c", "test:///default"], capture_output=True, text=True,
+                              timeout=30)
+        assert (proc.returncode, proc.stderr.strip()) == (
+            1, f"vhostmd: VM disk directory {vms}: {why.replace('vhostmd0', 'vms')}")
+    assert os.listdir(private) == [] and os.listdir(shared_dir / "mine") == []
+    assert os.listdir(group_writable) == []
