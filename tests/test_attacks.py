@@ -535,3 +535,48 @@ def test_disk_paths_whose_directories_another_user_can_change_are_refused(
             1, f"vhostmd: VM disk directory {vms}: {why.replace('vhostmd0', 'vms')}")
     assert os.listdir(private) == [] and os.listdir(shared_dir / "mine") == []
     assert os.listdir(group_writable) == []
+
+
+# Run as nobody: listen where a VM's channel would be, as QEMU does, and
+# say whether vhostmd connected (it would then answer the "guest" its metrics).
+FAKE_CHANNEL = r"""
+import os, socket, sys
+directory = sys.argv[1]
+os.mkdir(directory, 0o755)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(os.path.join(directory, "org.github.vhostmd.1"))
+listener.listen()
+print("listening", flush=True)
+listener.settimeout(30)
+try:
+    listener.accept()
+    print("connected", flush=True)
+except OSError:
+    pass
+"""
+
+
+@ROOT_ONLY
+def test_channel_directory_planted_by_another_user_is_not_served(shared_dir: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    channels = shared_dir  # a channel path others may write to (sticky, like /tmp)
+    planted = channels / "1-test"  # test:///default runs domain 1, "test"
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_CHANNEL, str(planted)],
+                            user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == "listening\n"
+        conf = config_xml(shared_dir / "vhostmd0", NANOS, transports=("vbd", "virtio"),
+                          globals_extra=virtio_xml(channels))
+        with Daemon(shared_dir, conf) as daemon:
+            more_cycles(daemon, 4)
+            assert "connected to the channel" not in daemon.log()
+            assert daemon.log().count("not using channel directory") == 1
+            assert (f"not using channel directory '{planted}': it belongs to uid "
+                    f"{nobody.pw_uid}, and others than root may write to channel path "
+                    f"{channels}") in daemon.log()
+            assert daemon.stop() == 0
+    finally:
+        fake.kill()
+        out, _ = fake.communicate()
+    assert "connected" not in out
