@@ -252,7 +252,7 @@ def run_one(mode: str, domains: int, *, cycles: int, warmup: int, period: int,
     return result
 
 
-def idle_cpu_rate(workdir: Path) -> float:
+def idle_cpu_rate(workdir: Path, seconds: float) -> float:
     """CPU seconds per second of an idle daemon (between cycles), 10 VMs."""
     run_dir = workdir / "idle"
     run_dir.mkdir()
@@ -268,7 +268,7 @@ def idle_cpu_rate(workdir: Path) -> float:
         log.wait_cycles(1, 60)
         start_cpu, start = sum(cpu_by_role(proc.pid).values()), time.monotonic()
         # Sampling an idle daemon: the measurement needs wall time to pass.
-        time.sleep(5)
+        time.sleep(seconds)
         rate = (sum(cpu_by_role(proc.pid).values()) - start_cpu) / (time.monotonic() - start)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -363,13 +363,21 @@ def main() -> int:
     p.add_argument("--shell-cycles", type=int, default=5,
                    help="measured cycles of the shell config (default 5)")
     p.add_argument("--no-shell", action="store_true", help="skip the shell config")
+    p.add_argument("--quick", action="store_true",
+                   help="a run of a few seconds that only shows the bench still works "
+                        "(tests/test_bench.py runs every bench so)")
     args = p.parse_args()
+    idle_seconds = 5.0
+    if args.quick:
+        args.domains, args.cycles, args.warmup = [10], 2, 1
+        args.shell_domains, args.shell_cycles = [3], 1
+        idle_seconds = 0.5
 
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="vhostmd-bench-") as tmp:
         workdir = Path(tmp)
         print("measuring idle CPU ...", file=sys.stderr)
-        idle_rate = idle_cpu_rate(workdir)
+        idle_rate = idle_cpu_rate(workdir, idle_seconds)
         for n in args.domains:
             print(f"builtin, {n} VMs ...", file=sys.stderr)
             results.append(run_one("builtin", n, cycles=args.cycles, warmup=args.warmup,

@@ -129,7 +129,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--qemu", action="store_true",
                         help="real QEMU guests under qemu:///system (the tests' rig)")
+    parser.add_argument("--period", type=int, default=5,
+                        help="update_period in s (default 5, the shipped one; not with --qemu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds that only shows the bench still works "
+                             "(tests/test_bench.py runs every bench so)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.period = 1, 1
     if args.qemu:
         return main_qemu(args.rounds)
     root = Path(tempfile.mkdtemp(prefix="vhbe"))
@@ -138,7 +145,7 @@ def main() -> int:
     rw = f"test+unix:///default?socket={root / 'libvirt-sock'}"
     channels = root / "ch"
     disk = root / "vhostmd0"
-    conf = config_xml(disk, METRICS, period=5, transports=("vbd", "virtio"),
+    conf = config_xml(disk, METRICS, period=args.period, transports=("vbd", "virtio"),
                       globals_extra=virtio_xml(channels))
     daemon = Daemon(root, conf, uri=server.uri)
     results: dict[str, list[float]] = {"disk": [], "connect": [], "served": [], "gone": []}
@@ -177,7 +184,7 @@ def main() -> int:
     finally:
         daemon.__exit__(None, None, None)
         server.stop()
-    print(f"update_period 5 s, {args.rounds} rounds, each right after a cycle "
+    print(f"update_period {args.period} s, {args.rounds} rounds, each right after a cycle "
           "(seconds from just before virsh create/destroy)")
     print(f"{'':34} {'min':>6} {'median':>7} {'max':>6}")
     for key, label in (("disk", "create -> metrics on the disk"),

@@ -223,7 +223,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--cold-rounds", type=int, default=10,
                         help="rounds of the floor at the daemon's cadence, 1 s apart")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds that only shows the bench still works "
+                             "(tests/test_bench.py runs every bench so)")
     args = parser.parse_args()
+    if args.quick:
+        args.domains, args.seconds, args.cold_rounds = 20, 2.0, 1
     with tempfile.TemporaryDirectory(prefix="vhostmd-floor-") as name:
         tmp = Path(name)
         uri, _ = nodes.write_node(tmp / "node.xml", args.domains)

@@ -49,7 +49,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds that only shows the bench still works "
+                             "(tests/test_bench.py runs every bench so)")
     args = parser.parse_args()
+    if args.quick:
+        args.cycles, args.repeat = 3, 1
     for name, read in (("ours", ours), ("psutil", through_psutil)):
         best = min(timeit.repeat(read, number=args.cycles, repeat=args.repeat))
         print(f"{name:7} {best * 1000:7.2f} ms per {args.cycles} cycles "

@@ -77,7 +77,12 @@ def main() -> int:
     parser.add_argument("--period", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=120)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds that only shows the bench still works "
+                             "(tests/test_bench.py runs every bench so)")
     args = parser.parse_args()
+    if args.quick:
+        args.domains, args.period, args.seconds, args.workers = 10, 1, 3, 2
     with tempfile.TemporaryDirectory(prefix="vhostmd-bench-") as tmp_name:
         tmp = Path(tmp_name)
         uri, _domains = nodes.write_node(tmp / "node.xml", args.domains)

@@ -97,10 +97,11 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-def children_of(pid: int) -> dict[int, str]:
+def descendants_of(pid: int) -> dict[int, str]:
+    """Every process under ``pid``: children come from the forkserver, not the supervisor."""
     found = {}
     with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(pid).children():
+        for child in psutil.Process(pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 found[child.pid] = " ".join(child.cmdline()).strip()
     return found
@@ -250,7 +251,12 @@ def main() -> int:
     parser.add_argument("--channels", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5, help="simultaneous bursts to time")
     parser.add_argument("--sustain", type=float, default=5.0, help="seconds of sustained load")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds that only shows the bench still works "
+                             "(tests/test_bench.py runs every bench so)")
     args = parser.parse_args()
+    if args.quick:
+        args.channels, args.rounds, args.sustain = 16, 2, 0.5
     if args.rounds >= RATE_BURST:
         parser.error(f"--rounds must stay below the rate-limit burst ({RATE_BURST})")
     count = args.channels
@@ -274,7 +280,7 @@ def main() -> int:
         )
         guests.accept_all(timeout=60)
         connected_after = time.monotonic() - started
-        virtio = next((pid for pid, title in children_of(daemon.pid).items()
+        virtio = next((pid for pid, title in descendants_of(daemon.pid).items()
                        if title.startswith("vhostmd: virtio")), None)
         if virtio is None:
             sys.exit("bench_virtio: no virtio process found")
@@ -291,7 +297,7 @@ def main() -> int:
         cpu = cpu_seconds(virtio) - cpu_before
         measured = time.perf_counter() - measured_from
         memory = memory_kib(virtio)
-        title = children_of(daemon.pid).get(virtio, "?")
+        title = descendants_of(daemon.pid).get(virtio, "?")
     finally:
         if guests is not None:
             guests.close()

@@ -61,11 +61,11 @@ def with_vm_disks(conf: str, vms: Path) -> str:
     return conf.replace("<globals>", f"<globals>\n    {element}", 1)
 
 
-def run(mode: str, uri: str, work: Path, *, warmup: int, cycles: int) -> Run:
+def run(mode: str, uri: str, work: Path, *, warmup: int, cycles: int, period: int) -> Run:
     run_dir = work / mode
     run_dir.mkdir()
     vms = run_dir / "vms"
-    conf = builtin_config(run_dir / "vhostmd0", PERIOD, SHARED_K)
+    conf = builtin_config(run_dir / "vhostmd0", period, SHARED_K)
     if mode != "shared disk only":
         conf = with_vm_disks(conf, vms)
     (run_dir / "vhostmd.conf").write_text(conf)
@@ -77,7 +77,7 @@ def run(mode: str, uri: str, work: Path, *, warmup: int, cycles: int) -> Run:
     try:
         log.wait_cycles(warmup, 120)
         before = cpu_by_role(proc.pid)
-        log.wait_cycles(warmup + cycles, 60 + PERIOD * (cycles + 2))
+        log.wait_cycles(warmup + cycles, 60 + period * (cycles + 2))
         after = cpu_by_role(proc.pid)
         pss = pss_by_role(proc.pid)
         writer = next(pid for pid, role in vhostmd_processes(proc.pid).items()
@@ -103,13 +103,20 @@ def main() -> int:
     parser.add_argument("--domains", type=int, default=1024)
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--period", type=int, default=PERIOD,
+                        help=f"update_period in s (default {PERIOD})")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds that only shows the bench still works "
+                             "(tests/test_bench.py runs every bench so)")
     args = parser.parse_args()
+    if args.quick:
+        args.domains, args.cycles, args.warmup, args.period = 8, 2, 1, 1
     with tempfile.TemporaryDirectory(prefix="vhostmd-bench-", dir="/dev/shm") as tmp:
         work = Path(tmp)
         uri, _ = nodes.write_node(work / "node.xml", args.domains)
-        runs = [run(mode, uri, work, warmup=args.warmup, cycles=args.cycles)
+        runs = [run(mode, uri, work, warmup=args.warmup, cycles=args.cycles, period=args.period)
                 for mode in ("shared disk only", "shared disk + vm_disks")]
-    print(f"{args.domains} running VMs, both built-in sets, period {PERIOD} s, "
+    print(f"{args.domains} running VMs, both built-in sets, period {args.period} s, "
           f"{args.cycles} cycles measured after {args.warmup}\n")
     print("| | CPU ms / cycle (all) | disk-writer CPU ms / cycle | PSS disk-writer KiB "
           "| PSS all KiB | disk-writer fds | VM disk files | VM disks on /dev/shm |")

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vhostmd.xmlsafe import has_entity_refs, one_line, safe_parser
+from vhostmd.xmlsafe import has_entity_refs, safe_parser, syntax_error
 
 if TYPE_CHECKING:  # lxml is imported where documents are parsed: the host's
     from lxml import etree  # children only render, and forking them is cheaper without it
@@ -321,7 +321,9 @@ def parse_xml(data: bytes, *, where: str = "document") -> etree._Element:
     try:
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as exc:
-        raise DocumentError(f"{where}: invalid XML: {one_line(exc)}") from None
+        line, message = syntax_error(exc)
+        where = f"{where} line {line}" if line else where
+        raise DocumentError(f"{where}: invalid XML: {message}") from None
     tree = root.getroottree()
     if tree.docinfo.internalDTD is not None or has_entity_refs(root):
         raise DocumentError(f"{where}: DTDs and entity references are not allowed")

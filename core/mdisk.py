@@ -22,11 +22,22 @@ SIGNATURE = b"mvbd"
 HEADER = struct.Struct(">4sIII")
 HEADER_SIZE = HEADER.size
 BUSY_OFFSET = 4
-# The C guest library reads the disk in 64 KiB O_DIRECT blocks: a smaller disk
-# cannot be read by it at all.
-MIN_SIZE = 64 * 1024
+# The C guest library and vm-dump-metrics read the disk in whole 64 KiB
+# O_DIRECT blocks: a smaller disk cannot be read by them at all, and a
+# document that runs into a last, partial block fails to read.
+BLOCK_SIZE = 64 * 1024
+MIN_SIZE = BLOCK_SIZE
 MAX_SIZE = 256 * 1024 * 1024
 DEFAULT_SIZE = 256 * 1024
+
+
+def document_capacity(size: int) -> int:
+    """The longest document a disk of ``size`` bytes holds for every guest.
+
+    Only its whole 64 KiB blocks count: what lies past the last one is out of
+    a C guest's reach.
+    """
+    return size - size % BLOCK_SIZE - HEADER_SIZE
 
 # Bytes >= 0x80 are negative as signed chars: deleting them lets us count them
 # at C speed instead of looping in Python.

@@ -12,7 +12,16 @@ the machine. Nothing here imports libvirt, psutil or a process module.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# A VM name a shell action may see (as NAME or VHOSTMD_VM_NAME). The supervisor
+# plans no shell job for any other name, and a worker refuses one it is sent.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9._+:@-]+\Z")
+
+
+def is_plain_name(name: str) -> bool:
+    return bool(PLAIN_NAME.match(name))
 
 
 @dataclass(frozen=True, slots=True)

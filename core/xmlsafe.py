@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported when used: most host processes never parse XML
@@ -33,3 +34,20 @@ def has_entity_refs(root: etree._Element) -> bool:
 def one_line(text: object) -> str:
     """libxml2 messages may span lines; errors we report are one line."""
     return " ".join(str(text).split())
+
+
+_LXML_LOCATION = re.compile(r", line \d+, column \d+\Z")
+
+
+def syntax_error(exc: etree.XMLSyntaxError) -> tuple[int | None, str]:
+    """(line, message) of a document that is not well-formed, the line given once.
+
+    lxml appends ", line L, column C" to libxml2's message, and libxml2 ends
+    some messages with the line where the broken construct began: callers
+    put the line in front, so both go when they say the same.
+    """
+    line = exc.lineno or (exc.position[0] if exc.position else None)
+    message = one_line(_LXML_LOCATION.sub("", str(exc.msg)))
+    if line and message.endswith(f" line {line}"):
+        message = message[: -len(f" line {line}")]
+    return line, message

@@ -49,7 +49,7 @@ class MetricsDisk:
         self.size = handle.size
         fit(handle)  # also restores a file cut shorter while no writer ran
         self._map = self._map_file(handle)
-        self.capacity = self.size - mdisk.HEADER_SIZE
+        self.capacity = mdisk.document_capacity(self.size)
         self.published = False
         self.truncated_seen = False  # a truncation was logged, until a write finds it intact
         self._reset()
@@ -62,7 +62,7 @@ class MetricsDisk:
         m = self._map
         m[0 : mdisk.HEADER_SIZE] = mdisk.pack_header(1, 0, 0)
         m.flush()
-        m[mdisk.HEADER_SIZE :] = bytes(self.capacity)
+        m[mdisk.HEADER_SIZE :] = bytes(self.size - mdisk.HEADER_SIZE)
         m.flush()
         self.end = mdisk.HEADER_SIZE  # everything after here is zero
 

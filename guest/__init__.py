@@ -34,6 +34,7 @@ from vhostmd.guest.errors import (
     VirtioError,
     VirtioTimeout,
 )
+from vhostmd.guest.prometheus import prometheus_text
 
 __all__ = [
     "AmbiguousMetric",
@@ -59,6 +60,7 @@ __all__ = [
     "get_vm_cpu_metrics",
     "get_vm_mem_metrics",
     "parse_metrics",
+    "prometheus_text",
     "read_metrics",
     "read_vbd",
     "read_virtio",

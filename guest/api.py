@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import vhostmd.guest.vbd as vbd
+import vhostmd.guest.virtio as virtio
 from vhostmd.document import (
     CONTEXTS,
     DocumentError,
@@ -31,7 +33,6 @@ from vhostmd.document import (
     describe,
     read_document_metrics,
 )
-from vhostmd.guest import vbd, virtio
 from vhostmd.guest.errors import (
     AmbiguousMetric,
     InvalidDocument,

@@ -31,6 +31,7 @@ child logs wherever the daemon logs (syslog, journal, file or stderr).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import faulthandler
@@ -39,8 +40,10 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing import reduction
@@ -204,6 +207,36 @@ class _ToSupervisor(logging.Handler):
             self.handleError(record)
 
 
+def _let_go_of_helpers() -> None:
+    """Close this child's ends of the pipes that keep multiprocessing's helpers alive.
+
+    The forkserver hands every child the write end of its keep-alive pipe and
+    the resource tracker's pipe. Each helper runs until every write end is
+    closed; with the children holding them, a supervisor killed outright
+    (SIGKILL, the OOM killer) left the forkserver, every child and the
+    tracker running, and the disk locked. Without them, the supervisor's
+    death closes the last write ends: the forkserver exits, which kills its
+    children (PDEATHSIG), and the tracker unlinks the queues' semaphores.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    tracker = resource_tracker._resource_tracker
+    if tracker._fd is not None:
+        # Pointed at /dev/null rather than closed: anything that registers a
+        # resource here then talks to nobody instead of starting a tracker
+        # of its own (children create no named resources; the supervisor does).
+        sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(sink, tracker._fd, inheritable=False)
+        finally:
+            os.close(sink)
+
+
 def _setup(ctx: ChildContext) -> None:
     with contextlib.suppress(AttributeError):
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -212,10 +245,7 @@ def _setup(ctx: ChildContext) -> None:
     forbid_tracing()
     # Our parent is the forkserver, which exits when the supervisor does: then
     # the kernel kills us too (PDEATHSIG above), even after a SIGKILL.
-    # multiprocessing hands every child the write end of the pipe whose end
-    # tells the forkserver to exit; held here, a SIGKILLed supervisor would
-    # leave the forkserver, and so us, running for ever (holding root's disk).
-    _close_forkserver_alive_fd()
+    _let_go_of_helpers()
     ctx.parent_pid = os.getppid()
     if ctx.parent_pid == 1:
         os._exit(1)
@@ -231,17 +261,6 @@ def _setup(ctx: ChildContext) -> None:
     root.handlers.clear()
     root.addHandler(_ToSupervisor(ctx))
     root.propagate = False
-
-
-def _close_forkserver_alive_fd() -> None:
-    from multiprocessing import forkserver
-
-    server = getattr(forkserver, "_forkserver", None)
-    fd = getattr(server, "_forkserver_alive_fd", None)
-    if isinstance(fd, int) and fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
 def child_main(target: str, kwargs: dict[str, Any], ctx: ChildContext, level: int) -> None:
@@ -287,6 +306,10 @@ def serve(ctx: ChildContext, handle: Any, idle_title: str) -> None:
         ctx.title(idle_title)
 
 
+# The directory multiprocessing puts the forkserver's socket in, when we chose it.
+_HELPERS_DIR_PREFIX = "vhostmd-mp-"
+
+
 def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     """Start the process children are forked from; call before any thread exists.
 
@@ -296,7 +319,7 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     socket is given to the user so that the supervisor, by then that user
     too, can connect to it.
     """
-    from multiprocessing import forkserver, util
+    from multiprocessing import forkserver, process, util
 
     # multiprocessing re-runs the parent's main script (or module, with -m)
     # in every child it starts, to find functions defined there, unless
@@ -307,6 +330,14 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     main.__spec__ = None
     if hasattr(main, "__file__"):
         del main.__file__
+    # The forkserver listens on a socket in a temporary directory that
+    # multiprocessing removes when the supervisor exits normally. A directory
+    # of our own instead: the forkserver removes it when it exits, so a
+    # supervisor killed outright leaves nothing behind in /tmp either
+    # (``clean_up_at_forkserver_exit``).
+    config = process.current_process()._config
+    if config.get("tempdir") is None:
+        config["tempdir"] = tempfile.mkdtemp(prefix=_HELPERS_DIR_PREFIX)
     CTX.set_forkserver_preload(["vhostmd.runtime.forkserver"])
     if run_as is None:
         forkserver.ensure_running()
@@ -324,6 +355,71 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
         os.chown(path, uid, gid)
 
 
+def clean_up_at_forkserver_exit() -> None:
+    """In the forkserver: register what it does as it exits.
+
+    It exits when the supervisor has stopped it (every child already gone),
+    or when the supervisor died (its keep-alive pipe reads EOF). Then it ends
+    what is left below it, actions included (``_end_children_and_actions``),
+    and removes its socket and directory (``_remove_helpers_dir``).
+    Children are forked from the forkserver and inherit the registration;
+    they leave with os._exit, which runs no exit handler.
+    """
+    atexit.register(_remove_helpers_dir)
+    atexit.register(_end_children_and_actions)  # runs first: last registered
+
+
+def _children_of(pid: int) -> set[int]:
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError), \
+                    open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                found.update(int(child) for child in f.read().split())
+    return found
+
+
+def _end_children_and_actions() -> None:
+    """Kill every child still there, and what each runs: shell actions and their groups.
+
+    Children would die with the forkserver anyway (PDEATHSIG), but a worker's
+    shell action runs in a session of its own and would outlive its worker:
+    the supervisor that kills an action's group is gone. Each child is
+    stopped first, so that it starts nothing meanwhile; then what runs below
+    it (an action leads its own process group; an orphan the worker adopted
+    as subreaper is its child too) is killed, then the child.
+    """
+    children = _children_of(os.getpid())
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in children:
+        for below in _children_of(pid):
+            with contextlib.suppress(OSError):
+                os.killpg(below, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(below, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _remove_helpers_dir() -> None:
+    """The forkserver's socket and directory, if ``start_forkserver`` made the directory
+    (multiprocessing removes its own)."""
+    from multiprocessing import forkserver
+
+    address = forkserver._forkserver._forkserver_address
+    if not isinstance(address, str) or not address.startswith("/"):
+        return  # an abstract socket: nothing on disk
+    folder = os.path.dirname(address)
+    if not os.path.basename(folder).startswith(_HELPERS_DIR_PREFIX):
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(address)
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
+
+
 def stop_forkserver() -> None:
     """At shutdown, after every child is gone: stop the forkserver and resource tracker.
 
@@ -334,12 +430,17 @@ def stop_forkserver() -> None:
     multiprocessing uses for that in its own tests; where a Python lacks
     them, the helpers still end on their own.
     """
-    from multiprocessing import forkserver, resource_tracker
+    from multiprocessing import forkserver, process, resource_tracker
 
+    # The forkserver removes its socket as it exits, so multiprocessing's
+    # own removal after it may find nothing there: ignored, as any failure.
     for helper in (getattr(forkserver, "_forkserver", None),
                    getattr(resource_tracker, "_resource_tracker", None)):
         with contextlib.suppress(Exception):
             helper._stop()  # type: ignore[union-attr]
+    folder = process.current_process()._config.get("tempdir")
+    if folder is not None and os.path.basename(folder).startswith(_HELPERS_DIR_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # The libraries the forkserver imports for the children, besides our own packages.

@@ -25,7 +25,9 @@ import vhostmd.disk.writer  # noqa: E402
 import vhostmd.virtio.manager  # noqa: E402
 import vhostmd.workers.events  # noqa: E402
 import vhostmd.workers.worker  # noqa: E402, F401
+from vhostmd.runtime.child import clean_up_at_forkserver_exit  # noqa: E402
 
 setproctitle.setproctitle("vhostmd: forkserver")
+clean_up_at_forkserver_exit()
 gc.collect()
 gc.freeze()

@@ -41,6 +41,7 @@ from vhostmd.supervisor.config import Config, ConfigError, load_config
 from vhostmd.supervisor.cycle import FailureLog
 from vhostmd.supervisor.health import HealthFile
 from vhostmd.supervisor.instant import InstantCycles
+from vhostmd.supervisor.planning import count_metrics
 from vhostmd.supervisor.pool import Child, ChildPool, ChildSpec, Unreadable
 from vhostmd.supervisor.publisher import Publisher
 from vhostmd.supervisor.scheduler import CycleRunner
@@ -145,11 +146,9 @@ class Supervisor:
         self.vm_dir, new = reload_vm_dir(self.vm_dir, new, dropped_to=self.dropped_to)
         self.config = new
         if new.update_period != old.update_period:
-            now = self.clock()
-            self.cycles.new_period(new.update_period, now)
             self.pool.beat_interval = beat_interval(new.update_period)
-        log.info("reloaded %s: %d metrics, period %d s", self.config_path,
-                 len(new.metrics) + sum(len(p.metric_names) for p in self.cycles.collector_plans()),
+        self.cycles.reconfigured(self.clock())
+        log.info("reloaded %s: %d metrics, period %d s", self.config_path, count_metrics(new),
                  new.update_period)
 
     def reload_disk(self, new: Config) -> Config:

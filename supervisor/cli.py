@@ -29,6 +29,7 @@ from vhostmd.supervisor.daemon import (
     open_log_target,
     setup_logging,
 )
+from vhostmd.supervisor.planning import count_metrics
 from vhostmd.supervisor.sizing import check_vm_disks, check_vms
 from vhostmd.supervisor.status import StatusFile, status_path_for
 from vhostmd.supervisor.vmdisks import prepare_vm_dir, vm_disks_refusal
@@ -91,13 +92,6 @@ def prepare_disk(config: Config) -> DiskHandle:
         raise StartupError(str(exc)) from None
 
 
-def count_metrics(config: Config) -> int:
-    """Shell-action metrics plus the built-in metrics the config selects."""
-    from vhostmd.workers.collectors import plan
-
-    return len(config.metrics) + sum(len(p.metric_names) for p in plan(config.builtins))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The daemon changes to / when it daemonizes and re-reads its config on
@@ -128,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             return fail(refusal)
         print(f"{args.config}: OK ({count_metrics(config)} metrics, "
               f"transports {', '.join(config.transports)})")
+        for warning in config.warnings:
+            print(f"{warning}")
         if args.vms is not None:
             checks = []
             if config.vbd:

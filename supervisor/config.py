@@ -20,7 +20,7 @@ from vhostmd.document import METRIC_TYPES
 from vhostmd.etc import shipped
 from vhostmd.wire import BuiltinRef, MetricDef, Variable
 from vhostmd.workers.collectors import validate_ref
-from vhostmd.xmlsafe import has_entity_refs, one_line, safe_parser
+from vhostmd.xmlsafe import has_entity_refs, one_line, safe_parser, syntax_error
 
 DEFAULT_CONFIG = "/etc/vhostmd/vhostmd.conf"
 DEFAULT_DISK_PATH = "/dev/shm/vhostmd0"
@@ -121,32 +121,13 @@ class _Reader:
 def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
     """Parse and validate config bytes; raises ConfigError."""
     reader = _Reader(path)
-    try:
-        root = etree.fromstring(data, safe_parser(remove_comments=True))
-    except etree.XMLSyntaxError as exc:
-        line = exc.lineno or (exc.position[0] if exc.position else None)
-        where = f"{path}:{line}" if line else path
-        raise ConfigError(f"{where}: malformed XML: {one_line(exc.msg)}") from None
-    if has_entity_refs(root):
-        raise ConfigError(f"{path}: entity references are not allowed in the config")
-    dtd = _dtd()
-    if not dtd.validate(root):
-        err = dtd.error_log.filter_from_errors()[0] if dtd.error_log else None
-        where = f"{path}:{err.line}" if err and err.line else path
-        raise ConfigError(
-            f"{where}: {one_line(err.message) if err else 'does not match vhostmd.dtd'}")
-
+    root = _valid_tree(data, path)
     globals_ = root.find("globals")
     kwargs: dict[str, object] = {"path": path}
 
     disk = reader.single(globals_, "disk")
     if disk is not None:
-        if (name := reader.single(disk, "name")) is not None:
-            kwargs["disk_name"] = reader.text(name)
-        if (dpath := reader.single(disk, "path")) is not None:
-            kwargs["disk_path"] = _absolute(reader.text(dpath), path)
-        if (size := reader.single(disk, "size")) is not None:
-            kwargs["disk_size"] = _disk_size(reader, size)
+        _disk(reader, disk, path, kwargs)
 
     period_elem = reader.single(globals_, "update_period")
     period = DEFAULT_PERIOD
@@ -167,6 +148,57 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
                 f"{path}:{textfile.sourceline}: <textfile> does not end in .prom; "
                 "node_exporter's textfile collector only reads *.prom files")
 
+    kwargs["transports"] = _transports(reader, globals_)
+
+    vm_disks = reader.single(globals_, "vm_disks")
+    if vm_disks is not None:
+        _vm_disks(reader, vm_disks, path, kwargs, disk is not None)
+
+    kwargs["expiration_time"] = 3 * period
+    virtio = reader.single(globals_, "virtio")
+    if virtio is not None:
+        _virtio(reader, virtio, path, period, kwargs)
+
+    metrics, builtins = _metrics_section(reader, root.find("metrics"))
+    kwargs["metrics"] = metrics
+    kwargs["builtins"] = builtins
+    if "workers" not in kwargs:
+        kwargs["workers"] = DEFAULT_WORKERS if metrics else DEFAULT_WORKERS_BUILTIN_ONLY
+    kwargs["warnings"] = tuple(reader.warnings)
+    return Config(**kwargs)  # type: ignore[arg-type]
+
+
+def _valid_tree(data: bytes, path: str) -> etree._Element:
+    """The file's tree: well-formed, no entity references, valid against vhostmd.dtd."""
+    try:
+        root = etree.fromstring(data, safe_parser(remove_comments=True))
+    except etree.XMLSyntaxError as exc:
+        line, message = syntax_error(exc)
+        where = f"{path}:{line}" if line else path
+        raise ConfigError(f"{where}: malformed XML: {message}") from None
+    if has_entity_refs(root):
+        raise ConfigError(f"{path}: entity references are not allowed in the config")
+    dtd = _dtd()
+    if not dtd.validate(root):
+        err = dtd.error_log.filter_from_errors()[0] if dtd.error_log else None
+        where = f"{path}:{err.line}" if err and err.line else path
+        raise ConfigError(
+            f"{where}: {one_line(err.message) if err else 'does not match vhostmd.dtd'}")
+    return root
+
+
+def _disk(reader: _Reader, disk: etree._Element, path: str, kwargs: dict[str, object]) -> None:
+    """<disk>: the shared metrics disk."""
+    if (name := reader.single(disk, "name")) is not None:
+        kwargs["disk_name"] = reader.text(name)
+    if (dpath := reader.single(disk, "path")) is not None:
+        kwargs["disk_path"] = _absolute(reader.text(dpath), path)
+    if (size := reader.single(disk, "size")) is not None:
+        kwargs["disk_size"] = _disk_size(reader, size)
+
+
+def _transports(reader: _Reader, globals_: etree._Element) -> tuple[str, ...]:
+    """Every <transport>, once each, in file order; vbd when there is none."""
     transports: list[str] = []
     for elem in globals_.findall("transport"):
         value = reader.text(elem)
@@ -176,30 +208,29 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
             raise reader.error(elem, f"unknown transport {value!r} (use vbd or virtio)")
         if value not in transports:
             transports.append(value)
-    kwargs["transports"] = tuple(transports) or ("vbd",)
+    return tuple(transports) or ("vbd",)
 
-    vm_disks = reader.single(globals_, "vm_disks")
-    if vm_disks is not None:
-        _vm_disks(reader, vm_disks, path, kwargs, disk is not None)
 
-    expiration = 3 * period
-    virtio = reader.single(globals_, "virtio")
-    if virtio is not None:
-        if (cpath := reader.single(virtio, "channel_path")) is not None:
-            kwargs["channel_paths"] = (_absolute(reader.text(cpath), path),)
-        if (maxc := reader.single(virtio, "max_channels")) is not None:
-            kwargs["max_channels"] = reader.integer(maxc, 1, MAX_CHANNELS_LIMIT)
-        if (exp := reader.single(virtio, "expiration_time")) is not None:
-            configured = reader.integer(exp, 1, 10 * 86400)
-            if configured < 3 * period:
-                reader.warnings.append(
-                    f"{path}:{exp.sourceline}: expiration_time {configured} is below "
-                    f"3 x update_period; using {3 * period}"
-                )
-            expiration = max(configured, 3 * period)
-    kwargs["expiration_time"] = expiration
+def _virtio(reader: _Reader, virtio: etree._Element, path: str, period: int,
+            kwargs: dict[str, object]) -> None:
+    """<virtio>: where channels are, how many, and when an idle one is closed."""
+    if (cpath := reader.single(virtio, "channel_path")) is not None:
+        kwargs["channel_paths"] = (_absolute(reader.text(cpath), path),)
+    if (maxc := reader.single(virtio, "max_channels")) is not None:
+        kwargs["max_channels"] = reader.integer(maxc, 1, MAX_CHANNELS_LIMIT)
+    if (exp := reader.single(virtio, "expiration_time")) is not None:
+        configured = reader.integer(exp, 1, 10 * 86400)
+        if configured < 3 * period:
+            reader.warnings.append(
+                f"{path}:{exp.sourceline}: expiration_time {configured} is below "
+                f"3 x update_period; using {3 * period}"
+            )
+        kwargs["expiration_time"] = max(configured, 3 * period)
 
-    metrics_elem = root.find("metrics")
+
+def _metrics_section(reader: _Reader, metrics_elem: etree._Element | None
+             ) -> tuple[tuple[MetricDef, ...], tuple[BuiltinRef, ...]]:
+    """<metrics>: the shell-action metrics and the <builtin> elements, in file order."""
     metrics: list[MetricDef] = []
     builtins: list[BuiltinRef] = []
     for elem in metrics_elem if metrics_elem is not None else ():
@@ -207,12 +238,7 @@ def parse_config_bytes(data: bytes, path: str = "<config>") -> Config:
             metrics.append(_metric(reader, elem))
         elif elem.tag == "builtin":
             builtins.append(_builtin(reader, elem))
-    kwargs["metrics"] = tuple(metrics)
-    kwargs["builtins"] = tuple(builtins)
-    if "workers" not in kwargs:
-        kwargs["workers"] = DEFAULT_WORKERS if metrics else DEFAULT_WORKERS_BUILTIN_ONLY
-    kwargs["warnings"] = tuple(reader.warnings)
-    return Config(**kwargs)  # type: ignore[arg-type]
+    return tuple(metrics), tuple(builtins)
 
 
 def _vm_disks(reader: _Reader, elem: etree._Element, path: str, kwargs: dict[str, object],
@@ -238,6 +264,12 @@ def _disk_size(reader: _Reader, elem: etree._Element) -> int:
             elem, f"disk size {size} bytes is out of range (64 KiB .. 256 MiB; guests read "
             "the disk in 64 KiB blocks)"
         )
+    if size % mdisk.BLOCK_SIZE:
+        whole = size - size % mdisk.BLOCK_SIZE
+        reader.warnings.append(
+            f"{reader.path}:{elem.sourceline}: disk size {size} bytes is not a multiple of "
+            f"64 KiB; guests read the disk in whole 64 KiB blocks, so documents use only its "
+            f"first {whole // 1024} KiB")
     return size
 
 

@@ -9,8 +9,9 @@ workers finish in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from vhostmd.document import assemble
 from vhostmd.logtext import loggable
@@ -38,8 +39,14 @@ class Rendered:
 # Where a job's metrics go in the document: (config line, position in the
 # config); unique even when several metrics share one line.
 Order = tuple[int, int]
+# What a job's metrics are, wherever their config line is: a shell metric's
+# definition, or a built-in job's collector and metric names (see
+# planning.Layout). A reload keeps the values of what it kept, and only those.
+Identity = tuple
 # A cycle's rendered metrics: by document position, then by VM id (None: host).
 Fragments = dict[Order, dict[int | None, bytes]]
+# The same, by what they are: values kept across cycles (and reloads).
+Values = dict[Identity, dict[int | None, bytes]]
 _METRIC = b"<metric "
 
 
@@ -92,6 +99,12 @@ class Cycle:
     attempted: Attempted = field(default_factory=lambda: Attempted())
     shell_jobs: int = 0  # shell actions planned
     shell_done: int = 0  # ... and answered within this cycle
+    # What the config this cycle was planned from puts at each position.
+    layout: dict[Order, Identity] = field(default_factory=dict)
+    # A reload came while it ran: its values count, but the document it would
+    # give is the old config's; the next cycle, planned from the new one, is
+    # the first published.
+    replanned: bool = False
 
     def expect(self, order: Order, job: Job) -> None:
         """Register a job whose metrics go to position ``order`` in the document."""
@@ -134,11 +147,17 @@ class Cycle:
         return jobs
 
 
-def store_fragments(into: Fragments, order: Order, result: JobResult) -> None:
-    slot = into.setdefault(order, {})
+def store_fragments(into: dict[Any, dict[int | None, bytes]], key: Order | Identity,
+                    result: JobResult) -> None:
+    slot = into.setdefault(key, {})
     if result.host:
         slot[None] = result.host
     slot.update(result.vms)  # one dict update for all VMs of a job, not a loop
+
+
+def by_identity(fragments: Fragments, layout: dict[Order, Identity]) -> Values:
+    """A cycle's fragments keyed by what they are (``layout``: the config it was planned from)."""
+    return {layout[order]: slot for order, slot in fragments.items() if order in layout}
 
 
 class LatestValues:
@@ -146,34 +165,43 @@ class LatestValues:
 
     A metric not refreshed in a cycle (its job not reached, still running, or
     failed) keeps its last value in the document for at most ``max_age``
-    seconds; a VM that is gone takes its values with it.
+    seconds; a VM that is gone takes its values with it, and a metric that
+    left the config (a reload) takes its own. Kept by what the metrics are
+    (``Identity``), never by their place in a config: a reload that moves a
+    metric to another line keeps its value, one that changes its action or
+    removes it drops the old value at once.
     """
 
     def __init__(self) -> None:
-        self.fragments: Fragments = {}
-        self.stamps: dict[Order, dict[int | None, float]] = {}
+        self.fragments: Values = {}
+        self.stamps: dict[Identity, dict[int | None, float]] = {}
 
-    def store(self, fresh: Fragments, now: float) -> None:
-        for order, slot in fresh.items():
-            self.fragments.setdefault(order, {}).update(slot)
-            self.stamps.setdefault(order, {}).update(dict.fromkeys(slot, now))
+    def store(self, fresh: Values, now: float) -> None:
+        for identity, slot in fresh.items():
+            self.fragments.setdefault(identity, {}).update(slot)
+            self.stamps.setdefault(identity, {}).update(dict.fromkeys(slot, now))
 
-    def fill(self, fresh: Fragments, live: set[int] | None, now: float, max_age: float) -> int:
+    def fill(self, fresh: Values, live: set[int] | None, now: float, max_age: float,
+             wanted: Container[Identity]) -> int:
         """Add the young fragments ``fresh`` lacks; forget the old ones. How many added.
 
         ``live``: the running VMs' ids, or None when libvirt could not list
-        them (then no VM is published, and none is forgotten).
+        them (then no VM is published, and none is forgotten). ``wanted``:
+        what the config running now publishes; the rest is forgotten.
         """
+        for identity in [i for i in self.fragments if i not in wanted]:
+            del self.fragments[identity]
+            del self.stamps[identity]
         carried = 0
-        for order, kept in self.fragments.items():
-            stamps = self.stamps[order]
+        for identity, kept in self.fragments.items():
+            stamps = self.stamps[identity]
             forget = [k for k, stamp in stamps.items() if now - stamp > max_age]
             if live is not None:
                 forget += [k for k in kept.keys() - live if k is not None]
             for key in forget:
                 kept.pop(key, None)
                 stamps.pop(key, None)
-            slot = fresh.setdefault(order, {})
+            slot = fresh.setdefault(identity, {})
             for key in kept.keys() - slot.keys():
                 if key is not None and live is None:
                     continue

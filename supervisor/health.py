@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from vhostmd.mdisk import HEADER_SIZE
+from vhostmd.mdisk import document_capacity
 from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, VIRTIO_SLOT
 
 log = logging.getLogger("vhostmd")
@@ -93,7 +93,7 @@ class SupervisorCollector:
                         len(latest.document) if latest is not None else 0)
             yield gauge("vhostmd_disk_bytes", "Size of the metrics disk.", config.disk_size)
             yield gauge("vhostmd_disk_capacity_bytes", "Largest document the disk holds.",
-                        config.disk_size - HEADER_SIZE)
+                        document_capacity(config.disk_size))
             yield gauge("vhostmd_vms_not_on_disk", "VMs left out of the disk (too small).",
                         stats["vms_not_on_disk"])
         restarts = CounterMetricFamily("vhostmd_child_restarts",

@@ -18,13 +18,24 @@ config order. ``Order`` is (config line, position) and is unique per job.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 from vhostmd.supervisor.config import Config
-from vhostmd.supervisor.cycle import Cycle, domain_list_failure
-from vhostmd.wire import Collect, Domain, Failure, Job, ListDomains, RunAction
-from vhostmd.workers.actions import is_plain_name
+from vhostmd.supervisor.cycle import Cycle, Identity, Order, domain_list_failure
+from vhostmd.wire import (
+    Collect,
+    Domain,
+    Failure,
+    Job,
+    ListDomains,
+    MetricDef,
+    RunAction,
+    is_plain_name,
+)
 from vhostmd.workers.collectors import CollectorPlan
+from vhostmd.workers.collectors import plan as plan_collectors
 
 NewId = Callable[[], int]
 
@@ -34,6 +45,50 @@ def job_ids(start: int = 0) -> Iterator[int]:
     while True:
         n += 1
         yield n
+
+
+def shell_order(metric: MetricDef, index: int) -> Order:
+    """Where a shell metric goes in the document (``index``: its place in config.metrics)."""
+    return (metric.line, index)
+
+
+def builtin_order(plan: CollectorPlan, position: int) -> Order:
+    # Unique per plan: a host job and the vm job may share a <builtin> line.
+    return (plan.order, -1 - position)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a config publishes at each document position, and where each thing goes.
+
+    A shell metric is its whole definition but its line (name, type, context,
+    unit, action, timeout); a built-in job, its collector and metric names.
+    Identical definitions are told apart by their rank among each other.
+    """
+
+    identity: dict[Order, Identity]
+    order: dict[Identity, Order]
+
+    @classmethod
+    def of(cls, config: Config, plans: Sequence[CollectorPlan]) -> Layout:
+        identity: dict[Order, Identity] = {}
+        seen: Counter[MetricDef] = Counter()
+        for index, metric in enumerate(config.metrics):
+            definition = replace(metric, line=0)
+            identity[shell_order(metric, index)] = ("shell", definition, seen[definition])
+            seen[definition] += 1
+        for position, plan in enumerate(plans):
+            identity[builtin_order(plan, position)] = ("builtin", plan.context, plan.collector,
+                                                       plan.metric_names)
+        return cls(identity, {what: order for order, what in identity.items()})
+
+
+def count_metrics(config: Config) -> int:
+    """The metrics a config names: its shell metrics and the built-ins it selects.
+
+    What ``vhostmd --check`` says and the reload's log line counts.
+    """
+    return len(config.metrics) + sum(len(p.metric_names) for p in plan_collectors(config.builtins))
 
 
 def plan_start(cycle: Cycle, config: Config, plans: Sequence[CollectorPlan], new_id: NewId,
@@ -58,7 +113,7 @@ def plan_start(cycle: Cycle, config: Config, plans: Sequence[CollectorPlan], new
     for index, metric in enumerate(config.metrics):
         if metric.context == "host":
             job = RunAction(new_id(), cycle.job_deadline, metric, None, config.exec_path)
-            cycle.expect((metric.line, index), job)
+            cycle.expect(shell_order(metric, index), job)
             jobs.append(job)
     for position, plan in enumerate(plans):
         if plan.context == "host":
@@ -89,7 +144,7 @@ def plan_vms(cycle: Cycle, config: Config, plans: Sequence[CollectorPlan], new_i
             continue
         for index, metric in vm_metrics:
             job = RunAction(new_id(), cycle.job_deadline, metric, domain, config.exec_path)
-            cycle.expect((metric.line, index), job)
+            cycle.expect(shell_order(metric, index), job)
             jobs.append(job)
     return jobs
 
@@ -99,8 +154,7 @@ def _collect(cycle: Cycle, plan: CollectorPlan, position: int,
              collector_state: dict[tuple[str, str], object]) -> Collect:
     job = Collect(new_id(), cycle.job_deadline, plan.collector, plan.metric_names, domains,
                   collector_state.get((plan.collector, plan.context)))
-    # Unique per plan: a host job and the vm job may share a <builtin> line.
-    cycle.expect((plan.order, -1 - position), job)
+    cycle.expect(builtin_order(plan, position), job)
     cycle.attempted.add((plan.context, f"builtin {plan.collector}", None, None))
     # Built-ins report failures per metric (and per VM): recoveries are
     # noticed only if those keys count as tried.

@@ -103,6 +103,8 @@ class Child:
         self.busy_with: object = None  # the job a worker runs, for the supervisor
         self.ready = False  # it said so: its imports are done, it takes work
         self._stopped = threading.Event()
+        self._sending = threading.Lock()  # the inbox between ``send`` and the reader's close
+        self._inbox_closed = False
         self._reader = threading.Thread(target=self._pump, args=(on_message,),
                                         name=f"read-{self.role}", daemon=True)
         self._reader.start()
@@ -129,8 +131,21 @@ class Child:
         with contextlib.suppress(Exception):
             while True:
                 self.inbox.get(timeout=0.1)
-        with contextlib.suppress(Exception):
-            self.inbox.close()
+        # Both queues' pipes are closed here, not whenever this handle happens
+        # to be collected: replacing children never piles up descriptors.
+        with self._sending:
+            self._inbox_closed = True
+            with contextlib.suppress(Exception):
+                self.inbox.close()
+            # Its feeder thread closes the inbox's pipe as it ends; a queue
+            # nothing was ever sent on has none, so its pipe is closed here.
+            # (Under the lock: ``send`` cannot start a feeder meanwhile.)
+            ends = [] if self.inbox._thread is not None else [self.inbox._reader,
+                                                                self.inbox._writer]
+        # The outbox's pipe is ours alone (the supervisor never writes to it).
+        for end in (*ends, self.outbox._reader, self.outbox._writer):
+            with contextlib.suppress(OSError):
+                end.close()
 
     def take_result(self, result: JobResult) -> JobResult:
         """``result`` with its VM fragments copied out of this child's result slot.
@@ -150,8 +165,9 @@ class Child:
     def send(self, message: object) -> None:
         if self.gone:
             return
-        with contextlib.suppress(ValueError, OSError):
-            self.inbox.put(message)
+        with self._sending, contextlib.suppress(ValueError, OSError):
+            if not self._inbox_closed:
+                self.inbox.put(message)
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._bell, b"m")
 
@@ -224,9 +240,11 @@ class Child:
         self._reader.join(timeout)
 
     def release(self) -> None:
-        """After reaping: close what is left (the crash-report pipe)."""
-        with contextlib.suppress(OSError):
-            os.close(self._crash)
+        """After reaping: close what is left (the crash-report pipe); once."""
+        if self._crash >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._crash)
+            self._crash = -1
 
 
 def describe_exit(code: int) -> str:
@@ -330,6 +348,7 @@ class ChildPool:
             if how is not None:
                 del self.children[slot]
                 self.lost(child, f"died ({how})")
+                self._retire(child)
                 continue
             spec = wanted.get(slot)
             if spec is None or spec.key != child.key:
@@ -357,16 +376,21 @@ class ChildPool:
         still = []
         for child in self.dying:
             if reap and child.collect() is not None:
-                if child.aborted_at is not None:
-                    report = child.crash_report()
-                    if report:
-                        log.error("%s (pid %d) was at: %s", child.role, child.pid, report)
-                child.release()
+                self._retire(child)
                 continue
             if child.aborted_at is not None and now - child.aborted_at > ABORT_GRACE:
                 child.kill()  # SIGABRT did not end it (stopped, or stuck in the kernel)
             still.append(child)
         self.dying = still
+
+    @staticmethod
+    def _retire(child: Child) -> None:
+        """A reaped child: log where it was if it left a stack (SIGABRT, a fatal
+        signal), then close what it left (every replacement has its own)."""
+        report = child.crash_report()
+        if report:
+            log.error("%s (pid %d) was at: %s", child.role, child.pid, report)
+        child.release()
 
     def replace(self, child: Child, why: str) -> None:
         """Kill a child that cannot go on (e.g. it sent something unreadable)."""

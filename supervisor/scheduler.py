@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from vhostmd.mdisk import HEADER_SIZE
+from vhostmd.mdisk import document_capacity
 from vhostmd.runtime.child import IdleTrim
 from vhostmd.supervisor import planning
 from vhostmd.supervisor.config import Config
@@ -23,9 +23,10 @@ from vhostmd.supervisor.cycle import (
     Cycle,
     CycleClock,
     FailureLog,
+    Identity,
     LatestValues,
-    Order,
     Rendered,
+    by_identity,
     failure_key,
     render,
     store_fragments,
@@ -82,7 +83,8 @@ class CycleRunner:
         self.cycle_number = 0
         self.new_job_id = planning.job_ids().__next__
         self.pending: list[Job] = []  # planned, not handed to a worker yet (in order)
-        self.inflight: dict[int, tuple[Order, Job]] = {}  # handed to a worker, no result yet
+        # Handed to a worker, no result yet: with what its metrics are (None: the listing).
+        self.inflight: dict[int, tuple[Identity | None, Job]] = {}
         self.work_order = planning.WorkOrder()
         self.trim = IdleTrim(clock)  # freed heap back between cycles of a long period
         # The last listing job and the child it went to (see Collect.domains_from).
@@ -93,6 +95,8 @@ class CycleRunner:
         self.collector_state: dict[tuple[str, str], object] = {}
         self._plans: list[CollectorPlan] = []
         self._plans_for: Config | None = None
+        self._layout = planning.Layout({}, {})
+        self._layout_for: Config | None = None
         self.clock_ = CycleClock(config().update_period, clock())
         self.instant = InstantCycles()  # extra cycles on libvirt lifecycle events
         self.last_cycle_wall = 0.0
@@ -125,15 +129,24 @@ class CycleRunner:
         self.pending.clear()
         self.clock_.reanchor(restart_at)
 
-    def new_period(self, period: int, now: float) -> None:
-        self.clock_.period = period
-        self.clock_.reanchor(now if self.cycle is None else now + period)
+    def reconfigured(self, now: float) -> None:
+        """A reload: the next document published is the new config's, and soon.
+
+        A cycle under way was planned from the old config: it runs to its
+        end (its listing and values still count) but publishes nothing, and
+        the next cycle starts as soon as it ends; otherwise one starts now.
+        """
+        self.clock_.period = self.config().update_period
+        if self.cycle is not None:
+            self.cycle.replanned = True
+        else:
+            self.clock_.reanchor(now)
 
     def handle_result(self, result: JobResult) -> None:
         entry = self.inflight.pop(result.job_id, None)
         if entry is None:
             return
-        order, job = entry
+        identity, job = entry
         now = self.clock()
         if isinstance(job, RunAction):
             self.work_order.answered(job, now, result.timed_out)
@@ -145,10 +158,12 @@ class CycleRunner:
                 self.plan_vms(cycle)
             return
         # A result after its cycle ended (an action may outlive a cycle): its
-        # values go into the next document, its failures into this cycle's log.
-        fresh: dict = {}
-        store_fragments(fresh, order, result)
-        self.latest.store(fresh, now)
+        # values go into the next document (if the config still has them),
+        # its failures into this cycle's log.
+        if identity is not None:
+            fresh: dict = {}
+            store_fragments(fresh, identity, result)
+            self.latest.store(fresh, now)
         if cycle is not None:
             cycle.failures.extend(result.failures)
             if isinstance(job, RunAction):
@@ -180,10 +195,19 @@ class CycleRunner:
             self.handle_result(JobResult(job.job_id, error=reason, timed_out=True))
 
     def collector_plans(self) -> list[CollectorPlan]:
-        if self._plans_for is not self.config:
-            self._plans = plan_collectors(self.config().builtins)
-            self._plans_for = self.config
+        config = self.config()
+        if self._plans_for is not config:
+            self._plans = plan_collectors(config.builtins)
+            self._plans_for = config
         return self._plans
+
+    def layout(self) -> planning.Layout:
+        """What the config running now publishes, and where (rebuilt after a reload)."""
+        config = self.config()
+        if self._layout_for is not config:
+            self._layout = planning.Layout.of(config, self.collector_plans())
+            self._layout_for = config
+        return self._layout
 
     def start_cycle(self, now: float, extra: bool = False) -> None:
         period = self.config().update_period
@@ -192,7 +216,7 @@ class CycleRunner:
         if extra:  # asked for by a libvirt event: ends by the next regular start
             deadline = self.instant.deadline(deadline, self.clock_.next)
         self.instant.started(self.cycle_number, now, extra)
-        cycle = Cycle(self.cycle_number, now, deadline)
+        cycle = Cycle(self.cycle_number, now, deadline, layout=self.layout().identity)
         # Jobs end a little before the cycle does, so a timed-out job is
         # reported as such instead of as a missing result.
         cycle.job_deadline = deadline - max(0.05, min(0.25, 0.05 * period))
@@ -240,7 +264,7 @@ class CycleRunner:
                   and self.listed_by == (cycle.domains_job, child)):
                 # This worker listed these domains: it kept them.
                 job = replace(job, domains=(), domains_from=cycle.domains_job)
-            self.inflight[job.job_id] = (order, job)
+            self.inflight[job.job_id] = (cycle.layout.get(order), job)
             child.busy_with = job
             child.send(job)
 
@@ -256,17 +280,29 @@ class CycleRunner:
             # Anything else still running reports later; its values count then.
         now = self.clock()
         period = self.config().update_period
-        self.latest.store(cycle.fresh, now)
+        fresh = by_identity(cycle.fresh, cycle.layout)
+        self.latest.store(fresh, now)
+        self.failures.update(cycle.failures, cycle.attempted)
+        if cycle.replanned:
+            # Planned from the config a reload replaced: the next cycle, at
+            # once, is the new config's first document.
+            self.clock_.reanchor(self.clock())
+            log.debug("cycle %d: planned before the reload, not published", cycle.number)
+            return
         live = {d.id for d in cycle.domains} if cycle.domains is not None else None
         if cycle.shell_jobs:
             sample = refresh_interval(period, cycle)
             self.refresh = sample if not self.refresh else 0.7 * self.refresh + 0.3 * sample
-        carried = self.latest.fill(cycle.fresh, live, now, max_value_age(period, self.refresh))
-        capacity = self.config().disk_size - HEADER_SIZE if self.config().vbd else None
-        rendered = render(cycle.fresh, cycle.domains or (), capacity, len(cycle.failures),
+        layout = self.layout()
+        carried = self.latest.fill(fresh, live, now, max_value_age(period, self.refresh),
+                                   layout.order)
+        # Only what the config running now names, where it puts it.
+        fragments = {layout.order[what]: slot for what, slot in fresh.items()
+                     if what in layout.order}
+        capacity = document_capacity(self.config().disk_size) if self.config().vbd else None
+        rendered = render(fragments, cycle.domains or (), capacity, len(cycle.failures),
                           carried)
         rendered.inactive = cycle.inactive
-        self.failures.update(cycle.failures, cycle.attempted)
         self.note_disk_fit(rendered)
         self.note_shell_work(cycle)
         self.publisher.publish(rendered)

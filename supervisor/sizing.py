@@ -1,6 +1,9 @@
 """How big the document gets: does the configured disk hold N running VMs?
 And does each per-VM disk (<vm_disks>) hold the host metrics and its VM's?
 
+Guests read the disk in whole 64 KiB blocks, so only those count
+(``mdisk.document_capacity``), and a size suggested is a whole number of them.
+
 The estimate renders one host part and one VM part with the exact layout
 (``vhostmd.document``) and values as wide as their type allows: 20 digits
 for 64-bit integers, 10 for 32-bit ones, seconds with six decimals for
@@ -13,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vhostmd.document import assemble, render_metric, vm_attributes
-from vhostmd.mdisk import HEADER_SIZE
+from vhostmd.mdisk import BLOCK_SIZE, HEADER_SIZE, document_capacity
 from vhostmd.supervisor.config import Config
 from vhostmd.workers.collectors import BY_KIND
 from vhostmd.workers.collectors import plan as plan_collectors
@@ -62,21 +65,32 @@ def estimate(config: Config) -> SizeEstimate:
             spec = BY_KIND[plan.context][name][1]
             add(spec.name, spec.type, spec.context, spec.unit)
     return SizeEstimate(len("".join(host).encode()), len("".join(vm).encode()),
-                        config.disk_size - HEADER_SIZE)
+                        document_capacity(config.disk_size))
+
+
+def size_needed_k(total: int) -> int:
+    """The smallest disk size (KiB, whole 64 KiB blocks) a ``total``-byte document fits."""
+    blocks = -(-(total + HEADER_SIZE) // BLOCK_SIZE)
+    return blocks * BLOCK_SIZE // 1024
+
+
+def _partial(size: int) -> str:
+    """What a --check line adds about a disk not made of whole 64 KiB blocks."""
+    whole = document_capacity(size) + HEADER_SIZE
+    return "" if whole == size else f" (guests read only its first {whole:,} bytes)"
 
 
 def check_vms(config: Config, vms: int) -> tuple[bool, str]:
     """Whether the configured disk holds ``vms`` running VMs, and one line saying so."""
     size = estimate(config)
     total = size.total(vms)
+    disk = f"the {config.disk_size:,}-byte disk{_partial(config.disk_size)}"
     detail = (f"about {total:,} bytes for {vms} VMs (host {size.host:,} + {size.per_vm:,} "
               f"per VM, string values taken as {STRING_WIDTH} characters)")
     if total <= size.capacity:
-        return True, (f"the {config.disk_size:,}-byte disk holds {vms} VMs: {detail}; "
-                      f"room for about {size.vms_that_fit()} VMs")
-    needed_k = -(-(total + HEADER_SIZE) // 1024)
-    return False, (f"the {config.disk_size:,}-byte disk does NOT hold {vms} VMs: {detail}; "
-                   f"it holds about {size.vms_that_fit()} VMs; use <size unit=\"k\">{needed_k}"
+        return True, f"{disk} holds {vms} VMs: {detail}; room for about {size.vms_that_fit()} VMs"
+    return False, (f"{disk} does NOT hold {vms} VMs: {detail}; it holds about "
+                   f"{size.vms_that_fit()} VMs; use <size unit=\"k\">{size_needed_k(total)}"
                    "</size> or more")
 
 
@@ -84,11 +98,10 @@ def check_vm_disks(config: Config) -> tuple[bool, str]:
     """Whether each per-VM disk holds the host metrics and one VM's, and one line saying so."""
     size = estimate(config)
     total = size.total(1)
-    capacity = config.vm_disks_size - HEADER_SIZE
+    disk = f"each {config.vm_disks_size:,}-byte per-VM disk{_partial(config.vm_disks_size)}"
     detail = (f"about {total:,} bytes (host {size.host:,} + its VM {size.per_vm:,}, string "
               f"values taken as {STRING_WIDTH} characters)")
-    if total <= capacity:
-        return True, f"each {config.vm_disks_size:,}-byte per-VM disk holds {detail}"
-    needed_k = -(-(total + HEADER_SIZE) // 1024)
-    return False, (f"each {config.vm_disks_size:,}-byte per-VM disk does NOT hold {detail}; "
-                   f"use <vm_disks><size unit=\"k\">{needed_k}</size> or more")
+    if total <= document_capacity(config.vm_disks_size):
+        return True, f"{disk} holds {detail}"
+    return False, (f"{disk} does NOT hold {detail}; "
+                   f"use <vm_disks><size unit=\"k\">{size_needed_k(total)}</size> or more")

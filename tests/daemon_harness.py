@@ -143,6 +143,29 @@ def published(disk: Path | str) -> bool:
     return head.busy == 0 and head.length > 0
 
 
+def ready_metrics(disk: Path | str) -> list[Metric] | None:
+    """The disk's metrics, or None while no document is there yet.
+
+    "Not yet" is only: no file, a file not sized yet, a header never written
+    (zeros), or a writer still busy. Anything else (a bad signature, a
+    checksum that does not match, XML that does not parse) raises: a polling
+    test must see a corrupt document, not take it for "not ready".
+    """
+    try:
+        with open(disk, "rb") as f:
+            head = f.read(mdisk.HEADER_SIZE)
+    except FileNotFoundError:
+        return None
+    if len(head) < mdisk.HEADER_SIZE or head == bytes(mdisk.HEADER_SIZE):
+        return None
+    if mdisk.unpack_header(head).busy:
+        return None  # being written now: the next poll will tell
+    try:
+        return parse_document(read_disk(disk, timeout=1.0))
+    except mdisk.DiskBusyError:
+        return None
+
+
 def wait_document(disk: Path | str, timeout: float = 5.0) -> list[Metric]:
     """The one way to wait for a daemon's first document: its metrics, once there is one."""
     wait_for(lambda: published(disk), timeout, f"the first document on {disk}")
@@ -205,7 +228,8 @@ class Daemon:
     """A vhostmd started with -d (foreground, log on stderr) for one test."""
 
     def __init__(self, tmp: Path, config: str, *, uri: str = "test:///default",
-                 args: tuple[str, ...] = (), name: str = "vhostmd") -> None:
+                 args: tuple[str, ...] = (), name: str = "vhostmd",
+                 env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.conf = tmp / f"{name}.conf"
         self.conf.write_text(config)
@@ -213,6 +237,7 @@ class Daemon:
         self.pid_file = tmp / f"{name}.pid"
         self.uri = uri
         self.args = args
+        self.env = None if env is None else {**os.environ, **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
@@ -222,7 +247,7 @@ class Daemon:
         cmd += list(self.args)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env=self.env)
         return self
 
     @property

@@ -412,9 +412,12 @@ from vhostmd.guest import vbd, virtio
 from vhostmd.guest.errors import MetricsError
 import os, json
 disk = sys.argv[3]
+textfile = sys.argv[4]
 for args in (["--help"], ["--bogus"], ["--disk", disk], ["--disk", disk, "--format", "json"],
              ["--disk", disk, "--metric", "X"], ["-b", "--timeout", "0.1"],
-             ["-i", "--port", "/nonexistent", "--timeout", "0.1"]):
+             ["-i", "--port", "/nonexistent", "--timeout", "0.1"],
+             ["--disk", disk, "--format", "prometheus"], ["--disk", disk, "--textfile", textfile],
+             ["--disk", "/nonexistent", "--port", "/nonexistent", "--textfile", textfile]):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
             cli.main(args)
@@ -433,6 +436,7 @@ def _python_image(stage_root: Path) -> bytes:
     import sysconfig
 
     import lxml
+    import prometheus_client
 
     image = Cpio()
     python = Path(os.path.realpath(sys.executable))
@@ -449,12 +453,16 @@ def _python_image(stage_root: Path) -> bytes:
     site.mkdir(exist_ok=True)
     lxml_dir = Path(lxml.__file__).resolve().parent
     (site / "lxml").symlink_to(lxml_dir)
+    # --format prometheus: the text format from prometheus_client (pure Python).
+    prometheus_dir = Path(prometheus_client.__file__).resolve().parent
+    (site / "prometheus_client").symlink_to(prometheus_dir)
     sample = stage_root / "sample-disk"
     content = b"<metrics>\n</metrics>\n"
     sample.write_bytes(b"mvbd" + bytes(4) + sum(content).to_bytes(4, "big")
                        + len(content).to_bytes(4, "big") + content + bytes(4096))
     found = subprocess.run([str(python), "-I", "-c", _DISCOVER, str(share), str(site),
-                            str(sample)], capture_output=True, text=True, check=True, timeout=120)
+                            str(sample), str(stage_root / "discover.prom")],
+                           capture_output=True, text=True, check=True, timeout=120)
     files = [Path(f) for f in json.loads(found.stdout.strip().splitlines()[-1])]
     # encodings are looked up by name at run time (locale, codecs); take them all.
     files += sorted((stdlib / "encodings").glob("*.py"))
@@ -466,6 +474,9 @@ def _python_image(stage_root: Path) -> bytes:
             dest = stdlib / file.relative_to(stdlib)
         elif file.is_relative_to(lxml_dir):
             dest = Path("/usr/lib/python3/dist-packages/lxml") / file.relative_to(lxml_dir)
+        elif file.is_relative_to(prometheus_dir):
+            dest = (Path("/usr/lib/python3/dist-packages/prometheus_client")
+                    / file.relative_to(prometheus_dir))
         elif file.is_relative_to(share.resolve()):
             dest = Path("/usr/share/vhostmd") / file.relative_to(share.resolve())
         else:
@@ -510,11 +521,13 @@ def _cache_dir() -> Path:
 def _inputs_key(kernel: Path, modules: Path) -> str:
     """A hash of everything the images are built from: a change anywhere rebuilds."""
     import lxml
+    import prometheus_client
 
     digest = hashlib.sha256()
     digest.update(Path(__file__).read_bytes())
     for path in [kernel, BUSYBOX, Path(os.path.realpath(sys.executable)),
                  Path(lxml.__file__).resolve().parent / "etree.pyx",
+                 Path(prometheus_client.__file__).resolve(),
                  REPO / "debian/scripts/vm-dump-metrics",
                  *sorted((REPO / "core").glob("*.py")), *sorted((REPO / "guest").glob("*.py"))]:
         st = path.stat()

@@ -27,7 +27,7 @@ from vhostmd.workers import collectors
 from vhostmd.workers.libvirt_conn import LibvirtConnection
 
 import nodes
-from daemon_harness import Daemon, config_xml, disk_metrics, metric_xml, wait_for
+from daemon_harness import Daemon, config_xml, metric_xml, ready_metrics, wait_for
 
 DEFAULT_URI = "test:///default"
 TEST_DOMAIN = Domain(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f")  # of test:///default
@@ -184,7 +184,7 @@ def test_plan_publishes_shared_metrics_once_in_config_order() -> None:
     assert collectors.plan((BuiltinRef("sap", None, "host", 5),)) == [
         collectors.CollectorPlan("sap", "host", host_names("sap"), 5),
         collectors.CollectorPlan("domains", "vm",
-                                 ("MemoryAllocatedToVirtualServers", "VirtProductInfo"), 5)]
+                                 ("VirtProductInfo", "MemoryAllocatedToVirtualServers"), 5)]
 
 
 def test_shipped_configs_select_both_sets_and_pvc_has_no_duplicates() -> None:
@@ -389,9 +389,8 @@ def expected_keys(domains: tuple[Domain, ...]) -> set[tuple[str, str, int | None
 
 def wait_complete(disk: Path, keys: set, timeout: float = 15.0) -> list[Metric]:
     def complete() -> list[Metric] | None:
-        try:
-            metrics = disk_metrics(disk)
-        except Exception:
+        metrics = ready_metrics(disk)
+        if metrics is None:
             return None
         return metrics if {(m.context, m.name, m.vm_id) for m in metrics} >= keys else None
 
@@ -413,6 +412,32 @@ def check_types(metrics: list[Metric], domains: tuple[Domain, ...]) -> None:
             assert m.uuid == uuids[m.vm_id]
 
 
+# The document order of the shipped config (<builtin set="sap"/>, then
+# <builtin set="vhostmd"/>): each set in the order it defines, shared metrics
+# once. Written out, so that a new collector module cannot reorder it unseen.
+SHIPPED_HOST_ORDER = [
+    "VirtProductInfo", "MemoryAllocatedToVirtualServers",  # sap, read through libvirt
+    "HostName", "HostSystemInfo", "VirtualizationVendor", "NumberOfPhysicalCPUs",
+    "TotalCPUTime", "FreePhysicalMemory", "FreeVirtualMemory", "UsedVirtualMemory",
+    "PagedInMemory", "PagedOutMemory", "Time",  # the rest of sap
+    "TotalPhyCPUs", "NumCPUs", "TotalPhyMem", "UsedMem", "FreeMem",
+    "PageInRate", "PageFaultRate",  # vhostmd's own
+]
+SHIPPED_VM_ORDER = ["TotalCPUTime", "ResourceProcessorLimit",
+                    "PhysicalMemoryAllocatedToVirtualSystem", "ResourceMemoryLimit"]
+
+
+def test_sets_keep_their_defined_order_in_plans() -> None:
+    plans = collectors.plan((BuiltinRef("sap", None, None, 10),
+                             BuiltinRef("vhostmd", None, None, 11)))
+    by_context: dict[str, list[str]] = {"host": [], "vm": []}
+    for plan in sorted(plans, key=lambda p: (p.order, p.context == "host")):
+        for name in plan.metric_names:
+            spec = collectors.BY_KIND[plan.context][name][1]
+            by_context[spec.context].append(name)
+    assert by_context == {"host": SHIPPED_HOST_ORDER, "vm": SHIPPED_VM_ORDER}
+
+
 def test_shipped_config_publishes_both_sets(tmp_path: Path) -> None:
     disk = tmp_path / "vhostmd0"
     conf = shipped("vhostmd.conf").read_text()
@@ -425,6 +450,8 @@ def test_shipped_config_publishes_both_sets(tmp_path: Path) -> None:
         assert values[("host", "HostName")] == socket.gethostname()
         assert values[("host", "MemoryAllocatedToVirtualServers")] == 2097152
         assert values[("vm", "ResourceMemoryLimit")] == 8388608
+        assert [m.name for m in metrics if m.context == "host"] == SHIPPED_HOST_ORDER
+        assert [m.name for m in metrics if m.vm_id == TEST_DOMAIN.id] == SHIPPED_VM_ORDER
         assert daemon.stop() == 0
     assert "left out:" not in daemon.log()
 

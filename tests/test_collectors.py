@@ -3,7 +3,7 @@
 Sources here are stand-ins that hand back fixed rows, odd ones included
 (negative, missing, text, split over two sources, columns in another order
 than the document's), so every way a row can take is checked against the
-one per-metric renderer (render_metric through Fragments.add_vm).
+one per-metric renderer (render_metric through FragmentBuilder.add_vm).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from vhostmd.workers.collectors.source import (
     seconds_from_ticks,
 )
 from vhostmd.workers.libvirt_conn import LibvirtConnection
-from vhostmd.workers.results import Fragments
+from vhostmd.workers.results import FragmentBuilder
 
 CPU, VCPUS, USED, LIMIT = ("TotalCPUTime", "ResourceProcessorLimit",
                            "PhysicalMemoryAllocatedToVirtualSystem", "ResourceMemoryLimit")
@@ -32,9 +32,9 @@ NAMES = (CPU, VCPUS, USED, LIMIT)
 VMS = [Domain(i, f"vm{i}", f"00000000-0000-0000-0000-{i:012d}") for i in range(1, 7)]
 
 
-def expected(rows: dict[int, dict[str, int | str]]) -> tuple[Fragments, list[Failure]]:
+def expected(rows: dict[int, dict[str, int | str]]) -> tuple[FragmentBuilder, list[Failure]]:
     """What the document must hold: each value checked and rendered on its own."""
-    out = Fragments()
+    out = FragmentBuilder()
     failures = []
     for vm in VMS:
         for name in NAMES:

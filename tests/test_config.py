@@ -55,6 +55,17 @@ def test_expiration_below_floor_is_raised_with_warning() -> None:
     assert any("expiration_time 4" in w for w in cfg.warnings)
 
 
+def test_malformed_xml_names_its_line_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config_bytes(b"<vhostmd>\n<globals>\n<update_period", "x.conf")
+    assert str(err.value) == "x.conf:3: malformed XML: Couldn't find end of Start Tag update_period"
+    with pytest.raises(ConfigError) as err:
+        parse_config_bytes(b"<vhostmd>\n<globals>\n</vhostmd>\n", "x.conf")
+    # libxml2's own "line 2" is where <globals> began: another line, so it stays.
+    assert str(err.value) == ("x.conf:3: malformed XML: Opening and ending tag mismatch: "
+                              "globals line 2 and vhostmd")
+
+
 GOOD_METRIC = metric_xml("A", "echo 1", mtype="uint32")
 BROKEN = {
     "malformed": (config_xml("/tmp/d", GOOD_METRIC).replace("</globals>", "</global>"),

@@ -212,6 +212,7 @@ def test_only_a_document_that_is_not_well_formed_is_refused(tmp_path: Path) -> N
         read_vbd(str(path))
     assert isinstance(info.value, DocumentError)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value) == f"{path} line 2: invalid XML: Premature end of data in tag metric"
 
 
 def test_wrong_root_is_a_problem_not_an_error(tmp_path: Path) -> None:
@@ -325,7 +326,9 @@ def test_busy_forever_gives_a_bounded_error(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(DiskBusy, match=r"still busy after 0\.2 s") as info:
         read_vbd(str(path), timeout=0.2)
-    assert time.monotonic() - started < 2
+    # Bounded (the C original spins forever): it gave up after its 0.2 s, give or
+    # take how late a loaded machine wakes it.
+    assert time.monotonic() - started < 10
     assert isinstance(info.value, DiskBusyError)
 
 

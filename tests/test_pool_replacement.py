@@ -1,4 +1,7 @@
-"""A hung child and its replacement, with real workers (forkserver), real shell actions, signals.
+"""Replacing children, with real workers (forkserver), real shell actions, signals.
+
+A hung child's leftovers never reach its replacement; replacing children any
+number of times, however they went, leaves the supervisor no descriptor more.
 
 The test drives ChildPool.converge itself, so it decides when the pool looks
 at its children; every wait is a bounded poll on something observable.
@@ -6,18 +9,21 @@ at its children; every wait is a bounded poll on something observable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
-from vhostmd.runtime.child import GROUP
+from vhostmd.runtime.child import GROUP, start_forkserver
 from vhostmd.supervisor.pool import ChildPool, ChildSpec
 from vhostmd.wire import JobResult, MetricDef, RunAction
 
@@ -36,12 +42,17 @@ class Pool:
         self.messages: queue.SimpleQueue[tuple[object, object]] = queue.SimpleQueue()
         self.seen: list[tuple[object, object]] = []
         self.lost: list[str] = []
+        self.spec = WORKER
+        # Added to the pool's clock: a test that replaces children quickly
+        # moves it on, so the pool sees no crash loop and holds nothing back.
+        self.skew = 0.0
         self.pool = ChildPool(level=logging.INFO, beat_interval=0.1,
                               on_message=lambda c, m: self.messages.put((c, m)),
-                              on_lost=lambda c, why: self.lost.append(f"{c.pid} {why}"))
+                              on_lost=lambda c, why: self.lost.append(f"{c.pid} {why}"),
+                              clock=lambda: time.monotonic() + self.skew)
 
     def converge(self, hang_timeout: float) -> None:
-        self.pool.converge({0: WORKER}, hang_timeout)
+        self.pool.converge({0: self.spec}, hang_timeout)
         while True:
             try:
                 self.seen.append(self.messages.get_nowait())
@@ -63,6 +74,18 @@ class Pool:
             return predicate()
 
         return wait_for(check, timeout, what)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forkserver() -> Iterator[None]:
+    """The daemon's forkserver (what children run imported once): children start fast."""
+    main = sys.modules["__main__"]
+    saved = (getattr(main, "__spec__", None), getattr(main, "__file__", None))
+    start_forkserver()
+    yield
+    main.__spec__ = saved[0]
+    if saved[1] is not None:
+        main.__file__ = saved[1]
 
 
 @pytest.fixture
@@ -123,3 +146,55 @@ def test_a_dying_child_cannot_kill_its_replacements_action(pool: Pool, tmp_path:
     result = pool.until("the replacement's result", lambda: pool.said(new, JobResult))
     assert isinstance(result, JobResult) and result.failures == ()
     assert b"<value>7</value>" in result.host
+
+
+def descriptors() -> dict[int, str]:
+    """This process's open descriptors (the pool's supervisor here): number -> what."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            found[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+    return found
+
+
+REPLACEMENTS = 60
+
+
+def test_replacing_children_leaves_no_descriptor_behind(pool: Pool) -> None:
+    """Issue 19, section 1: each replaced child used to leave a pipe open in the supervisor.
+
+    A hung libvirt makes the supervisor replace workers again and again; each
+    way a child is replaced (it died, a reload outdated it, it sent something
+    unreadable) must leave the descriptor count where it was.
+    """
+    pool.spec = replace(WORKER, result_slot=True)  # a worker's own memfd, as the daemon's
+
+    def ready_other_than(old: object) -> Callable[[], object]:
+        return lambda: ((c := pool.pool.get(0)) is not None and c is not old
+                        and pool.said(c, "ready") and c)
+
+    child = pool.until("worker 1 ready", ready_other_than(None))
+    before = descriptors()
+    for i in range(REPLACEMENTS):
+        how = i % 3
+        if how == 0:
+            os.kill(child.pid, signal.SIGKILL)  # died
+        elif how == 1:
+            pool.spec = replace(pool.spec, key=("worker", i))  # a reload outdated it
+        else:
+            pool.pool.replace(child, "sent something unreadable")
+        pool.skew += 60.0
+        child = pool.until(f"replacement {i + 1} ready", ready_other_than(child))
+    pool.until("every replaced child reaped", lambda: not pool.pool.dying)
+
+    # Every old child's reader thread ends within a second of its child.
+    def flat() -> bool:
+        return len(descriptors()) <= len(before)
+
+    try:
+        wait_for(flat, 5, "the descriptor count back where it was")
+    except AssertionError:
+        after = descriptors()
+        grown = sorted(v for k, v in after.items() if before.get(k) != v)
+        raise AssertionError(f"{len(before)} descriptors before {REPLACEMENTS} replacements, "
+                             f"{len(after)} after; new: {grown}") from None

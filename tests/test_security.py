@@ -32,6 +32,7 @@ from daemon_harness import (
     disk_metrics,
     header,
     metric_xml,
+    ready_metrics,
     wait_for,
 )
 
@@ -40,10 +41,8 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (other user
 
 
 def nanos(disk: Path) -> str | None:
-    try:
-        return next((m.value for m in disk_metrics(disk) if m.name == "Nanos"), None)
-    except Exception:
-        return None
+    metrics = ready_metrics(disk)
+    return next((m.value for m in metrics or () if m.name == "Nanos"), None)
 
 
 def updates_resume(disk: Path, timeout: float = 5.0) -> None:
@@ -81,11 +80,38 @@ def small_tmpfs() -> Iterator[Path]:
 
 
 def start_fails(tmp: Path, disk: Path | str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Start vhostmd on ``disk``, expecting it to refuse.
+
+    A daemon that starts instead (its pid in the pid file: it got past every
+    check) is stopped at once and fails the test saying so, rather than
+    running until a timeout.
+    """
     conf = tmp / "refused.conf"
     conf.write_text(config_xml(disk, NANOS))
-    return subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-p", str(tmp / "refused.pid"),
-                           "-c", "test:///default", *extra],
-                          capture_output=True, text=True, timeout=30)
+    pid_file = tmp / "refused.pid"
+    proc = subprocess.Popen([VHOSTMD, "-d", "-f", str(conf), "-p", str(pid_file),
+                             "-c", "test:///default", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ended_or_started() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            return pid_file.read_text().strip() == str(proc.pid)
+        except FileNotFoundError:
+            return False
+
+    started = True
+    try:
+        wait_for(ended_or_started, 30, "vhostmd to refuse or start")
+        started = proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # a clean stop: the daemon reaps its children
+        stdout, stderr = proc.communicate(timeout=30)
+    if started:
+        raise AssertionError(f"vhostmd started on {disk} instead of refusing it:\n{stderr}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def one_line(proc: subprocess.CompletedProcess[str]) -> str:

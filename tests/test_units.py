@@ -30,7 +30,7 @@ from vhostmd.supervisor.cycle import Cycle, CycleClock, render
 from vhostmd.supervisor.pool import ChildPool, ChildSpec, SlotHistory, describe_exit
 from vhostmd.wire import Collect, Domain, JobResult, ListDomains, RunAction, needs_libvirt
 from vhostmd.workers.collectors import plan as plan_collectors
-from vhostmd.workers.results import Fragments
+from vhostmd.workers.results import FragmentBuilder
 
 from daemon_harness import config_xml, metric_xml, virtio_xml
 
@@ -386,8 +386,8 @@ def test_vm_job_without_domains_is_still_a_vm_job() -> None:
     assert jobs[0].domains == () and jobs[0].context == "vm" and needs_libvirt(jobs[0])
 
 
-def fragment(name: str, value: str, vm: Domain | None = None) -> Fragments:
-    out = Fragments()
+def fragment(name: str, value: str, vm: Domain | None = None) -> FragmentBuilder:
+    out = FragmentBuilder()
     if vm is None:
         out.add_host(name, "uint32", value, None)
     else:

@@ -302,6 +302,18 @@ def test_domain_xml_makes_the_disk_and_names_what_to_attach(tmp_path: Path) -> N
     refused = run_domain_xml(conf, "test:///default", link)
     assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
     assert "is a symbolic link" in refused.stderr and not (tmp_path / "elsewhere").exists()
+    # A symlink as the directory itself is refused too, and nothing is made behind it.
+    real = tmp_path / "real"
+    real.mkdir(mode=0o755)
+    os.symlink(real, tmp_path / "vms-link")
+    linked = tmp_path / "linked.conf"
+    linked.write_text(only_vm_disks(tmp_path / "vms-link", NANOS))
+    refused = run_domain_xml(linked, "test:///default", "test")
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (f"vhostmd: VM disk directory {tmp_path / 'vms-link'} is a symbolic "
+                              "link; vhostmd does not follow links there (name the real "
+                              "directory)\n")
+    assert list(real.iterdir()) == []
 
 
 def test_domain_xml_is_accepted_by_libvirt(tmp_path: Path,

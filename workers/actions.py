@@ -28,7 +28,7 @@ from vhostmd.document import (
     parse_xml,
 )
 from vhostmd.etc import shipped
-from vhostmd.wire import Domain, MetricDef
+from vhostmd.wire import Domain, MetricDef, is_plain_name
 from vhostmd.workers import strays
 from vhostmd.xmlsafe import one_line
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:  # lxml is loaded by the first action whose output is XML
 
 OUTPUT_LIMIT = 64 * 1024
 STDERR_LIMIT = 2048
-PLAIN_NAME = re.compile(r"[A-Za-z0-9._+:@-]+\Z")
 
 
 def _token(word: str) -> re.Pattern[str]:
@@ -57,10 +56,6 @@ class ActionFailed(Exception):
 
 class ActionTimedOut(ActionFailed):
     """The action did not finish before its deadline (and was killed)."""
-
-
-def is_plain_name(name: str) -> bool:
-    return bool(PLAIN_NAME.match(name))
 
 
 def substitute(action: str, uri: str | None, domain: Domain | None) -> str:

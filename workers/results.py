@@ -11,7 +11,7 @@ from vhostmd.document import Metric, render_metric, vm_attributes
 from vhostmd.wire import Domain, Failure, JobResult
 
 
-class Fragments:
+class FragmentBuilder:
     """Collects rendered metrics of one job, host and per VM, in document order."""
 
     def __init__(self) -> None:

@@ -26,7 +26,7 @@ from vhostmd.workers.actions import (
 )
 from vhostmd.workers.collectors import run_collector
 from vhostmd.workers.libvirt_conn import LibvirtConnection, LibvirtUnavailable
-from vhostmd.workers.results import Fragments
+from vhostmd.workers.results import FragmentBuilder
 
 log = logging.getLogger("vhostmd")
 
@@ -116,7 +116,7 @@ class Worker:
             failure = Failure(metric.name, metric.context, job.domain, str(exc))
             return JobResult(job.job_id, failures=(failure,),
                              timed_out=isinstance(exc, ActionTimedOut))
-        out = Fragments()
+        out = FragmentBuilder()
         for m in metrics:
             out.add(m)
         return out.result(job.job_id)

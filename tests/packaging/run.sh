@@ -385,6 +385,10 @@ expect_files vm-dump-metrics \
     usr/sbin/vm-dump-metrics usr/sbin/vm_dump_metrics \
     usr/share/man/man1/vm-dump-metrics.1.gz usr/share/man/man1/vm_dump_metrics.1.gz \
     usr/share/doc/vm-dump-metrics/copyright usr/share/doc/vm-dump-metrics/changelog.gz
+for unit in vm-dump-metrics-textfile.service vm-dump-metrics-textfile.timer; do
+    grep -qxE "(usr/)?lib/systemd/system/$unit" "$WORK/vm-dump-metrics.files" \
+        || fail "package vm-dump-metrics lacks $unit"
+done
 
 # Every module of the checkout is in exactly the package it belongs to.
 for pair in core: guest:guest supervisor:supervisor workers:workers disk:disk virtio:virtio runtime:runtime etc:etc; do
@@ -431,6 +435,8 @@ for dep in python3-libvirt python3-lxml python3-psutil python3-setproctitle \
 done
 grep -qE '^python3(:any)? ' <<<"$daemon_depends" || fail "vhostmd does not depend on python3"
 grep -qxF python3-lxml <<<"$guest_depends" || fail "vm-dump-metrics does not depend on python3-lxml"
+grep -qxF python3-prometheus-client <<<"$guest_depends" \
+    || fail "vm-dump-metrics does not depend on python3-prometheus-client"
 grep -qE '^python3(:any)? ' <<<"$guest_depends" || fail "vm-dump-metrics does not depend on python3"
 if grep -E 'libvirt|psutil|setproctitle|vhostmd' <<<"$guest_depends"; then
     fail "vm-dump-metrics depends on host-side packages (above)"
@@ -464,6 +470,16 @@ C_DISK=$SRC/tests/data/compat/upstream-1.2-disk-4k.img
     || fail "vm-dump-metrics cannot read the C vhostmd's disk $C_DISK"
 /usr/sbin/vm_dump_metrics --disk "$C_DISK" --format json >/dev/null \
     || fail "vm_dump_metrics (the C name) does not work"
+/usr/sbin/vm-dump-metrics --disk "$C_DISK" --format prometheus \
+    | grep -q '^vhostmd_guest_read_success 1' || fail "vm-dump-metrics --format prometheus"
+# The textfile timer is installed, neither enabled nor started.
+[ ! -e /etc/systemd/system/timers.target.wants/vm-dump-metrics-textfile.timer ] \
+    || fail "vm-dump-metrics-textfile.timer is enabled on install"
+mkdir -m 0755 "$WORK/textfile"
+/usr/sbin/vm-dump-metrics --disk "$C_DISK" --textfile "$WORK/textfile/guest.prom" \
+    || fail "vm-dump-metrics --textfile"
+grep -q '^vhostmd_guest_read_success 1' "$WORK/textfile/guest.prom" \
+    || fail "vm-dump-metrics --textfile wrote no metrics"
 # The guest code must work without the host's libraries: make importing them
 # fail, and read the disk through the installed modules.
 python3 -I - "$C_DISK" <<'EOF' || fail "the guest tool needs libvirt, psutil or setproctitle"
@@ -472,7 +488,9 @@ for name in ("libvirt", "psutil", "setproctitle"):
     sys.modules[name] = None  # "import name" raises ImportError
 sys.path.insert(0, "/usr/share/vhostmd")
 from vhostmd.guest.cli import main
-sys.exit(main(["--disk", sys.argv[1], "--dest", "/dev/null"]))
+if main(["--disk", sys.argv[1], "--dest", "/dev/null"]) != 0:
+    sys.exit(1)
+sys.exit(main(["--disk", sys.argv[1], "--format", "prometheus", "--dest", "/dev/null"]))
 EOF
 
 # --- install both: enabled and started ----------------------------------------------

@@ -12,7 +12,9 @@ source.py); modules are found at import time, so a new source is one file.
 Every built-in metric has one definition, keyed by (context, name): where two
 standard sets share a name (host TotalCPUTime, PagedInMemory, PagedOutMemory;
 vm TotalCPUTime) they share that definition, so selecting both sets publishes
-each metric once with one unit.
+each metric once with one unit. The standard sets and their order are
+defined once, in ``SETS`` below, not by the modules: adding a module
+reorders nothing.
 
 A cycle runs one host job per <builtin> element that selects host metrics
 (in config order, so the document follows the config) and one vm job for all
@@ -45,7 +47,7 @@ from vhostmd.workers.collectors.source import (
     seconds_from_ticks,
     tuple_getter,
 )
-from vhostmd.workers.results import Fragments
+from vhostmd.workers.results import FragmentBuilder
 
 log = logging.getLogger("vhostmd")
 
@@ -75,7 +77,47 @@ SOURCES: tuple[Source, ...] = _discover()
 METRICS: dict[tuple[str, str], tuple[Source, MetricSpec]] = {}
 # job kind ("host"/"vm") -> name -> (source, spec): what a job's metric_names mean.
 BY_KIND: dict[str, dict[str, tuple[Source, MetricSpec]]] = {"host": {}, "vm": {}}
-SETS: dict[str, list[tuple[str, str]]] = {}
+
+# The standard sets, each in the order the document publishes it: a set's
+# metrics are in this order whatever module defines them, so a new source
+# file reorders nothing. A set's host metrics read through libvirt come first:
+# the cycle's one libvirt job (the vm job) renders them together, and its
+# host part is published just before the host part of the first <builtin>
+# element that selects one of them.
+SETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sap": (
+        ("host", "VirtProductInfo"),
+        ("host", "MemoryAllocatedToVirtualServers"),
+        ("host", "HostName"),
+        ("host", "HostSystemInfo"),
+        ("host", "VirtualizationVendor"),
+        ("host", "NumberOfPhysicalCPUs"),
+        ("host", "TotalCPUTime"),
+        ("host", "FreePhysicalMemory"),
+        ("host", "FreeVirtualMemory"),
+        ("host", "UsedVirtualMemory"),
+        ("host", "PagedInMemory"),
+        ("host", "PagedOutMemory"),
+        ("host", "Time"),
+        ("vm", "TotalCPUTime"),
+        ("vm", "ResourceProcessorLimit"),
+        ("vm", "PhysicalMemoryAllocatedToVirtualSystem"),
+        ("vm", "ResourceMemoryLimit"),
+    ),
+    "vhostmd": (
+        ("host", "TotalPhyCPUs"),
+        ("host", "NumCPUs"),
+        ("host", "TotalPhyMem"),
+        ("host", "UsedMem"),
+        ("host", "FreeMem"),
+        ("host", "PagedInMemory"),
+        ("host", "PagedOutMemory"),
+        ("host", "PageInRate"),
+        ("host", "PageFaultRate"),
+        ("host", "TotalCPUTime"),
+        ("vm", "TotalCPUTime"),
+    ),
+}
 
 for _source in SOURCES:
     for _spec in _source.metrics:
@@ -84,8 +126,17 @@ for _source in SOURCES:
             raise RuntimeError(f"built-in metric {_spec.context} {_spec.name} defined twice")
         METRICS[_key] = (_source, _spec)
         BY_KIND[_source.kind][_spec.name] = (_source, _spec)
-        for _set in _spec.sets:
-            SETS.setdefault(_set, []).append(_key)
+for _set, _keys in SETS.items():
+    for _key in _keys:
+        if _key not in METRICS:
+            raise RuntimeError(f"built-in set {_set} names {_key[0]} {_key[1]}, which no "
+                               "source defines")
+    # The document can follow the set only if its libvirt host metrics lead.
+    _from_vm_job = [_key[0] == "host" and METRICS[_key][0].kind == "vm"
+                    for _key in _keys if _key[0] == "host"]
+    if _from_vm_job != sorted(_from_vm_job, reverse=True):
+        raise RuntimeError(f"built-in set {_set}: host metrics read through libvirt must "
+                           "come first")
 
 
 def _selected(ref: object) -> list[tuple[str, str]]:
@@ -94,7 +145,7 @@ def _selected(ref: object) -> list[tuple[str, str]]:
     name = getattr(ref, "name", None)
     context = getattr(ref, "context", None)
     if set_name is not None:
-        keys = SETS.get(set_name, [])
+        keys = SETS.get(set_name, ())
     else:
         keys = [key for key in METRICS if key[1] == name]
     return [key for key in keys if context is None or key[0] == context]
@@ -146,9 +197,22 @@ def plan(refs: tuple) -> list[CollectorPlan]:
 
 def run_collector(job: Collect, libvirt: object) -> JobResult:
     """Run every source this job needs; never raises (problems become failures)."""
-    kind = job.context
-    known = BY_KIND[kind]
+    known = BY_KIND[job.context]
     failures: list[Failure] = []
+    host_values, vm_samples, new_state = _sample(job, known, libvirt, failures)
+    out = FragmentBuilder()
+    _render_host(job, known, host_values, out, failures)
+    _render_vms(job, known, vm_samples, out, failures)
+    return out.result(job.job_id, tuple(failures), new_state or None)
+
+
+Known = dict[str, tuple[Source, MetricSpec]]
+
+
+def _sample(job: Collect, known: Known, libvirt: object, failures: list[Failure]
+            ) -> tuple[dict[str, str], list[Sample], dict[str, object]]:
+    """Ask each source this job needs once: (host values, VM samples, the sources' state)."""
+    kind = job.context
     wanted: dict[str, list[str]] = {}  # source name -> metric names
     sources: dict[str, Source] = {}
     for name in job.metric_names:
@@ -191,7 +255,11 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
             vm_samples.append(sample)
         failures.extend(Failure(n, known[n][1].context if n in known else kind, d, why)
                         for n, d, why in sample.failures)
-    out = Fragments()
+    return host_values, vm_samples, new_state
+
+
+def _render_host(job: Collect, known: Known, host_values: dict[str, str], out: FragmentBuilder,
+                 failures: list[Failure]) -> None:
     # Document order: the plan's order (config, then set order), whatever the sources.
     for name in job.metric_names:
         spec = known[name][1] if name in known else None
@@ -203,6 +271,10 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
             failures.append(Failure(name, "host", None, str(exc)))
             continue
         out.add_host(name, spec.type, value, spec.unit)
+
+
+def _render_vms(job: Collect, known: Known, vm_samples: list[Sample], out: FragmentBuilder,
+                failures: list[Failure]) -> None:
     vm_specs = tuple(known[n][1] for n in job.metric_names if n in known
                      and known[n][1].context == "vm")
     template, arguments = _vm_template(vm_specs)
@@ -233,7 +305,6 @@ def run_collector(job: Collect, libvirt: object) -> JobResult:
                 failures.append(Failure(spec.name, "vm", domain, str(exc)))
                 continue
             out.add_vm(domain, spec.name, spec.type, value, spec.unit)
-    return out.result(job.job_id, tuple(failures), new_state or None)
 
 
 def _by_id(entry: tuple[Domain, tuple]) -> int:
@@ -292,7 +363,8 @@ def describe_builtins() -> str:
     for (context, name), (_source, spec) in sorted(
             METRICS.items(), key=lambda item: (item[0][0], item[0][1])):
         rows.append((name, context, spec.type, spec.unit or "-",
-                     ",".join(spec.sets) or "-", spec.origin))
+                     ",".join(s for s, keys in SETS.items() if (context, name) in keys) or "-",
+                     spec.origin))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = [
         "Built-in metrics. Select them inside <metrics> in the config:",

@@ -16,7 +16,7 @@ SOURCE = Source(
     kind="host",
     metrics=(
         MetricSpec("Time", "uint64", "host", "s",
-                   "time(2): seconds since the Unix epoch when the cycle sampled", ("sap",)),
+                   "time(2): seconds since the Unix epoch when the cycle sampled"),
     ),
     collect=collect,
 )

@@ -55,12 +55,12 @@ SOURCE = Source(
     name="host_cpu",
     kind="host",
     metrics=(
-        MetricSpec("NumberOfPhysicalCPUs", "uint32", "host", None, _COUNT, ("sap",)),
-        MetricSpec("TotalPhyCPUs", "uint32", "host", None, _COUNT, ("vhostmd",)),
-        MetricSpec("NumCPUs", "uint32", "host", None, _COUNT, ("vhostmd",)),
+        MetricSpec("NumberOfPhysicalCPUs", "uint32", "host", None, _COUNT),
+        MetricSpec("TotalPhyCPUs", "uint32", "host", None, _COUNT),
+        MetricSpec("NumCPUs", "uint32", "host", None, _COUNT),
         MetricSpec("TotalCPUTime", "real64", "host", "s",
                    "/proc/stat cpu line: (user + nice + system) / USER_HZ, all CPUs "
-                   "(the original's definition)", ("sap", "vhostmd")),
+                   "(the original's definition)"),
     ),
     collect=collect,
 )

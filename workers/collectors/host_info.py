@@ -55,13 +55,11 @@ SOURCE = Source(
     kind="host",
     metrics=(
         MetricSpec("HostName", "string", "host", None,
-                   "uname(2) nodename (the kernel host name, no DNS lookup)", ("sap",)),
+                   "uname(2) nodename (the kernel host name, no DNS lookup)"),
         MetricSpec("HostSystemInfo", "string", "host", None,
-                   f"{DMI_DIR}/sys_vendor + product_name; else uname sysname release machine",
-                   ("sap",)),
+                   f"{DMI_DIR}/sys_vendor + product_name; else uname sysname release machine"),
         MetricSpec("VirtualizationVendor", "string", "host", None,
-                   "NAME= of /etc/os-release (the distribution shipping KVM/libvirt)",
-                   ("sap",)),
+                   "NAME= of /etc/os-release (the distribution shipping KVM/libvirt)"),
     ),
     collect=collect,
 )

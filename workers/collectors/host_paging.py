@@ -69,16 +69,15 @@ SOURCE = Source(
     kind="host",
     metrics=(
         MetricSpec("PagedInMemory", "uint64", "host", "KiB",
-                   "/proc/vmstat pgpgin (KiB paged in since boot)", ("sap", "vhostmd")),
+                   "/proc/vmstat pgpgin (KiB paged in since boot)"),
         MetricSpec("PagedOutMemory", "uint64", "host", "KiB",
-                   "/proc/vmstat pgpgout (KiB paged out since boot)", ("sap", "vhostmd")),
+                   "/proc/vmstat pgpgout (KiB paged out since boot)"),
         MetricSpec("PageInRate", "uint64", "host", "KiB/s",
                    "/proc/vmstat pgpgin per second between the last two cycles "
-                   "(sar -B pgpgin/s); since boot on the first cycle", ("vhostmd",)),
+                   "(sar -B pgpgin/s); since boot on the first cycle"),
         MetricSpec("PageFaultRate", "uint64", "host", "1/s",
                    "/proc/vmstat pgfault (minor + major faults) per second between the "
-                   "last two cycles (sar -B fault/s); since boot on the first cycle",
-                   ("vhostmd",)),
+                   "last two cycles (sar -B fault/s); since boot on the first cycle"),
     ),
     collect=collect,
 )

@@ -60,10 +60,35 @@ def bulk_stats(conn: Any, groups: int) -> list[tuple[Any, dict[str, Any]]] | Non
     return None
 
 
-def collect(request: Request) -> Sample:
+def _records(request: Request, needed: list[tuple[str, str, int]]) -> list[tuple[Any, dict]]:
+    """(domain, stats) of every running domain, in one bulk call where the driver can.
+
+    Stats are empty where it cannot (then the caller asks virDomainGetInfo).
+    """
     import libvirt
 
     from vhostmd.workers.libvirt_conn import LibvirtUnavailable, error_message
+
+    groups = libvirt.VIR_DOMAIN_STATS_STATE
+    for _key, group, _index in needed:
+        groups |= getattr(libvirt, f"VIR_DOMAIN_STATS_{group}")
+    try:
+        conn = request.libvirt.get()
+        records = bulk_stats(conn, groups)
+        if records is None:
+            records = [(conn.lookupByUUIDString(d.uuid), {}) for d in request.domains or ()]
+    except LibvirtUnavailable as exc:
+        raise SourceFailed(str(exc)) from None
+    except libvirt.libvirtError as exc:
+        request.libvirt.reset()
+        raise SourceFailed(f"libvirt domain stats failed: {error_message(exc)}") from None
+    return records
+
+
+def collect(request: Request) -> Sample:
+    import libvirt
+
+    from vhostmd.workers.libvirt_conn import error_message
 
     columns = tuple(name for name in VM_VALUES if name in request.wanted)
     sample = Sample(vm_names=columns)
@@ -77,20 +102,7 @@ def collect(request: Request) -> Sample:
     needed = [VM_VALUES[name] for name in columns]
     if want_allocated:
         needed.append(BALLOON_CURRENT)
-    groups = libvirt.VIR_DOMAIN_STATS_STATE
-    for _key, group, _index in needed:
-        groups |= getattr(libvirt, f"VIR_DOMAIN_STATS_{group}")
-
-    try:
-        conn = request.libvirt.get()
-        records = bulk_stats(conn, groups)
-        if records is None:
-            records = [(conn.lookupByUUIDString(d.uuid), {}) for d in domains]
-    except LibvirtUnavailable as exc:
-        raise SourceFailed(str(exc)) from None
-    except libvirt.libvirtError as exc:
-        request.libvirt.reset()
-        raise SourceFailed(f"libvirt domain stats failed: {error_message(exc)}") from None
+    records = _records(request, needed)
 
     # libvirt ids only grow while libvirtd runs: a VM restarted since the
     # cycle listed it has a new id, so matching by id alone is exact.
@@ -163,19 +175,19 @@ SOURCE = Source(
     metrics=(
         MetricSpec("TotalCPUTime", "real64", "vm", "s",
                    "libvirt bulk stats cpu.time (ns) / 1e9; else virDomainGetInfo cpuTime "
-                   "(virsh dominfo: CPU time)", ("sap", "vhostmd"), scale=1_000_000_000),
+                   "(virsh dominfo: CPU time)", scale=1_000_000_000),
         MetricSpec("ResourceProcessorLimit", "uint32", "vm", None,
                    "libvirt bulk stats vcpu.current (vCPUs online); else virDomainGetInfo "
-                   "nrVirtCpu (virsh dominfo: CPU(s))", ("sap",)),
+                   "nrVirtCpu (virsh dominfo: CPU(s))"),
         MetricSpec("PhysicalMemoryAllocatedToVirtualSystem", "uint64", "vm", "KiB",
                    "libvirt bulk stats balloon.current; else virDomainGetInfo memory "
-                   "(virsh dominfo: Used memory)", ("sap",)),
+                   "(virsh dominfo: Used memory)"),
         MetricSpec("ResourceMemoryLimit", "uint64", "vm", "KiB",
                    "libvirt bulk stats balloon.maximum; else virDomainGetInfo maxMem "
-                   "(virsh dominfo: Max memory)", ("sap",)),
+                   "(virsh dominfo: Max memory)"),
         MetricSpec(ALLOCATED, "uint64", "host", "KiB",
                    "sum of balloon.current (virsh dominfo: Used memory) over all running "
-                   "domains, from the same bulk call", ("sap",)),
+                   "domains, from the same bulk call"),
     ),
     collect=collect,
 )

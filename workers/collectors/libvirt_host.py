@@ -41,7 +41,7 @@ SOURCE = Source(
     metrics=(
         MetricSpec("VirtProductInfo", "string", "host", None,
                    "libvirt virConnectGetType + virConnectGetVersion, e.g. 'QEMU 8.2.2' "
-                   "(virsh version: Running hypervisor)", ("sap",)),
+                   "(virsh version: Running hypervisor)"),
     ),
     collect=collect,
 )

@@ -34,7 +34,6 @@ class MetricSpec:
     context: str  # "host" or "vm"
     unit: str | None
     origin: str  # for --list-builtins: the exact reading behind the value
-    sets: tuple[str, ...] = ()  # the standard sets that include it
     # A vm value given as an int counts 1/scale of the unit (e.g. 10**9: ns of
     # a value in s): published with six decimals when scale > 1 (see int_text).
     scale: int = 1
