@@ -145,3 +145,25 @@ def _check_directory(directory: str, st: os.stat_result, path: str, what: str, m
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
         raise UnsafeFile(f"{what} {path}: its directory {directory} can be written by group "
                          f"or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w it")
+
+
+def holds_for_writing(pid: int, st: os.stat_result) -> bool | None:
+    """Whether process ``pid`` has the file ``st`` open for writing; None: not ours to see."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except PermissionError:
+        return None
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if not os.path.samestat(os.stat(f"/proc/{pid}/fd/{name}"), st):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as info:
+                flags = next((line.split()[1] for line in info if line.startswith("flags:")),
+                             "0")
+        except (OSError, IndexError):
+            continue
+        if int(flags, 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+            return True
+    return False

@@ -15,7 +15,7 @@ import stat
 import sys
 from dataclasses import dataclass
 
-from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow
+from vhostmd.runtime.files import UnsafeFile, check_private, holds_for_writing, open_no_follow
 from vhostmd.runtime.locks import (
     HeldLock,
     LockBusy,
@@ -110,7 +110,8 @@ class PidFile:
             raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"cannot open pid file {self.path}: {exc.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise StartupError(f"pid file {self.path} is not a regular file; remove it")
         try:
@@ -118,9 +119,12 @@ class PidFile:
         except OSError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            if self.lock is not None and self.lock.name is not None and not replacing:
-                # We hold root's lock for this path: no vhostmd does. Someone
-                # else locked the (readable) file to make us look running.
+            if (self.lock is not None and self.lock.name is not None and not replacing
+                    and not (other.isdigit() and holds_for_writing(int(other), st))):
+                # We hold root's lock for this path, and the pid in the file
+                # does not hold it open for writing (as a vhostmd that predates
+                # that lock would): someone else locked the readable file to
+                # make us look running.
                 return self._replace(None)
             raise StartupError(
                 f"another vhostmd is running (pid {other}, pid file {self.path})"

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from vhostmd import __version__
-from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow
+from vhostmd.runtime.files import UnsafeFile, check_private, holds_for_writing, open_no_follow
 from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, wanted_children
 
 STATUS_VERSION = 1
@@ -200,28 +200,6 @@ def daemon_running(pid_path: str) -> int | None:
         return None
     finally:
         os.close(fd)
-
-
-def holds_for_writing(pid: int, st: os.stat_result) -> bool | None:
-    """Whether process ``pid`` has the file ``st`` open for writing; None: not ours to see."""
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except PermissionError:
-        return None
-    except OSError:
-        return False
-    for name in names:
-        try:
-            if not os.path.samestat(os.stat(f"/proc/{pid}/fd/{name}"), st):
-                continue
-            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as info:
-                flags = next((line.split()[1] for line in info if line.startswith("flags:")),
-                             "0")
-        except (OSError, IndexError):
-            continue
-        if int(flags, 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-            return True
-    return False
 
 
 def _title(pid: int) -> str:

@@ -264,6 +264,39 @@ def test_a_users_flock_keeps_no_daemon_from_starting(shared_dir: Path) -> None:
         holder.wait()
 
 
+OLDER_DAEMON = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, f"{os.getpid()}\n".encode())
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@ROOT_ONLY
+def test_a_pid_file_locked_by_a_vhostmd_without_roots_lock_file_is_still_respected(
+        tmp_path: Path) -> None:
+    # An older vhostmd (before the lock files) holds the pid file as the daemon
+    # does: locked, open for writing, its pid inside. Not an impostor.
+    pid_file = tmp_path / "old.pid"
+    older = subprocess.Popen([sys.executable, "-c", OLDER_DAEMON, str(pid_file)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert older.stdout is not None and older.stdout.readline() == "locked\n"
+        conf = tmp_path / "o.conf"
+        conf.write_text(config_xml(tmp_path / "vhostmd0", NANOS))
+        refused = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-p", str(pid_file),
+                                  "-c", "test:///default"], capture_output=True, text=True,
+                                 timeout=30)
+        assert (refused.returncode, refused.stderr.strip()) == (
+            1, f"vhostmd: another vhostmd is running (pid {older.pid}, pid file {pid_file})")
+        assert pid_file.read_text() == f"{older.pid}\n"
+    finally:
+        older.kill()
+        older.wait()
+
+
 def _set_subreaper(on: bool) -> None:
     import ctypes
 
