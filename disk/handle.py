@@ -171,9 +171,14 @@ def check_adoptable(fd: int, path: str, size: int) -> None:
 def existing_disk_refusal(path: str) -> str | None:
     """For --check: why the daemon would refuse the file already at ``path`` (None: it would not).
 
-    Only what can be told without root and without changing anything: a file
-    that is there, readable, and not a metrics disk.
+    Only what can be told without root and without changing anything: a
+    directory above it that another user can change, or a file that is there,
+    readable, and not a metrics disk.
     """
+    try:
+        refuse_unsafe_parents(path, "metrics disk")
+    except DiskRefused as exc:
+        return str(exc)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
                      | os.O_NOCTTY)

@@ -557,6 +557,10 @@ def test_disk_paths_whose_directories_another_user_can_change_are_refused(
                               timeout=30)
         assert (proc.returncode, proc.stderr.strip()) == (
             1, f"vhostmd: metrics disk {disk}: {why}")
+        checked = subprocess.run([VHOSTMD, "--check", "-f", str(conf)], capture_output=True,
+                                 text=True, timeout=30)
+        assert (checked.returncode, checked.stderr.strip()) == (
+            1, f"vhostmd: metrics disk {disk}: {why}")
         # The same for the directory of per-VM disks.
         vms = disk.parent / "vms"
         conf.write_text(config_xml(tmp_path / "vhostmd0", NANOS,
