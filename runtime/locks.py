@@ -10,8 +10,9 @@ and inode), and one per pid file path. The file is created 0600 and removed
 when the daemon lets go of it (a daemon that then runs as -u USER cannot
 remove it; an old file does no harm and goes at the next boot).
 
-A daemon that is not root has no such directory: it locks the file itself,
-as before, and another user who can read that file can take the lock.
+A daemon that is not root, or that cannot make the directory (no writable
+/run), locks the file itself, as before, and another user who can read that
+file can take the lock.
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ def root_lock_dir() -> int | None:
     """LOCK_DIR, opened (made if missing) when we are root; None when we are not."""
     if os.geteuid() != 0:
         return None
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(LOCK_DIR, 0o755)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None  # no writable /run (some containers): lock the files themselves
     try:
         fd = os.open(LOCK_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
