@@ -15,12 +15,14 @@ cd "$(dirname "$(readlink -f "$0")")"
 # dpkg-dev ... lintian: the packaging test builds and checks the .deb files;
 # qemu-system-x86 ... busybox-static: the real-hypervisor tests (tests/test_qemu.py)
 # run libvirtd's QEMU driver and boot guests from Debian's cloud kernel and a
-# busybox initramfs built at test time (ss, from iproute2, shows who holds a channel).
+# busybox initramfs built at test time (ss, from iproute2, shows who holds a channel);
+# debootstrap, systemd-container: the systemd tests (tests/test_systemd.py) boot a
+# Debian root under systemd-nspawn and install the packages there.
 APT_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvirt-clients
               libvirt-daemon socat procps util-linux
               dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-setuptools lintian
               qemu-system-x86 libvirt-daemon-driver-qemu linux-image-cloud-amd64 busybox-static
-              iproute2)
+              iproute2 debootstrap systemd-container)
 VENV=.venv
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -54,6 +56,31 @@ install_python_env() {
         "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
         touch "$stamp"
     fi
+}
+
+# PVC attaches the metrics disk as a USB disk and Debian's cloud kernel has no
+# USB: the real-hypervisor tests boot that guest on Debian's generic kernel.
+# Its package is only downloaded (apt-get download; installing it would add
+# 400 MB of modules and an initramfs in /boot, and repoint /vmlinuz, for
+# nothing) into the rig's kernel cache, and tests/qemu_rig.py extracts the
+# kernel and the few modules it needs, once.
+fetch_usb_kernel() {
+    # tests/qemu_rig.py: _kernel_cache_dir()
+    local cache="${VHOSTMD_QEMU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhostmd-qemu}-kernel/debs"
+    local deb
+    for deb in "$cache"/linux-image-*-amd64_*_amd64.deb; do
+        case $deb in *-cloud-amd64_*|*'*'*) ;; *) return 0 ;; esac
+    done
+    [ "$(id -u)" -eq 0 ] && [ "$(dpkg --print-architecture)" = amd64 ] || return 0
+    local pkg
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
+          | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }') || pkg=
+    [ -n "$pkg" ] || { say "no linux-image-amd64 in apt: the USB guest test will skip"; return 0; }
+    say "downloading $pkg into $cache (the USB guest's kernel; not installed)"
+    mkdir -p "$cache"
+    (cd "$cache" && { apt-get download -qq -o APT::Sandbox::User=root "$pkg" \
+        || { apt-get update -qq && apt-get download -qq -o APT::Sandbox::User=root "$pkg"; }; }) \
+        || say "could not download $pkg: the USB guest test will skip"
 }
 
 setup() {
@@ -100,6 +127,7 @@ demo_qemu() {
 
 run_tests() {
     setup
+    fetch_usb_kernel
     # Lint problems do not hide the test results: pytest runs either way and its
     # summary line ("N passed ...") is printed; the exit status reports both.
     # No -q of our own: with the caller's -q it would become -qq, which drops that line.

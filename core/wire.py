@@ -164,6 +164,7 @@ class JobResult:
     error: str | None = None
     state: object = None  # a collector's state for its next Collect job
     inactive: tuple[str, ...] | None = None  # UUIDs of defined domains not running
+    listed_at: float = 0.0  # time.time() just before the listing call (ListDomains)
     # Instead of ``vms``, for large results: the fragments are in the worker's
     # result slot (see vhostmd.runtime.published), these are their (id, end) pairs.
     vms_in_slot: bytes | None = None

@@ -10,7 +10,12 @@ if TYPE_CHECKING:  # imported when used: most host processes never parse XML
 
 
 def safe_parser(*, remove_comments: bool = False) -> etree.XMLParser:
-    """A parser that never expands entities, never loads a DTD and never touches the network."""
+    """A parser that never expands entities, never loads a DTD and never touches the network.
+
+    Except in attribute values: libxml2 expands entity references there
+    whatever the options. So has_entity_refs also refuses a document whose
+    internal DTD declares any entity: what was expanded is never used.
+    """
     from lxml import etree
 
     return etree.XMLParser(
@@ -25,9 +30,17 @@ def safe_parser(*, remove_comments: bool = False) -> etree.XMLParser:
 
 
 def has_entity_refs(root: etree._Element) -> bool:
-    """True when the tree keeps unexpanded entity references (which we refuse)."""
+    """True when the document declares entities or keeps references to them (we refuse both).
+
+    References in content stay in the tree, unexpanded; references in
+    attribute values are expanded by libxml2 whatever the options, so the
+    declarations themselves are refused too.
+    """
     from lxml import etree
 
+    dtd = root.getroottree().docinfo.internalDTD
+    if dtd is not None and any(True for _ in dtd.iterentities()):
+        return True
     return any(isinstance(node, etree._Entity) for node in root.iter())
 
 

@@ -98,12 +98,21 @@ def fit(handle: DiskHandle, *, shrink: bool = True) -> None:
 
 
 def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = True,
-              regular_only: bool = False) -> DiskHandle:
+              regular_only: bool = False, shrink: bool = True,
+              take_back: bool = False) -> DiskHandle:
     """Open (or create) and lock the metrics disk; raises DiskRefused with one line.
 
     With ``dir_fd``, the file ``path`` names is opened in that directory (openat:
     a per-VM disk in the directory the supervisor opened). ``lock=False`` takes
     no flock (per-VM disks: the daemon locks their directory instead).
+    ``shrink=False`` leaves a larger file as it is (see ``fit``).
+
+    ``take_back=True`` (per-VM disks, in a directory only root may write): a
+    regular file with one link that another user owns and nobody else may
+    write is given back to us (fchown) instead of refused. libvirt's DAC
+    driver chowns every disk image to QEMU's user when a domain starts and
+    never gives read-only ones back; nobody but root can have made the file
+    there. Elsewhere (/dev/shm) the file may be another user's plant.
     """
     if dir_fd is None:
         refuse_unsafe_parents(path, "metrics disk")
@@ -116,6 +125,8 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
     except OSError as exc:
         raise DiskRefused(f"cannot open metrics disk {path}: {exc.strerror}") from None
     try:
+        if take_back:
+            _take_back(fd)
         try:
             st = check_private(fd, path, what="metrics disk")
         except UnsafeFile as exc:
@@ -130,7 +141,7 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
                               kind="disk") if lock else None
         handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode), held)
         try:
-            fit(handle)
+            fit(handle, shrink=shrink)
         except BaseException:
             if held is not None:
                 held.release()
@@ -141,6 +152,15 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
         os.close(fd)
         raise
     return handle
+
+
+def _take_back(fd: int) -> None:
+    """Make a regular, single-link file nobody else may write ours (see open_disk)."""
+    st = os.fstat(fd)
+    me = os.geteuid()
+    if (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and not st.st_mode & 0o022
+            and (st.st_uid, st.st_gid) != (me, os.getegid())):
+        os.fchown(fd, me, os.getegid())
 
 
 # Beyond this, an existing file without the signature is not read through for zeros.

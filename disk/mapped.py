@@ -52,10 +52,35 @@ class MetricsDisk:
         self.capacity = mdisk.document_capacity(self.size)
         self.published = False
         self.truncated_seen = False  # a truncation was logged, until a write finds it intact
-        self._reset()
+        if not self._keep_previous():
+            self._reset()
 
     def _map_file(self, handle: DiskHandle) -> mmap.mmap:
         return mmap.mmap(handle.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def _keep_previous(self) -> bool:
+        """Keep a valid document a previous writer left (a restart, an upgrade): True if kept.
+
+        Guests holding the file open go on reading it until the first new
+        document, instead of finding the disk busy; whatever follows it is
+        zeroed. A disk without a valid, complete document is reset.
+        """
+        m = self._map
+        try:
+            head = mdisk.unpack_header(bytes(m[0 : mdisk.HEADER_SIZE]))
+        except mdisk.DiskFormatError:
+            return False
+        if (head.signature != mdisk.SIGNATURE or head.busy != 0 or head.length == 0
+                or head.length > self.capacity):
+            return False
+        end = mdisk.HEADER_SIZE + head.length
+        if not mdisk.checksum_matches(bytes(m[mdisk.HEADER_SIZE : end]), head.checksum):
+            return False
+        m[end:] = bytes(self.size - end)
+        m.flush()
+        self.end = end
+        self.published = True  # a too-large first document keeps this one
+        return True
 
     def _reset(self) -> None:
         """Busy first (keeping the signature), then zero the rest: guests wait, not fail."""

@@ -9,17 +9,35 @@ files relative to it (openat), never through DIR's path. So a directory
 renamed or replaced after start cannot send the writer elsewhere.
 
 Nothing here maps or writes a document: that is the disk-writer's
-(``disk/vmwriter.py``). ``vhostmd --domain-xml`` uses ``prepare_vm_disk`` to
-create one VM's file before its domain starts.
+(``disk/vmwriter.py``). ``vhostmd --domain-xml`` and the libvirt hook
+(``vhostmd-libvirt-hook``) use ``prepare_vm_disk`` to make one VM's file
+before its domain starts.
+
+Claims. A domain about to start (the hook runs at libvirt's "prepare", before
+QEMU opens the file) may have a file the writer is about to remove: a
+transient domain that stopped and starts again (a restart, ``virsh save``
+then ``restore``, a migration away and back) before the writer has acted on
+the listing that saw it gone. So ``prepare_vm_disk`` *claims* the file: under
+an exclusive flock on the file it checks the file still has its name (the
+writer may have removed it meanwhile: then it makes a new one) and sets its
+modification time to now. The writer removes a file only under the same
+flock, and only if it was not modified after the listing it acts on
+(``CLAIM_MARGIN`` before it): a listing taken after the claim lists the
+domain (libvirt gives a domain its id before it runs the prepare hook), so a
+claimed file stays until a later listing no longer has its domain.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vhostmd import mdisk
 from vhostmd.disk.handle import (
@@ -29,14 +47,21 @@ from vhostmd.disk.handle import (
     open_disk,
     refuse_unsafe_parents,
 )
-from vhostmd.runtime.child import InheritedFd
 from vhostmd.runtime.locks import HeldLock
+
+if TYPE_CHECKING:  # imported where a VmDir is made: the hook never loads the child runtime
+    from vhostmd.runtime.child import InheritedFd
 
 # A UUID as libvirt prints it (virDomainGetUUIDString): lower-case, dashed.
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 # How long the disk-writer keeps a file of a domain libvirt does not list (yet):
 # time to start a transient domain after `vhostmd --domain-xml UUID` made it.
 UNKNOWN_GRACE = 600.0
+# A file modified less than this before a listing counts as modified after it:
+# file times come from the kernel's coarse clock (a tick behind time.time()).
+CLAIM_MARGIN = 0.1
+# How long a claim waits for the writer's flock (held for one unlink at most).
+CLAIM_LOCK_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -65,13 +90,36 @@ class VmDir:
         self.dir.close()
 
 
-def open_vm_dir(path: str, size: int, *, lock: bool = True) -> VmDir:
-    """Open (creating it, mode 0755, if missing) and lock DIR; DiskRefused with one line."""
+def open_vm_dir(path: str, size: int, *, lock: bool = True,
+                parents: bool = True) -> VmDir:
+    """Open (creating it, mode 0755, if missing) and lock DIR; DiskRefused with one line.
+
+    ``parents=False`` creates DIR only, never a missing directory above it.
+    """
+    fd, held = _open_vm_dir(path, lock=lock, parents=parents)
+    from vhostmd.runtime.child import InheritedFd
+
+    return VmDir(path, size, InheritedFd(fd), held)
+
+
+def open_vm_dir_fd(path: str, *, lock: bool, parents: bool = True) -> int:
+    """open_vm_dir's checks; the directory's descriptor (O_DIRECTORY, close-on-exec).
+
+    With ``lock``, the directory's lock is held until this process exits.
+    """
+    return _open_vm_dir(path, lock=lock, parents=parents)[0]
+
+
+def _open_vm_dir(path: str, *, lock: bool, parents: bool) -> tuple[int, HeldLock | None]:
     what = f"VM disk directory {path}"
     # Before anything is made there: every directory above must be root's alone.
     refuse_unsafe_parents(path, "VM disk directory")
     try:
-        os.makedirs(path, 0o755, exist_ok=True)
+        if parents:
+            os.makedirs(path, 0o755, exist_ok=True)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o755)
     except OSError as exc:
         raise DiskRefused(f"cannot create {what}: {exc.strerror}") from None
     try:
@@ -94,7 +142,7 @@ def open_vm_dir(path: str, size: int, *, lock: bool = True) -> VmDir:
     except BaseException:
         os.close(fd)
         raise
-    return VmDir(path, size, InheritedFd(fd), held)
+    return fd, held
 
 
 def switch_vm_dir(current: VmDir | None, path: str | None, size: int, *,
@@ -117,30 +165,67 @@ def switch_vm_dir(current: VmDir | None, path: str | None, size: int, *,
     return open_vm_dir(path, size)
 
 
-def open_vm_disk(vm_dir: VmDir, uuid: str) -> DiskHandle:
-    """Open (or create) the disk of the VM ``uuid``, sized; the safety rules of open_disk."""
+def open_vm_disk(vm_dir: VmDir, uuid: str, *, shrink: bool = True) -> DiskHandle:
+    """Open (or create) the disk of the VM ``uuid``, sized; the safety rules of open_disk,
+    a file libvirt gave to QEMU's user taken back."""
     return open_disk(vm_dir.file(uuid), vm_dir.size, dir_fd=vm_dir.fd, lock=False,
-                     regular_only=True)
+                     regular_only=True, shrink=shrink, take_back=True)
 
 
 def prepare_vm_disk(vm_dir: VmDir, uuid: str) -> bool:
-    """Make sure the VM's disk exists before its domain starts; True if it was made now.
+    """Make sure the VM's disk exists and claim it before its domain starts (see the
+    module's docstring); True if it was made now. DiskRefused with one line.
 
     A file without a header gets one that says busy (signature kept), so the
     guest waits for the daemon's first document instead of finding no disk.
+    An existing file is never shrunk (the writer may map it at another size).
     """
     if not UUID_RE.match(uuid):
         raise DiskRefused(f"{uuid!r} is not a domain UUID as libvirt prints it")
-    existed = True
+    deadline = time.monotonic() + CLAIM_LOCK_WAIT
+    for _attempt in range(3):
+        existed = _exists(vm_dir, uuid)
+        try:
+            handle = open_vm_disk(vm_dir, uuid, shrink=False)
+        except DiskRefused:
+            if existed and not _exists(vm_dir, uuid):
+                continue  # removed by the writer between our look and our open
+            raise
+        try:
+            _lock_until(handle.fd, deadline, vm_dir.file(uuid))
+            if os.fstat(handle.fd).st_nlink == 0:
+                continue  # the writer removed it before we held the lock: make it again
+            if os.pread(handle.fd, 4, 0) != mdisk.SIGNATURE:
+                os.pwrite(handle.fd, mdisk.pack_header(1, 0, 0), 0)
+            os.utime(handle.fd)  # the claim: modified now, after any listing without it
+            return not existed
+        except OSError as exc:
+            raise DiskRefused(f"cannot prepare VM disk {vm_dir.file(uuid)}: "
+                              f"{exc.strerror}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(handle.fd)  # releases the flock
+    raise DiskRefused(f"VM disk {vm_dir.file(uuid)} was removed while being prepared, "
+                      "three times in a row")
+
+
+def _exists(vm_dir: VmDir, uuid: str) -> bool:
     try:
         os.stat(uuid, dir_fd=vm_dir.fd, follow_symlinks=False)
     except FileNotFoundError:
-        existed = False
-    handle = open_vm_disk(vm_dir, uuid)
-    try:
-        if os.pread(handle.fd, 4, 0) != mdisk.SIGNATURE:
-            os.pwrite(handle.fd, mdisk.pack_header(1, 0, 0), 0)
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(handle.fd)
-    return not existed
+        return False
+    return True
+
+
+def _lock_until(fd: int, deadline: float, path: str) -> None:
+    """flock ``fd`` exclusively, waiting until ``deadline`` (time.monotonic())."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        if time.monotonic() > deadline:
+            raise DiskRefused(f"VM disk {path} stayed locked for {CLAIM_LOCK_WAIT:g} s")
+        time.sleep(0.005)

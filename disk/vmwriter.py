@@ -8,9 +8,12 @@ metrics + ``</metrics>`` to ``DIR/<uuid>`` with the shared disk's protocol
 idle, msync). A domain that does not run gets the host metrics only.
 
 Files are opened relative to the directory descriptor with the shared disk's
-rules (no symlink, nothing another user owns or may write, no second hard
-link; created exclusively, mode 0644, blocks reserved). A refused file is
-logged once and skipped; the others are still written.
+rules (no symlink, nothing others may write, no second hard link; created
+exclusively, mode 0644, blocks reserved), but a file another user owns is
+taken back (fchown): libvirt gives each disk image to QEMU's user when its
+domain starts and never gives a read-only one back, and only root can make
+files in the directory. A refused file is logged once and skipped; the
+others are still written.
 
 Bounded at 1024 VMs: a file's descriptor is closed as soon as it is mapped
 (the mapping keeps the file), and after each write the mapping's pages are
@@ -21,18 +24,23 @@ of the directory per cycle (fstatat): a file truncated, removed or replaced
 under the writer is opened again (and sized again) before it is written.
 
 Removal: a file is removed in the first cycle that lists its domain as
-neither running nor defined, if this writer saw the domain before. A
-UUID-named file of a domain this writer never saw (made by ``vhostmd
---domain-xml`` for a transient domain not started yet, or left by a domain
-undefined while vhostmd was stopped) is removed once it has not been
-modified for ``UNKNOWN_GRACE`` seconds. Nothing else in the directory is ever
-touched, and nothing at all is removed while libvirt cannot be listed.
+neither running nor defined, if this writer saw the domain before, unless
+it was modified (claimed by the libvirt hook or ``vhostmd --domain-xml``
+for a domain starting again, see ``disk/vmdir.py``) after that listing was
+taken: then it stays until a later listing. A UUID-named file of a domain
+this writer never saw (made for a transient domain not started yet, or left
+by a domain undefined while vhostmd was stopped) is removed once it has not
+been modified for ``UNKNOWN_GRACE`` seconds. Each removal holds the file's
+flock, which a claim takes too, and looks at the file again under it.
+Nothing else in the directory is ever touched, and nothing at all is
+removed while libvirt cannot be listed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -42,7 +50,7 @@ from collections.abc import Callable
 
 from vhostmd.disk.handle import DiskHandle, DiskRefused
 from vhostmd.disk.mapped import DiskTooSmall, MetricsDisk
-from vhostmd.disk.vmdir import UNKNOWN_GRACE, UUID_RE, VmDir, open_vm_disk
+from vhostmd.disk.vmdir import CLAIM_MARGIN, UNKNOWN_GRACE, UUID_RE, VmDir, open_vm_disk
 from vhostmd.document import assemble
 
 log = logging.getLogger("vhostmd")
@@ -77,6 +85,10 @@ class Mapping:
     def __setitem__(self, where: slice, data: bytes) -> None:
         assert self.view is not None
         self.view[where] = data
+
+    def __getitem__(self, where: slice) -> bytes:
+        assert self.view is not None
+        return bytes(self.view[where])
 
     def _call(self, function: str, *args: int) -> None:
         if getattr(_libc, function)(self.addr, self.size, *args) != 0:
@@ -132,21 +144,24 @@ class VmDisks:
         self.problems: dict[str, str] = {}  # uuid -> the problem logged for it
 
     def publish(self, host: bytes, fragments: dict[str, bytes],
-                inactive: tuple[str, ...] | None) -> None:
+                inactive: tuple[str, ...] | None, listed_at: float) -> None:
         """Write every defined domain's disk; remove those of domains now undefined.
 
         ``fragments``: the running domains' own metrics by UUID; ``inactive``:
         the defined domains that do not run, or None when libvirt could not be
         listed (then the disks already mapped get the host metrics and no file
-        is made or removed).
+        is made or removed); ``listed_at``: when (time.time()) the listing
+        began.
         """
         entries = self.scan()
         if inactive is None:
             wanted = set(self.disks)
         else:
             wanted = set(fragments) | set(inactive)
-            self.remove_gone(wanted, entries)
-            self.listed = wanted
+            kept = self.remove_gone(wanted, entries, listed_at)
+            # A gone domain's file kept for now is still one we saw: the next
+            # listing that does not have it removes it.
+            self.listed = wanted | kept
         created = 0
         for uuid in sorted(wanted):
             disk = self.disk_for(uuid, entries.get(uuid))
@@ -199,33 +214,58 @@ class VmDisks:
         self.disks[uuid] = disk
         return disk
 
-    def remove_gone(self, wanted: set[str], entries: dict[str, os.stat_result]) -> None:
+    def remove_gone(self, wanted: set[str], entries: dict[str, os.stat_result],
+                    listed_at: float) -> set[str]:
+        """Remove the files of domains not in ``wanted``; the seen ones kept for now."""
         removed = 0
+        kept: set[str] = set()
         now = self.clock()
-        me = os.geteuid()
         for uuid, st in entries.items():
             if uuid in wanted:
                 continue
             disk = self.disks.get(uuid)
             ours = disk is not None and (st.st_dev, st.st_ino) == disk.ident
-            if not ours:
-                if not stat.S_ISREG(st.st_mode) or st.st_uid != me or st.st_nlink != 1:
-                    continue  # not a file we made: never removed
-                if uuid not in self.listed and now - st.st_mtime < UNKNOWN_GRACE:
-                    continue  # a domain we never saw: maybe about to start
-            self.forget(uuid)
-            try:
-                os.unlink(uuid, dir_fd=self.dir.fd)
-            except FileNotFoundError:
-                continue
-            removed += 1
+            if not ours and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1):
+                continue  # not a file we made: never removed (any owner: see above)
+            if ours or uuid in self.listed:
+                # Gone since the last listing: unless claimed after this one was taken.
+                if self.remove_unclaimed(uuid, st, listed_at - CLAIM_MARGIN):
+                    removed += 1
+                else:
+                    kept.add(uuid)
+            else:  # a domain we never saw: maybe about to start
+                removed += self.remove_unclaimed(uuid, st, now - UNKNOWN_GRACE)
         for uuid in [u for u in self.disks if u not in wanted]:
-            self.forget(uuid)  # its file is gone already
+            self.forget(uuid)  # removed, or claimed for a start: mapped again when listed
         for uuid in [u for u in self.problems if u not in wanted]:
             del self.problems[uuid]
         if removed:
             log.info("VM disks: removed %d in %s (domains no longer defined)", removed,
                      self.dir.path)
+        return kept
+
+    def remove_unclaimed(self, uuid: str, st: os.stat_result, unchanged_since: float) -> bool:
+        """Remove the file ``st`` describes if it was not modified from ``unchanged_since``
+        on; checked again under its flock, which a claim holds (disk/vmdir.py)."""
+        if st.st_mtime >= unchanged_since:
+            return False
+        try:
+            fd = os.open(uuid, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                         | os.O_NOCTTY, dir_fd=self.dir.fd)
+        except OSError:
+            return False  # gone already, or not a file to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or \
+                    now.st_mtime >= unchanged_since:
+                return False  # replaced or claimed since the scan
+            os.unlink(uuid, dir_fd=self.dir.fd)
+        except OSError:
+            return False  # being claimed right now (EWOULDBLOCK), or gone
+        finally:
+            os.close(fd)
+        return True
 
     def forget(self, uuid: str) -> None:
         disk = self.disks.pop(uuid, None)

@@ -27,7 +27,8 @@ def disk_writer_main(ctx: ChildContext, handle: DiskHandle | None,
     A message is ``(seq, placement, vms)``: where the shared disk's document
     is in ``slots`` (see runtime/published.py), and for per-VM disks
     (``vm_dir``) ``(host fragment, {uuid: VM fragment}, UUIDs of the defined
-    domains not running, or None)``; see disk/vmwriter.py.
+    domains not running, or None, when the listing began)``; see
+    disk/vmwriter.py.
     """
     path = handle.path if handle is not None else f"{vm_dir.path}/" if vm_dir else "?"
     ctx.title(f"disk-writer {path}")

@@ -338,21 +338,77 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     config = process.current_process()._config
     if config.get("tempdir") is None:
         config["tempdir"] = tempfile.mkdtemp(prefix=_HELPERS_DIR_PREFIX)
-    CTX.set_forkserver_preload(["vhostmd.runtime.forkserver"])
-    if run_as is None:
-        forkserver.ensure_running()
-        return
-    user, uid, gid = run_as
-    os.environ[RUN_AS_ENV] = f"{user}:{uid}:{gid}"
+    CTX.set_forkserver_preload([PRELOAD])
+    if run_as is not None:
+        user, uid, gid = run_as
+        os.environ[RUN_AS_ENV] = f"{user}:{uid}:{gid}"
     try:
-        forkserver.ensure_running()
+        with _helpers_started_as_ours():
+            forkserver.ensure_running()
     finally:
-        del os.environ[RUN_AS_ENV]
-    # The listener's directory (private, 0700) and socket: the supervisor
-    # connects for every child it starts, as the user.
-    address = forkserver._forkserver._forkserver_address  # type: ignore[attr-defined]
-    for path in (util.get_temp_dir(), address):
-        os.chown(path, uid, gid)
+        os.environ.pop(RUN_AS_ENV, None)
+    if run_as is not None:
+        # The listener's directory (private, 0700) and socket: the supervisor
+        # connects for every child it starts, as the user.
+        address = forkserver._forkserver._forkserver_address  # type: ignore[attr-defined]
+        for path in (util.get_temp_dir(), address):
+            os.chown(path, uid, gid)
+
+
+# The forkserver's preload (runtime/forkserver.py).
+PRELOAD = "vhostmd.runtime.forkserver"
+
+# What multiprocessing runs with ``python3 -c`` for its two helpers, and the
+# title each gets from us.
+_HELPERS = {"from multiprocessing.forkserver import main": "forkserver",
+            "from multiprocessing.resource_tracker import main": "resource tracker"}
+
+
+def helper_program(program: str, path: list[str]) -> str:
+    """The ``-c`` program of a multiprocessing helper, made to run as one of ours.
+
+    Python 3.11's forkserver is handed the supervisor's ``sys.path`` and
+    ignores it; the interpreter's flags (``-I`` of the Debian launcher) keep
+    PYTHONPATH out too. So in the installed package, whose modules live in a
+    private directory, the preload could not be imported, and multiprocessing
+    swallows that ImportError: no libvirt or lxml shared by the children, no
+    gc.freeze, and a 300-character ``python3 -I -c ...`` in ``ps``. Both
+    helpers get the supervisor's path first; the resource tracker, which runs
+    none of our code, gets its ``vhostmd:`` title here (the forkserver gets
+    its own from the preload, so that the title says the preload ran).
+    """
+    title = next((t for start, t in _HELPERS.items() if program.startswith(start)), None)
+    if title is None:
+        return program
+    prologue = f"import sys; sys.path[:] = {path!r}\n"
+    if title != "forkserver":
+        prologue += ("try:\n import setproctitle\nexcept ImportError:\n pass\nelse:\n"
+                     f" setproctitle.setproctitle({'vhostmd: ' + title!r})\n")
+    return prologue + program
+
+
+@contextlib.contextmanager
+def _helpers_started_as_ours() -> Any:
+    """While the helpers start: run their programs through helper_program.
+
+    multiprocessing starts both with ``util.spawnv_passfds(exe, args, fds)``,
+    ``args`` ending in ``-c PROGRAM``; that call is wrapped for the duration.
+    """
+    from multiprocessing import util
+
+    original = util.spawnv_passfds
+
+    def spawn(path: Any, args: Any, passfds: Any) -> int:
+        args = list(args)
+        if len(args) >= 2 and args[-2] == "-c":
+            args[-1] = helper_program(args[-1], list(sys.path))
+        return original(path, args, passfds)
+
+    util.spawnv_passfds = spawn
+    try:
+        yield
+    finally:
+        util.spawnv_passfds = original
 
 
 def clean_up_at_forkserver_exit() -> None:

@@ -41,6 +41,7 @@ from vhostmd.supervisor.config import Config, ConfigError, load_config
 from vhostmd.supervisor.cycle import FailureLog
 from vhostmd.supervisor.health import HealthFile
 from vhostmd.supervisor.instant import InstantCycles
+from vhostmd.supervisor.notify import Notifier
 from vhostmd.supervisor.planning import count_metrics
 from vhostmd.supervisor.pool import Child, ChildPool, ChildSpec, Unreadable
 from vhostmd.supervisor.publisher import Publisher
@@ -61,8 +62,10 @@ class Supervisor:
                  status_file: StatusFile | None = None, disk: DiskHandle | None = None,
                  dropped_to: str | None = None, log_level: int = logging.INFO,
                  clock: Callable[[], float] = time.monotonic,
-                 vm_dir: VmDir | None = None) -> None:
+                 vm_dir: VmDir | None = None, notifier: Notifier | None = None) -> None:
         self.config = config
+        # systemd (Type=notify): ready once the first document is on the disk.
+        self.notifier = notifier if notifier is not None else Notifier({})
         self.uri = uri
         self.config_path = config_path
         self.status_file = status_file
@@ -181,6 +184,9 @@ class Supervisor:
         self.install_signals()
         self.start_children()
         while not self.stopping:
+            # The watchdog is fed here, by the loop itself: a supervisor stuck
+            # anywhere stops feeding it (its children have heartbeats).
+            self.notifier.ping_watchdog()
             try:
                 self.step()
             except Exception:
@@ -201,6 +207,7 @@ class Supervisor:
         until = self.clock() + timeout
         workers = list(range(self.config.workers))
         while not self.stopping and not self.pool.all_ready(workers) and self.clock() < until:
+            self.notifier.ping_watchdog()
             self.handle_signals()
             self.handle_events()
             self.sleep_until(until)
@@ -241,7 +248,8 @@ class Supervisor:
 
     def sleep_until(self, until: float) -> None:
         """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
-        timeout = max(0.0, min(until - self.clock(), self.pool.beat_interval))
+        timeout = max(0.0, min(until - self.clock(), self.pool.beat_interval,
+                               self.notifier.wake_within))
         if self.events.empty():
             # One poll object for the daemon's life, updated when children
             # come and go: the loop wakes tens of times a cycle.
@@ -311,6 +319,9 @@ class Supervisor:
         elif kind == "disk-written":
             _, _seq, error_kind, error = message
             self.publisher.written(error_kind, error)
+            # The disk (and every per-VM disk) holds a document now: libvirt,
+            # ordered after us, may start guests.
+            self.notifier.notify_ready(self.status_line())
         elif kind == "disk-failed":
             log.error("%s", message[1])
         elif kind == "virtio-taken":
@@ -358,6 +369,26 @@ class Supervisor:
         self.check_disk_present()
         self.write_status()
         self.health.write(self.config.textfile, self)
+        if self.wants_disk_writer():
+            self.notifier.notify_status(self.status_line())
+        else:
+            self.notifier.notify_ready(self.status_line())  # virtio only: nothing to wait for
+
+    def wants_disk_writer(self) -> bool:
+        return self.disk is not None or self.vm_dir is not None
+
+    def status_line(self) -> str:
+        """What ``systemctl status`` shows: the last cycle, and a problem with the disk."""
+        stats = self.stats
+        line = (f"cycle {int(stats['cycles'])}: {int(stats['published'])} metrics published"
+                f" in {stats['last_cycle_seconds']:.2f} s")
+        if stats["left_out"]:
+            line += f", {int(stats['left_out'])} left out"
+        if stats["vms_not_on_disk"]:
+            line += f", {int(stats['vms_not_on_disk'])} VMs not on the disk"
+        if self.publisher.error:
+            line += f"; metrics disk: {self.publisher.error}"
+        return line
 
     def check_disk_present(self) -> None:
         """Make the metrics disk again if it was removed (one fstat a cycle).
@@ -413,6 +444,7 @@ class Supervisor:
             self.status_error = None
 
     def shutdown(self) -> None:
+        self.notifier.notify_stopping()
         self.all_stopped = self.pool.shutdown(STOP_GRACE)
         if self.all_stopped:
             # No writer is left: let go of the disk's (and directory's) lock,

@@ -29,6 +29,7 @@ from vhostmd.supervisor.daemon import (
     open_log_target,
     setup_logging,
 )
+from vhostmd.supervisor.notify import Notifier
 from vhostmd.supervisor.planning import count_metrics
 from vhostmd.supervisor.sizing import check_vm_disks, check_vms
 from vhostmd.supervisor.status import StatusFile, status_path_for
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     disk: DiskHandle | None = None
     vm_dir: VmDir | None = None
     daemonized = False
+    notifier: Notifier | None = None
     # Everything below that needs root (pid, status and log files, the disk)
     # is opened here, before -u drops it; the processes keep the descriptors
     # and the files stay root's.
@@ -198,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("vhostmd %s starting: %s", __version__,
                  shlex.join(sys.argv[1:] if argv is None else argv))
         if run_as is not None:
-            # Started as root, it becomes the user itself (runtime/privileges.py).
+            # Started as root, it becomes the user itself (runtime/privileges.py);
+            # systemd's variables are taken out of the environment first.
+            notifier = Notifier()
             start_forkserver((run_as.user, run_as.uid, run_as.gid))
             drop_privileges(run_as)
             # What children run is imported by the forkserver, as this user.
@@ -223,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for warning in config.warnings:
         log.warning("%s", warning)
+    # Takes systemd's variables out of the environment before any child exists
+    # (under -u, above, before the forkserver was started).
+    if notifier is None:
+        notifier = Notifier()
     # Children are forked from the forkserver, started now (with -u: above,
     # before dropping root), before the supervisor starts any thread.
     if run_as is None:
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                             status_file=status_file, disk=disk,
                             dropped_to=run_as.user if run_as is not None else None,
                             log_level=logging.DEBUG if args.verbose else logging.INFO,
-                            vm_dir=vm_dir)
+                            vm_dir=vm_dir, notifier=notifier)
     try:
         status = supervisor.run()
         if supervisor.all_stopped:

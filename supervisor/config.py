@@ -177,7 +177,8 @@ def _valid_tree(data: bytes, path: str) -> etree._Element:
         where = f"{path}:{line}" if line else path
         raise ConfigError(f"{where}: malformed XML: {message}") from None
     if has_entity_refs(root):
-        raise ConfigError(f"{path}: entity references are not allowed in the config")
+        raise ConfigError(
+            f"{path}: entity declarations and references are not allowed in the config")
     dtd = _dtd()
     if not dtd.validate(root):
         err = dtd.error_log.filter_from_errors()[0] if dtd.error_log else None

@@ -34,6 +34,7 @@ class Rendered:
     vms_not_on_disk: int = 0  # VMs that did not fit the disk
     # UUIDs of the defined domains not running (per-VM disks); None: not listed.
     inactive: tuple[str, ...] | None = None
+    listed_at: float = 0.0  # when the listing began (time.time())
 
 
 # Where a job's metrics go in the document: (config line, position in the
@@ -96,6 +97,7 @@ class Cycle:
     domains_job: int | None = None
     domains_error: str | None = None
     inactive: tuple[str, ...] | None = None  # defined, not running (ListDomains.inactive)
+    listed_at: float = 0.0  # when that listing began (time.time())
     attempted: Attempted = field(default_factory=lambda: Attempted())
     shell_jobs: int = 0  # shell actions planned
     shell_done: int = 0  # ... and answered within this cycle
@@ -128,6 +130,7 @@ class Cycle:
             else:
                 self.domains = result.domains or ()
                 self.inactive = result.inactive
+                self.listed_at = result.listed_at
             return job
         if isinstance(job, RunAction):
             self.shell_done += 1

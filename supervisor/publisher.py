@@ -35,16 +35,17 @@ _ID_AND_NAME = operator.attrgetter("id", "name")
 _PREFIX = len(DOCUMENT_OPEN.encode())  # where the host fragment starts in a document
 
 
-def vm_batch(rendered: Rendered) -> tuple[bytes, dict[str, bytes], tuple[str, ...] | None]:
+def vm_batch(rendered: Rendered) -> tuple[bytes, dict[str, bytes], tuple[str, ...] | None,
+                                           float]:
     """What the disk-writer needs for per-VM disks (disk/vmwriter.py, VmDisks.publish).
 
     The host fragment, each running domain's own fragment by UUID (empty when
-    it has no metrics), and the UUIDs of the defined domains not running
-    (None when libvirt could not be listed).
+    it has no metrics), the UUIDs of the defined domains not running (None
+    when libvirt could not be listed), and when that listing began.
     """
     fragments = rendered.vm_fragments
     running = {d.uuid: fragments.get(d.id, b"") for d in rendered.domains}
-    return rendered.host_fragment, running, rendered.inactive
+    return rendered.host_fragment, running, rendered.inactive, rendered.listed_at
 
 
 @dataclass

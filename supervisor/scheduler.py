@@ -303,6 +303,7 @@ class CycleRunner:
         rendered = render(fragments, cycle.domains or (), capacity, len(cycle.failures),
                           carried)
         rendered.inactive = cycle.inactive
+        rendered.listed_at = cycle.listed_at
         self.note_disk_fit(rendered)
         self.note_shell_work(cycle)
         self.publisher.publish(rendered)

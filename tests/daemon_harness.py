@@ -241,7 +241,11 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
-        cmd = [VHOSTMD, "-d", "-v", "-f", str(self.conf), "-p", str(self.pid_file)]
+        return self.start_with([VHOSTMD])
+
+    def start_with(self, program: list[str]) -> Daemon:
+        """Start the daemon as ``program`` (e.g. an interpreter and a launcher) + the options."""
+        cmd = [*program, "-d", "-v", "-f", str(self.conf), "-p", str(self.pid_file)]
         if self.uri:
             cmd += ["-c", self.uri]
         cmd += list(self.args)
@@ -310,7 +314,8 @@ class Daemon:
         return code
 
     def __enter__(self) -> Daemon:
-        return self.start()
+        # Started already with start_with (a launcher of the test's own): not twice.
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -17,7 +17,16 @@ later real-guest tests (per-VM disks, lifecycle timing). It gives:
   shareable), the vhostmd channel (``<source mode='bind'/>``, no path) and a
   serial console on a unix socket; :meth:`Guest.run` runs a shell command in the
   guest and returns its exit status and output, framed and checksummed;
-- :func:`boot_guests`: start several guests at once and wait for all of them.
+- :func:`boot_guests`: start several guests at once and wait for all of them;
+- :func:`build_usb_images` and :data:`USB_MODULES`: the same images on Debian's
+  generic kernel (``linux-image-amd64``), which has what PVC's USB metrics disk
+  needs (the cloud kernel has no USB). ``./dev.sh`` only downloads that
+  package (``apt-get download``, nothing installed) into the kernel cache
+  (the image cache's path + ``-kernel``); its kernel and modules are
+  extracted here, once, beside it;
+- :meth:`LibvirtQemu.add_hook`: a libvirt hook script installed while the rig's
+  own libvirtd runs, picked up with SIGHUP as an operator's ``systemctl reload
+  libvirtd`` does, and removed with the rest of the setup.
 
 The console protocol. The guest's ``/init`` (busybox ash) reads one line per
 command from the serial console: ``ID run TIMEOUT BASE64-COMMAND`` or ``ID resend``.
@@ -66,8 +75,12 @@ QEMU = "/usr/bin/qemu-system-x86_64"
 # The virtio drivers of Debian's cloud kernel are modules; these (and what they
 # depend on, from modules.dep) go into every image, loaded by /init in order.
 MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_balloon")
+# PVC's metrics disk is a USB disk (bus='usb') behind the domain's default USB
+# controller (piix3-uhci on the i440fx machine; EHCI and xHCI for other models).
+USB_MODULES = (*MODULES, "uhci_hcd", "ehci_pci", "xhci_pci", "usb_storage", "sd_mod")
 LOCK_FILE = Path("/run/lock/vhostmd-qemu-tests.lock")
 STATE_FILE = Path("/run/lock/vhostmd-qemu-tests.state")
+HOOKS_DIR = Path("/etc/libvirt/hooks")  # a privileged libvirtd's hook directory
 GUEST_PREFIX = "vhostmd-"  # every guest the tests and the demo name begins so
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 QEMU_CONF_MARK = "# Written by vhostmd's real-hypervisor test rig (tests/qemu_rig.py)."
@@ -106,6 +119,72 @@ def find_kernel() -> tuple[Path, Path] | None:
         return None
     _mtime, vmlinuz, modules = max(found)
     return vmlinuz, modules
+
+
+def find_usb_kernel(cache: Path | None = None) -> tuple[Path, Path] | None:
+    """Debian's generic kernel (USB support) with its modules: installed, or extracted
+    from the package ``./dev.sh`` downloads into the cache (``debs/``)."""
+    found = []
+    for vmlinuz in Path("/boot").glob("vmlinuz-*-amd64"):
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        modules = Path("/lib/modules") / release
+        if not release.endswith("-cloud-amd64") and (modules / "modules.dep").is_file():
+            found.append((vmlinuz.stat().st_mtime, vmlinuz, modules))
+    if found:
+        _mtime, vmlinuz, modules = max(found)
+        return vmlinuz, modules
+    root = cache or _kernel_cache_dir()
+    debs = sorted((root / "debs").glob("linux-image-*-amd64_*_amd64.deb"),
+                  key=lambda deb: deb.stat().st_mtime)
+    debs = [deb for deb in debs if "-cloud-amd64_" not in deb.name]
+    if not debs:
+        return None
+    return _extract_kernel(debs[-1], root / "usb-kernel" / debs[-1].stem)
+
+
+def _extract_kernel(deb: Path, where: Path) -> tuple[Path, Path]:
+    """vmlinuz and the modules ``USB_MODULES`` need, from a linux-image package, into
+    ``where`` (once: about 6 s; the package's 400 MB of modules are not kept)."""
+    def extracted() -> tuple[Path, Path] | None:
+        kernels = list(where.glob("boot/vmlinuz-*"))
+        deps = list(where.glob("lib/modules/*/modules.dep"))
+        return (kernels[0], deps[0].parent) if kernels and deps else None
+
+    if (done := extracted()) is not None:
+        return done
+    started = time.monotonic()
+    stage = where.with_name(where.name + ".tmp")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                          stdout=subprocess.PIPE) as tar_stream:
+        subprocess.run(["tar", "-x", "-C", str(stage), "--wildcards", "./boot/vmlinuz-*",
+                        "./lib/modules/*"], stdin=tar_stream.stdout, check=True, timeout=300)
+    if tar_stream.returncode != 0:  # the with block waited for it
+        raise RuntimeError(f"dpkg-deb --fsys-tarfile {deb} failed")
+    (release,) = [d.name for d in (stage / "lib/modules").iterdir()]
+    # The package has no modules.dep (its postinst makes it): make it here.
+    subprocess.run(["depmod", "-b", str(stage), release], check=True, timeout=120)
+    modules = stage / "lib/modules" / release
+    keep = set(_module_order(modules, USB_MODULES))
+    for ko in modules.rglob("*.ko"):
+        if str(ko.relative_to(modules)) not in keep:
+            ko.unlink()
+    shutil.rmtree(where, ignore_errors=True)
+    stage.rename(where)
+    log(f"extracted {release} (vmlinuz and {len(keep)} modules) from {deb.name} in "
+        f"{time.monotonic() - started:.1f} s")
+    done = extracted()
+    assert done is not None
+    return done
+
+
+def why_no_usb_kernel() -> str | None:
+    """Why no guest with a USB disk can boot here, or None."""
+    if find_usb_kernel() is None:
+        return (f"no Debian generic kernel: ./dev.sh test downloads linux-image-amd64's "
+                f"package into {_kernel_cache_dir() / 'debs'}")
+    return None
 
 
 def why_no_qemu() -> str | None:
@@ -372,7 +451,7 @@ def _module_order(modules_dir: Path, wanted: Iterable[str]) -> list[str]:
     return order
 
 
-def _base_image(modules_dir: Path) -> bytes:
+def _base_image(modules_dir: Path, modules: Sequence[str] = MODULES) -> bytes:
     image = Cpio()
     for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp",
                       "etc", "lib/modules"):
@@ -383,7 +462,7 @@ def _base_image(modules_dir: Path) -> bytes:
     image.file("bin/vh-disk", VH_DISK.encode(), 0o755)
     image.file("bin/vh-virtio", VH_VIRTIO.encode(), 0o755)
     image.file("bin/vh-snap-loop", VH_SNAP_LOOP.encode(), 0o755)
-    order = _module_order(modules_dir, MODULES)
+    order = _module_order(modules_dir, modules)
     for module in order:
         image.host_file(modules_dir / module, f"lib/modules/{Path(module).name}")
     image.file("etc/vh-modules", "".join(f"{Path(m).name}\n" for m in order).encode())
@@ -518,7 +597,14 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vhostmd-qemu"
 
 
-def _inputs_key(kernel: Path, modules: Path) -> str:
+def _kernel_cache_dir() -> Path:
+    """The downloaded kernel package and what is extracted from it: beside the image
+    cache, not in it (image directories are pruned there)."""
+    images = _cache_dir()
+    return images.with_name(images.name + "-kernel")
+
+
+def _inputs_key(kernel: Path, modules: Path, wanted: Sequence[str] = MODULES) -> str:
     """A hash of everything the images are built from: a change anywhere rebuilds."""
     import lxml
     import prometheus_client
@@ -535,6 +621,7 @@ def _inputs_key(kernel: Path, modules: Path) -> str:
         if path.suffix == ".py":
             digest.update(path.read_bytes())  # sources: content, not just time
     digest.update(str(modules).encode())
+    digest.update(" ".join(wanted).encode())
     digest.update(sys.version.encode())
     return digest.hexdigest()[:16]
 
@@ -544,8 +631,21 @@ def build_images(cache: Path | None = None) -> Images:
     found = find_kernel()
     if found is None:
         raise RuntimeError("no Debian cloud kernel (apt-get install linux-image-cloud-amd64)")
+    return _build_images(found, MODULES, cache)
+
+
+def build_usb_images(cache: Path | None = None) -> Images:
+    """As build_images, on Debian's generic kernel with USB_MODULES (PVC's USB disk)."""
+    found = find_usb_kernel()
+    if found is None:
+        raise RuntimeError(why_no_usb_kernel() or "no generic kernel")
+    return _build_images(found, USB_MODULES, cache)
+
+
+def _build_images(found: tuple[Path, Path], wanted: Sequence[str],
+                  cache: Path | None) -> Images:
     kernel, modules = found
-    key = _inputs_key(kernel, modules)
+    key = _inputs_key(kernel, modules, wanted)
     where = (cache or _cache_dir()) / key
     base, python = where / "base.cpio", where / "python.cpio"
     if base.is_file() and python.is_file():
@@ -555,7 +655,7 @@ def build_images(cache: Path | None = None) -> Images:
     stage = where / "stage"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    base_bytes = _base_image(modules)
+    base_bytes = _base_image(modules, wanted)
     # The kernel unpacks concatenated archives one after the other.
     python_bytes = base_bytes + _python_image(stage)
     for path, data in ((base, base_bytes), (python, python_bytes)):
@@ -563,10 +663,12 @@ def build_images(cache: Path | None = None) -> Images:
         tmp.write_bytes(data)
         tmp.rename(path)  # atomic: a half-built image is never picked up
     shutil.rmtree(stage, ignore_errors=True)
-    # Every change to the guest package makes a new key: keep the newest few only.
-    older = sorted((d for d in where.parent.iterdir() if d.is_dir() and d != where),
+    # Every change to the guest package makes a new key: keep the newest few only
+    # (of the image directories: the downloaded package and its kernel stay).
+    older = sorted((d for d in where.parent.iterdir() if d.is_dir() and d != where
+                    and re.fullmatch(r"[0-9a-f]{16}", d.name)),
                    key=lambda d: d.stat().st_mtime, reverse=True)
-    for old in older[2:]:
+    for old in older[3:]:
         shutil.rmtree(old, ignore_errors=True)
     log(f"built guest images in {time.monotonic() - started:.1f} s: {where} "
         f"(base {len(base_bytes) >> 10} KiB, python {len(python_bytes) >> 10} KiB)")
@@ -646,6 +748,7 @@ class LibvirtQemu:
         self.wrote_conf = False
         self.own = False
         self._lock: int | None = None
+        self.hook_paths: list[str] = []  # hook scripts and directories made here, to remove
 
     def start(self, lock_timeout: float = 600.0) -> LibvirtQemu:
         self._take_lock(lock_timeout)
@@ -700,7 +803,8 @@ class LibvirtQemu:
         """What a killed run leaves behind, for the next run to undo (see _recover)."""
         STATE_FILE.write_text(json.dumps({
             "pids": [proc.pid for proc in self.started], "created_user": self.created_user,
-            "created_groups": self.created_groups, "wrote_conf": self.wrote_conf}))
+            "created_groups": self.created_groups, "wrote_conf": self.wrote_conf,
+            "hook_paths": self.hook_paths}))
 
     def _recover(self) -> None:
         """Undo the setup of a run that was killed before it could (SIGKILL, a
@@ -728,6 +832,8 @@ class LibvirtQemu:
         self.created_user = bool(state.get("created_user"))
         self.created_groups = list(state.get("created_groups", []))
         self.wrote_conf = bool(state.get("wrote_conf"))
+        self.hook_paths = list(state.get("hook_paths", []))
+        self._remove_hooks()  # before a libvirtd starts and finds them
         STATE_FILE.unlink(missing_ok=True)
 
     def _take_lock(self, timeout: float) -> None:
@@ -804,6 +910,7 @@ class LibvirtQemu:
                         proc.kill()
                         proc.wait(10)
             self.started.clear()
+            self._remove_hooks()
             STATE_FILE.unlink(missing_ok=True)
             if self.wrote_conf:
                 QEMU_CONF.unlink(missing_ok=True)
@@ -821,6 +928,48 @@ class LibvirtQemu:
 
     def domain_type(self) -> str:
         return "kvm" if kvm_usable() else "qemu"
+
+    # -- hooks
+
+    def add_hook(self, name: str, script: str, timeout: float = 60.0) -> None:
+        """Install ``script`` as the QEMU hook ``qemu.d/NAME`` of the running libvirtd.
+
+        libvirtd looks for hooks when it starts, and again on SIGHUP (what
+        ``systemctl reload libvirtd`` sends): the rig sends SIGHUP and waits
+        until libvirtd ran the daemon hook ``daemon.d/NAME`` for that reload, so
+        the QEMU hook runs for every domain started afterwards. Only for a
+        libvirtd the rig started (RuntimeError otherwise); removed by stop().
+        """
+        if not self.own or not self.started:
+            raise RuntimeError("hooks are only installed for a libvirtd the rig started")
+        reloads = self.work / f"{name}.reloads"
+        reloads.unlink(missing_ok=True)
+        for kind, text in (("qemu", script),
+                           ("daemon", f'#!/bin/sh\necho "$2 $3" >> {reloads}\n')):
+            directory = HOOKS_DIR / f"{kind}.d"
+            for path in (HOOKS_DIR, directory):
+                if not path.is_dir():
+                    path.mkdir(mode=0o755)
+                    self.hook_paths.append(str(path))
+            hook = directory / name  # one left by a killed run is replaced
+            self.hook_paths.append(str(hook))
+            self._save_state()
+            hook.write_text(text)
+            hook.chmod(0o755)
+        libvirtd = next(proc for proc in self.started if proc.args[0] == "libvirtd")
+        os.kill(libvirtd.pid, signal.SIGHUP)
+        _wait(lambda: "reload begin" in (reloads.read_text() if reloads.exists() else ""),
+              timeout, f"libvirtd to reload its hooks ({reloads})", interval=0.05)
+
+    def _remove_hooks(self) -> None:
+        """The hook scripts, then the directories made for them (deepest first)."""
+        for path in reversed(self.hook_paths):
+            with contextlib.suppress(OSError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.rmdir(path)  # only if empty: someone else's hooks stay
+                else:
+                    os.unlink(path)
+        self.hook_paths.clear()
 
 
 # --------------------------------------------------------------------------- guests
@@ -859,6 +1008,9 @@ class GuestSpec:
     metrics_disk: bool = True
     channel: bool = True
     extra_devices: str = ""  # more <devices> children, verbatim
+    # The domain's USB controller as PVC's XML has it (<controller type='usb'
+    # index='0'/>: libvirt's default model); without, no USB at all.
+    usb: bool = False
 
 
 class Guest:
@@ -916,12 +1068,16 @@ class Guest:
       <source mode='bind' path='{self.console_path}'/>
       <target port='0'/>
     </serial>
-    <controller type='usb' model='none'/>
+    {self._usb_controller()}
     <memballoon model='virtio'/>
 {spec.extra_devices}
   </devices>
 </domain>
 """
+
+    def _usb_controller(self) -> str:
+        return ("<controller type='usb' index='0'/>" if self.spec.usb
+                else "<controller type='usb' model='none'/>")
 
     def _vhostmd_devices(self) -> str:
         devices = []
@@ -959,9 +1115,10 @@ class Guest:
             virsh("undefine", self.name, check=False)
             self.defined = False
 
-    def start(self) -> None:
+    def start(self, create: Callable[[str], object] | None = None) -> None:
         """Create the domain (transient) or start its definition, and connect to its
-        console; do not wait for boot."""
+        console; do not wait for boot. ``create``: how a transient domain is created
+        from its XML (default ``virsh create``)."""
         self.close_console()
         self.console_path.unlink(missing_ok=True)
         xml_file = self.console_path.with_suffix(".xml")
@@ -973,8 +1130,25 @@ class Guest:
         self.boot_seconds = None
         if self.defined:
             virsh("start", self.name, timeout=120)
+        elif create is not None:
+            create(self.xml())
         else:
             virsh("create", str(xml_file), timeout=120)
+        self._connect_console()
+
+    def save(self, path: Path) -> None:
+        """``virsh save``: the guest's state to ``path``; a transient domain is gone then."""
+        virsh("save", self.name, str(path), timeout=300)
+        self.close_console()
+
+    def restore(self, path: Path) -> None:
+        """``virsh restore`` of what :meth:`save` wrote; the console again (the guest goes
+        on where it was: no boot)."""
+        self.console_path.unlink(missing_ok=True)
+        virsh("restore", str(path), timeout=300)
+        self._connect_console()
+
+    def _connect_console(self) -> None:
         # libvirt starts QEMU paused and resumes it once set up, and QEMU listens
         # before that: what the guest prints from its first line on reaches us.
         _wait(self.console_path.exists, 30, f"{self.name}'s console socket")
@@ -1217,9 +1391,10 @@ class QemuHost:
     domain_type: str  # "kvm" or "qemu" (TCG)
     guests: list[Guest] = field(default_factory=list)
 
-    def guest(self, spec: GuestSpec, disk: Path) -> Guest:
-        """A guest (not started yet) with ``disk`` as its metrics disk."""
-        guest = Guest(spec, self.images, disk, self.work, self.domain_type)
+    def guest(self, spec: GuestSpec, disk: Path, images: Images | None = None) -> Guest:
+        """A guest (not started yet) with ``disk`` as its metrics disk (and ``images``
+        instead of the cloud kernel's, e.g. build_usb_images())."""
+        guest = Guest(spec, images or self.images, disk, self.work, self.domain_type)
         self.guests.append(guest)
         return guest
 

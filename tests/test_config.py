@@ -91,6 +91,12 @@ BROKEN = {
     "entity": ('<?xml version="1.0"?><!DOCTYPE vhostmd [<!ENTITY x "boom">]>'
                + config_xml("/tmp/d", metric_xml("A", "echo &x;")).split("?>", 1)[1],
                "entit"),
+    # libxml2 expands entities in attribute values whatever the parser's options:
+    # the declaration itself is refused.
+    "entity in an attribute": (
+        '<?xml version="1.0"?><!DOCTYPE vhostmd [<!ENTITY t "uint32">]>'
+        + config_xml("/tmp/d", metric_xml("A", "echo 1", mtype="&t;")).split("?>", 1)[1],
+        "entit"),
 }
 
 
@@ -107,6 +113,13 @@ def test_broken_config_is_one_clear_line(tmp_path: Path, case: str) -> None:
     assert "Traceback" not in proc.stderr
     assert lines[0].startswith(f"vhostmd: {conf}:"), lines[0]
     assert expected in lines[0], lines[0]
+
+
+def test_entity_declared_for_an_attribute_is_refused() -> None:
+    text = ('<?xml version="1.0"?><!DOCTYPE vhostmd [<!ENTITY t "uint32">]>'
+            + config_xml("/tmp/d", metric_xml("A", "echo 1", mtype="&t;")).split("?>", 1)[1])
+    with pytest.raises(ConfigError, match="entity declarations and references are not allowed"):
+        parse_config_bytes(text.encode(), "t.conf")
 
 
 def test_broken_config_names_the_line(tmp_path: Path) -> None:

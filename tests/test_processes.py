@@ -114,7 +114,7 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path) -> None:
         # The forkserver, the resource tracker, two workers, the disk-writer
         # (and maybe an action's shell, if one runs now).
         titles = " | ".join(processes.values())
-        for part in ("vhostmd: forkserver", "resource_tracker", "vhostmd: worker 1",
+        for part in ("vhostmd: forkserver", "vhostmd: resource tracker", "vhostmd: worker 1",
                      "vhostmd: worker 2", "vhostmd: disk-writer"):
             assert part in titles, titles
         ours = set().union(*(semaphores(pid) for pid in [daemon.pid, *processes]))

@@ -6,8 +6,10 @@ and per-VM disks added beside the shared one) against it; small guests
 (Debian's cloud kernel, a busybox initramfs) read the metrics disk from their
 virtio-blk device and the virtio-serial port, one of them also with the
 project's own ``vm-dump-metrics``, and one of them its own per-VM disk,
-attached with what ``vhostmd --domain-xml`` printed. The rig is in
-``tests/qemu_rig.py``; ``-m 'not qemu'`` leaves these tests out.
+attached with what ``vhostmd --domain-xml`` printed. The libvirt hook
+(``vhostmd-libvirt-hook``) is installed for every guest, as the package
+installs it, and a PVC guest (issue 21) finds its own disk made by it. The
+rig is in ``tests/qemu_rig.py``; ``-m 'not qemu'`` leaves these tests out.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import subprocess
 import tarfile
 import time
+import uuid as uuid_mod
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from vhostmd import mdisk
 from vhostmd.document import Metric, parse_document
 
 import qemu_lifecycle
+import qemu_pvc
 import qemu_rig
 from daemon_harness import VHOSTMD, Daemon, cmdline, disk_metrics, wait_for
 from prometheus_check import assert_same_as_json, host_clock, parse
@@ -76,6 +80,8 @@ class World:
     # attached with `virsh attach-device --config` from `vhostmd --domain-xml`
     gamma: Guest
     gamma_xml: dict[str, str]  # device -> what --domain-xml printed
+    hook_calls: Path | None = None  # the libvirt hook's calls (None: not installed)
+    hook_error: str | None = None  # why it could not be installed
 
 
 def world_config(disk: Path, vm_dir: Path) -> str:
@@ -129,6 +135,8 @@ def world(host: QemuHost) -> Iterator[World]:
                                        vcpus=2, current_vcpus=2), disk),
                   gamma, {})
     try:
+        # Every guest starts with the libvirt hook installed (issue 21).
+        state.hook_calls, state.hook_error = qemu_pvc.install_hook(host, daemon.conf)
         # QEMU opens the disk when the VM starts: it must exist by then.
         wait_for(lambda: host_doc(disk), 60, "the daemon's first document", interval=0.2)
         gamma.define()
@@ -659,3 +667,120 @@ def test_started_vm_is_served_and_stopped_vm_dropped_within_moments(world: World
             assert seconds < DAEMON_LATENCY, f"round {number}, {what}: {measured}"
     # The daemon heard of each start and stop (the extra cycles came from events).
     assert daemon.log().count("libvirt event: ") - events_before >= 2 * TIMING_ROUNDS
+
+
+# --------------------------------------------------------------------------- issue 21
+
+
+PVC = "vhostmd-test-pvc"
+PVC_REFUSED = "vhostmd-test-pvc-refused"
+
+
+def hook_installed(world: World) -> Path:
+    if world.hook_error is not None:
+        pytest.fail(world.hook_error)
+    if world.hook_calls is None:
+        pytest.skip("the libvirt hook is only installed for a libvirtd the rig started "
+                    "(libvirtd reads hooks when it starts or reloads)")
+    return world.hook_calls
+
+
+def test_hook_leaves_other_domains_alone_and_refuses_another_domains_disk(
+        world: World) -> None:
+    calls = hook_installed(world)
+    # The guests of the other tests started with the hook installed: it ran for
+    # each (prepare begin) and they run, on the shared disk or (gamma) the disk
+    # --domain-xml made.
+    for guest in (world.alpha, world.beta, world.gamma):
+        assert qemu_pvc.hook_calls(calls, guest.name) >= 1, calls.read_text()
+    assert {world.alpha.uuid, world.beta.uuid} <= running_uuids()
+
+    # A transient domain naming another domain's per-VM disk does not start, and
+    # libvirt's error carries the hook's one line.
+    import libvirt
+
+    victim = world.vm_dir / world.alpha.uuid
+    inode = victim.stat().st_ino
+    spec = GuestSpec(PVC_REFUSED, metrics_disk=False, channel=False, usb=True,
+                     extra_devices=qemu_pvc.pvc_disk(victim))
+    # Registered with the host: destroyed at the end should it start after all.
+    refused_guest = world.host.guest(spec, world.disk)
+    with pytest.raises(libvirt.libvirtError) as refused:
+        qemu_pvc.create_xml(refused_guest.xml())
+    assert (f"per-VM metrics disk of domain {world.alpha.uuid}, not its own"
+            in str(refused.value)), refused.value
+    assert PVC_REFUSED not in qemu_rig.virsh("list", "--all", "--name").split()
+    assert qemu_pvc.hook_calls(calls, PVC_REFUSED) == 1
+    assert victim.stat().st_ino == inode  # alpha's disk, untouched
+
+
+def pvc_guest_reads_only_itself(guest: Guest, what: str) -> list[Metric]:
+    """What ``vm-dump-metrics -b`` prints in the PVC guest, once it is this VM's own
+    document (the disk says busy until the daemon's first write)."""
+    def own() -> list[Metric] | None:
+        # usb-storage scans a new device after a second: -b waits for the disk.
+        done = guest.run("for i in $(seq 100); do [ -b /dev/sda ] && break; usleep 100000; "
+                         "done; vm-dump-metrics -b --timeout 2")
+        if done.rc != 0:
+            return None
+        metrics = parse_document(done.out)
+        return metrics if guest.uuid in vm_metrics(metrics) else None
+
+    metrics = wait_for(own, DOC_WAIT, f"{guest.name}'s own metrics ({what})", interval=0.5)
+    assert builtin_host_metrics() <= set(host_metrics(metrics))
+    assert host_metrics(metrics)["HostName"].value == os.uname().nodename
+    vms = vm_metrics(metrics)
+    assert set(vms) == {guest.uuid}, f"{guest.name} reads {sorted(vms)} ({what})"
+    assert {m.vm_id for m in vms[guest.uuid].values()} == {guest.domain_id()}
+    return metrics
+
+
+def test_pvc_transient_usb_guest_gets_its_disk_from_the_hook_and_survives_save_restore(
+        world: World) -> None:
+    calls = hook_installed(world)
+    if reason := qemu_rig.why_no_usb_kernel():
+        pytest.skip(reason)
+    images = qemu_rig.build_usb_images()
+    uuid = str(uuid_mod.uuid4())
+    own_file = world.vm_dir / uuid
+    assert not own_file.exists()
+    # PVC's VM: transient (createXML), PVC's USB controller and its exact metrics
+    # disk element, the source the VM's own file, which nothing made yet.
+    spec = GuestSpec(PVC, python=True, uuid=uuid, metrics_disk=False, channel=False,
+                     usb=True, extra_devices=qemu_pvc.pvc_disk(own_file))
+    guest = world.host.guest(spec, world.disk, images)
+    started = time.monotonic()
+    guest.start(create=qemu_pvc.create_xml)
+    try:
+        boot = guest.wait_ready()
+        assert qemu_pvc.hook_calls(calls, PVC) == 1
+        assert own_file.is_file()
+        # The guest finds its metrics disk on the USB bus, as vm-dump-metrics -b
+        # finds it, and reads the host metrics and only itself; other VMs run.
+        assert {world.alpha.uuid, world.beta.uuid} <= running_uuids()
+        pvc_guest_reads_only_itself(guest, "after createXML")
+        sysfs = guest.run("readlink -f /sys/block/sda", check=True).text
+        assert "/usb" in sysfs, sysfs
+        first_run = time.monotonic() - started
+
+        # virsh save: the transient domain is gone, so the daemon removes its file.
+        saved = world.host.work / f"{PVC}.save"
+        began = time.monotonic()
+        guest.save(saved)
+        assert PVC not in qemu_rig.virsh("list", "--all", "--name").split()
+        wait_for(lambda: not own_file.exists(), DOC_WAIT, f"{PVC}'s file removed",
+                 interval=0.2)
+        # virsh restore goes through "prepare begin" as an incoming migration does:
+        # the hook makes the file again before QEMU opens it.
+        guest.restore(saved)
+        assert qemu_pvc.hook_calls(calls, PVC) == 2
+        pvc_guest_reads_only_itself(guest, "after virsh restore")
+        round_trip = time.monotonic() - began
+        saved.unlink()
+    finally:
+        guest.destroy()
+    wait_for(lambda: not own_file.exists(), DOC_WAIT, f"{PVC}'s file removed after destroy",
+             interval=0.2)
+    qemu_rig.log(f"PVC guest: booted in {boot:.1f} s, read its own disk "
+                 f"{first_run:.1f} s after createXML; save, removal, restore and read "
+                 f"{round_trip:.1f} s")

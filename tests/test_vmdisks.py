@@ -198,15 +198,19 @@ def test_vm_disks_follow_define_start_stop_undefine(tmp_path: Path,
 
 
 def test_unsafe_and_unknown_files_in_the_directory(tmp_path: Path) -> None:
-    uri, domains = nodes.write_node(tmp_path / "node.xml", 3)
+    uri, domains = nodes.write_node(tmp_path / "node.xml", 4)
     vms = tmp_path / "vms"
     vms.mkdir(mode=0o755)
     target = tmp_path / "target"
     target.write_bytes(b"not a metrics disk")
-    linked, foreign, good = domains
+    linked, writable, given, good = domains
     os.symlink(target, vms / linked.uuid)
-    (vms / foreign.uuid).write_bytes(b"x" * 65536)
-    os.chown(vms / foreign.uuid, 65534, 65534)
+    (vms / writable.uuid).write_bytes(b"x" * 65536)
+    os.chmod(vms / writable.uuid, 0o664)
+    # As libvirt leaves a read-only disk image once its domain started: QEMU's.
+    (vms / given.uuid).write_bytes(b"y" * 65536)
+    os.chmod(vms / given.uuid, 0o644)
+    os.chown(vms / given.uuid, 65534, 65534)
     old, young = str(uuidlib.uuid4()), str(uuidlib.uuid4())
     for name in (old, young, "notes.txt"):
         (vms / name).write_bytes(b"")
@@ -220,10 +224,14 @@ def test_unsafe_and_unknown_files_in_the_directory(tmp_path: Path) -> None:
         lines = daemon.log().splitlines()
         symlink = [x for x in lines if "is a symbolic link" in x]
         assert len(symlink) == 1 and str(vms / linked.uuid) in symlink[0]
-        owned = [x for x in lines if "belongs to nobody" in x]
-        assert len(owned) == 1 and str(vms / foreign.uuid) in owned[0]
+        shared = [x for x in lines if "can be written by group or others" in x]
+        assert len(shared) == 1 and str(vms / writable.uuid) in shared[0]
         assert target.read_bytes() == b"not a metrics disk"
-        assert (vms / foreign.uuid).read_bytes() == b"x" * 65536
+        assert (vms / writable.uuid).read_bytes() == b"x" * 65536
+        # The file libvirt gave away is taken back and written.
+        wait_for(lambda: own_only(vms / given.uuid, given.uuid), 10, "the given-away disk")
+        st = (vms / given.uuid).stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o644)
         assert (vms / young).exists() and (vms / "notes.txt").exists()
         assert daemon.stop() == 0
 

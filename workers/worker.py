@@ -50,13 +50,14 @@ class Worker:
             return self.run_action(job)
         self.previous_action = None  # children from now on are not an action's
         if isinstance(job, ListDomains):
+            listed_at = time.time()  # before the call: the listing is no older than this
             try:
                 running, inactive = self.libvirt.list_all_domains(inactive=job.inactive)
             except LibvirtUnavailable as exc:
                 return JobResult(job.job_id, error=str(exc))
             self.listed = (job.job_id, running)
             return JobResult(job.job_id, domains=running,
-                             inactive=inactive if job.inactive else None)
+                             inactive=inactive if job.inactive else None, listed_at=listed_at)
         if isinstance(job, Collect):
             if job.domains_from:
                 if job.domains_from != self.listed[0]:  # the supervisor never does this

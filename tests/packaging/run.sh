@@ -295,42 +295,17 @@ fi
 
 WORK=$(mktemp -d /tmp/vhostmd-packaging.XXXXXX)
 SRC=$WORK/src
-mkdir "$SRC" "$WORK/run"
-say "copying the checkout to $SRC"
-# .git is a file in a worktree ("git worktree add"), a directory elsewhere.
-if [ -e "$REPO/.git" ] && command -v git >/dev/null; then
-    # What git knows of, with the working tree's content (uncommitted changes
-    # too), not what it ignores (.venv, build/, run/...).
-    git -C "$REPO" ls-files -z -co --exclude-standard \
-        | (cd "$REPO" && while IFS= read -r -d '' f; do
-               # Skip files deleted but not yet committed.
-               if [ -e "$f" ] || [ -L "$f" ]; then printf '%s\0' "$f"; fi
-           done) \
-        | tar -C "$REPO" --null -T - -cf - | tar -C "$SRC" -xf -
-else
-    tar -C "$REPO" --exclude=.git --exclude=.venv --exclude=run --exclude=build \
-        --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
-        --exclude=.ruff_cache --exclude=.hypothesis -cf - . | tar -C "$SRC" -xf -
-fi
-
-VERSION=$(dpkg-parsechangelog -l "$SRC/debian/changelog" -S Version)
-CODE_VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$SRC/core/__init__.py")
-[ "$VERSION" = "$CODE_VERSION" ] \
-    || fail "debian/changelog says $VERSION, core/__init__.py says $CODE_VERSION: add a changelog entry"
+mkdir "$WORK/run"
 
 # Every path of the source tree, to compare with what "debian/rules clean"
-# leaves after the build.
+# leaves after the build (build.sh wrote the list before building).
 source_tree() {
     (cd "$SRC" && find . | sort)
 }
-source_tree >"$WORK/tree.before"
 
-say "building $VERSION: dpkg-buildpackage -us -uc -b (log: $WORK/build.log)"
-if ! (cd "$SRC" && env -i PATH="$PATH" HOME="$WORK" LC_ALL=C.UTF-8 \
-        dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1; then
-    tail -n 40 "$WORK/build.log" >&2
-    fail "dpkg-buildpackage failed"
-fi
+say "building from a copy of the checkout in $SRC: dpkg-buildpackage -us -uc -b (log: $WORK/build.log)"
+VERSION=$(bash "$REPO/tests/packaging/build.sh" "$WORK") || fail "building the packages failed"
+say "built $VERSION"
 
 say "debian/rules clean leaves the source tree as it was"
 (cd "$SRC" && env -i PATH="$PATH" HOME="$WORK" LC_ALL=C.UTF-8 debian/rules clean) \
@@ -371,14 +346,21 @@ expect_files vhostmd \
     usr/share/doc/vhostmd/copyright usr/share/doc/vhostmd/changelog.gz \
     usr/share/doc/vhostmd/examples/vhostmd.conf \
     usr/share/doc/vhostmd/examples/vhostmd-pvc.conf \
+    usr/share/doc/vhostmd/examples/vhostmd-pvc-domain.xml \
+    etc/libvirt/hooks/qemu.d/vhostmd \
     "$PRIVATE/etc/vhostmd.dtd" "$PRIVATE/etc/metric.dtd" usr/share/vhostmd/scripts/pagerate.pl
 # Upstream configs run it through PATH: it must stay executable.
 # (grep without -q: an early exit would fail the pipeline under pipefail.)
 dpkg-deb -c "$DAEMON_DEB" | grep -E '^-rwxr-xr-x .* \./usr/share/vhostmd/scripts/pagerate\.pl$' \
     >/dev/null || fail "package vhostmd lacks an executable usr/share/vhostmd/scripts/pagerate.pl"
+# libvirtd runs only executable hooks.
+dpkg-deb -c "$DAEMON_DEB" | grep -E '^-rwxr-xr-x .* \./etc/libvirt/hooks/qemu\.d/vhostmd$' \
+    >/dev/null || fail "package vhostmd lacks an executable /etc/libvirt/hooks/qemu.d/vhostmd"
 # dh_compress compresses the README (long enough) or not (short): either.
 grep -qxE 'usr/share/doc/vhostmd/README\.md(\.gz)?' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks usr/share/doc/vhostmd/README.md"
+grep -qxE 'usr/share/doc/vhostmd/README\.Debian(\.gz)?' "$WORK/vhostmd.files" \
+    || fail "package vhostmd lacks usr/share/doc/vhostmd/README.Debian"
 grep -qxE '(usr/)?lib/systemd/system/vhostmd\.service' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks vhostmd.service"
 expect_files vm-dump-metrics \
@@ -412,7 +394,7 @@ if grep -E "^$PRIVATE/(supervisor|workers|disk|virtio|runtime|etc)/" "$WORK/vm-d
 fi
 
 conffiles=$(dpkg-deb -I "$DAEMON_DEB" conffiles | sort | paste -sd' ')
-[ "$conffiles" = "/etc/default/vhostmd /etc/init.d/vhostmd /etc/vhostmd/vhostmd.conf" ] \
+[ "$conffiles" = "/etc/default/vhostmd /etc/init.d/vhostmd /etc/libvirt/hooks/qemu.d/vhostmd /etc/vhostmd/vhostmd.conf" ] \
     || fail "vhostmd conffiles: $conffiles"
 dpkg-deb --fsys-tarfile "$DAEMON_DEB" | tar -xOf - ./etc/vhostmd/vhostmd.conf \
     | cmp -s - "$SRC/etc/vhostmd-pvc.conf" \
@@ -570,15 +552,51 @@ grep -q "<name>HostName</name>" "$WORK/fg-metrics.xml" || fail "no HostName metr
 retry 10 sh -c "/usr/sbin/vm-dump-metrics --disk '$WORK/run/fg-vhostmd0' | grep -q \"context='vm'\"" \
     || fail "no vm metrics from test:///default"
 titles=$(ps -o args= --sid "$fg_pid")
-for title in "vhostmd: supervisor" "vhostmd: worker" "vhostmd: disk-writer"; do
+for title in "vhostmd: supervisor" "vhostmd: worker" "vhostmd: disk-writer" \
+             "vhostmd: forkserver" "vhostmd: resource tracker"; do
     grep -q "^$title" <<<"$titles" || fail "no process titled '$title': $titles"
 done
+# Every process of the daemon says what it is (actions run in sessions of
+# their own), and the forkserver's preload ran: libvirt is in its memory
+# (the package's private module tree is on the forkserver's path).
+if grep -v '^vhostmd: ' <<<"$titles"; then
+    fail "processes of the daemon without a vhostmd: title (above)"
+fi
+forkserver=$(ps -o pid=,args= --sid "$fg_pid" | awk '$2 == "vhostmd:" && $3 == "forkserver" { print $1 }')
+grep -q libvirt "/proc/$forkserver/maps" \
+    || fail "the forkserver's preload did not run: libvirt is not in its memory"
 kill -TERM "$fg_pid"
 fg_rc=0
 wait "$fg_pid" || fg_rc=$?
 [ "$fg_rc" -eq 0 ] || { cat "$WORK/fg.log" >&2; fail "vhostmd exited with status $fg_rc on SIGTERM"; }
 [ ! -e "$WORK/run/fg.pid" ] || fail "the pid file is left after SIGTERM"
 no_process_left "after SIGTERM"
+
+# --- the libvirt hook ----------------------------------------------------------------------
+
+say "/etc/libvirt/hooks/qemu.d/vhostmd as libvirtd runs it (prepare begin, domain XML on stdin)"
+hook=/etc/libvirt/hooks/qemu.d/vhostmd
+vm_uuid=5a3c0d2e-7f41-4b8e-9c1d-2e6f8a9b0c11
+write_config "$WORK/hook.conf" "$WORK/run/hook-vhostmd0" hook
+sed -i "s#</globals>#<vm_disks><path>$WORK/run/vms</path></vm_disks></globals>#" "$WORK/hook.conf"
+/usr/sbin/vhostmd --check -f "$WORK/hook.conf" || fail "the hook test's configuration is invalid"
+echo "VHOSTMD_CONFIG=$WORK/hook.conf" >"$WORK/hook-default"
+cat >"$WORK/hook-domain.xml" <<EOF
+<domain type='kvm'><name>web1</name><uuid>$vm_uuid</uuid><devices>
+<disk type='file' device='disk'><driver name='qemu' type='raw'/>
+<source file='$WORK/run/vms/$vm_uuid'/><target dev='sdz' bus='usb'/><readonly/></disk>
+</devices></domain>
+EOF
+out=$("$hook" web1 started begin - <"$WORK/hook-domain.xml" 2>&1) || fail "hook (started begin) failed: $out"
+[ -z "$out" ] && [ ! -e "$WORK/run/vms" ] || fail "hook (started begin) did something: $out"
+started=$(date +%s%N)
+out=$(VHOSTMD_DEFAULTS="$WORK/hook-default" "$hook" web1 prepare begin - <"$WORK/hook-domain.xml" 2>&1) \
+    || fail "hook (prepare begin) failed: $out"
+took=$(( ($(date +%s%N) - started) / 1000000 ))
+[ -z "$out" ] || fail "hook (prepare begin) printed: $out"
+[ "$(stat -c '%s %a %U' "$WORK/run/vms/$vm_uuid")" = "65536 644 root" ] \
+    || fail "hook made no 64 KiB root file $WORK/run/vms/$vm_uuid"
+say "the hook made $WORK/run/vms/$vm_uuid in $took ms"
 
 # --- the init script ---------------------------------------------------------------------
 
@@ -759,6 +777,7 @@ INSTALLED=0
 no_process_left "after purge"
 [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after purge"
 for path in /etc/vhostmd /etc/default/vhostmd /etc/init.d/vhostmd /usr/share/vhostmd \
+            /etc/libvirt/hooks/qemu.d/vhostmd \
             /usr/sbin/vhostmd /usr/sbin/rcvhostmd /usr/sbin/vm-dump-metrics /usr/sbin/vm_dump_metrics; do
     if [ -e "$path" ] || [ -L "$path" ]; then
         fail "$path is left after purge"
