@@ -203,8 +203,9 @@ def test_user_option_user_can_trace_no_process_of_the_daemon(
         assert tried.stdout.splitlines() == ["done"], (tried.stdout, processes)
         # Each runs as the user all the same, the resource tracker excepted (root's).
         users = {pid: psutil.Process(pid).uids().real for pid in processes}
-        assert {pid for pid, uid in users.items() if uid != pwd.getpwnam(test_user).pw_uid} \
-            == {pid for pid, cmd in processes.items() if "resource_tracker" in cmd}, processes
+        trackers = {pid for pid, cmd in processes.items() if "resource" in cmd and "tracker" in cmd}
+        assert {pid for pid, uid in users.items()
+                if uid != pwd.getpwnam(test_user).pw_uid} == trackers, processes
         updates_resume(disk)
         assert daemon.stop() == 0
     # The root tracker included, nothing of the daemon outlives it.
