@@ -7,23 +7,34 @@ root's (no chown), a restarted writer gets the same file whatever now sits at
 the path, and a reload that names a new disk opens it before the old writer is
 replaced.
 
-One daemon per disk: the descriptor holds an exclusive flock(2). flock locks
-and the POSIX/OFD byte-range locks (fcntl) that QEMU takes on disk images are
-separate lock types on Linux and never conflict (flock(2), NOTES), so guests
-attached to the disk keep working; only on NFS, where the kernel emulates
-flock with byte-range locks, would the two meet.
+One daemon per disk: the supervisor holds an exclusive lock for the disk.
+The disk is world-readable, and flock(2) needs only read access, so a daemon
+running as root does not lock the disk itself (any user could, and keep
+vhostmd from starting): it locks a root-only file named after the disk's
+identity (runtime/locks.py). A daemon that is not root flocks the disk's
+descriptor. flock locks and the POSIX/OFD byte-range locks (fcntl) that QEMU
+takes on disk images are separate lock types on Linux and never conflict
+(flock(2), NOTES), so guests attached to the disk keep working; only on NFS,
+where the kernel emulates flock with byte-range locks, would the two meet.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import stat
 from dataclasses import dataclass
 
-from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow, unlink_if_same
+from vhostmd import mdisk
+from vhostmd.runtime.files import (
+    UnsafeFile,
+    check_parents,
+    check_private,
+    open_no_follow,
+    unlink_if_same,
+)
+from vhostmd.runtime.locks import HeldLock, LockBusy, LockUnavailable, lock_name_for_file
+from vhostmd.runtime.locks import take as take_lock
 
 
 class DiskRefused(Exception):
@@ -32,7 +43,7 @@ class DiskRefused(Exception):
 
 @dataclass(frozen=True)
 class DiskHandle:
-    """An open, locked metrics disk. ``fd`` is O_RDWR and holds the disk's flock.
+    """An open, locked metrics disk. ``fd`` is O_RDWR; ``lock`` is the disk's lock.
 
     Passed to the disk-writer child as is: with the fork start method the child
     inherits ``fd``; through a spawn/forkserver start method the descriptor is
@@ -43,6 +54,7 @@ class DiskHandle:
     size: int
     fd: int
     regular: bool  # a regular file (we size it) or a block device (it must be large enough)
+    lock: HeldLock | None = None  # the supervisor's only; a child's copy has none
 
     def __reduce__(self) -> tuple:
         from multiprocessing import reduction
@@ -53,6 +65,8 @@ class DiskHandle:
         return (_rebuild, (self.path, self.size, reduction.DupFd(self.fd), self.regular))
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
@@ -100,6 +114,8 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
     never gives read-only ones back; nobody but root can have made the file
     there. Elsewhere (/dev/shm) the file may be another user's plant.
     """
+    if dir_fd is None:
+        refuse_unsafe_parents(path, "metrics disk")
     try:
         # O_NONBLOCK: opening an odd device node planted at the path must not hang us.
         fd, created = open_no_follow(path, os.O_RDWR | os.O_NONBLOCK, what="metrics disk",
@@ -119,10 +135,17 @@ def open_disk(path: str, size: int, *, dir_fd: int | None = None, lock: bool = T
             raise DiskRefused(f"metrics disk {path} is not a regular file")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise DiskRefused(f"metrics disk {path} is not a regular file or block device")
-        if lock:
-            lock_exclusive(fd, f"metrics disk {path}", "the disk's lock")
-        handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode))
-        fit(handle, shrink=shrink)
+        if not created and stat.S_ISREG(st.st_mode):
+            check_adoptable(fd, path, st.st_size)
+        held = lock_exclusive(fd, f"metrics disk {path}", "the disk's lock",
+                              kind="disk") if lock else None
+        handle = DiskHandle(path, size, fd, stat.S_ISREG(st.st_mode), held)
+        try:
+            fit(handle, shrink=shrink)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
     except BaseException:
         if created:
             unlink_if_same(path, fd, dir_fd=dir_fd)  # leave no half-made disk behind
@@ -140,14 +163,81 @@ def _take_back(fd: int) -> None:
         os.fchown(fd, me, os.getegid())
 
 
-def lock_exclusive(fd: int, what: str, lock: str) -> None:
-    """flock ``fd`` exclusively (one daemon per disk, or per VM disk directory)."""
+# Beyond this, an existing file without the signature is not read through for zeros.
+ZERO_CHECK_LIMIT = 64 * 2**20
+
+
+def check_adoptable(fd: int, path: str, size: int) -> None:
+    """Refuse an existing file that is not a metrics disk: a typo must not destroy a file.
+
+    Adopted: a metrics disk (the signature), or a file that is empty or all
+    zeros (made by fallocate or truncate for the purpose).
+    """
+    if size == 0 or os.pread(fd, len(mdisk.SIGNATURE), 0) == mdisk.SIGNATURE:
+        return
+    if size <= ZERO_CHECK_LIMIT:
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            if chunk.count(0) != len(chunk):
+                break
+            offset += len(chunk)
+        else:
+            return
+    raise DiskRefused(f"metrics disk {path} already holds something else (not a metrics "
+                      "disk, not empty or zeros); not overwriting it: remove it or name "
+                      "another path")
+
+
+def existing_disk_refusal(path: str) -> str | None:
+    """For --check: why the daemon would refuse the file already at ``path`` (None: it would not).
+
+    Only what can be told without root and without changing anything: a
+    directory above it that another user can change, or a file that is there,
+    readable, and not a metrics disk.
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refuse_unsafe_parents(path, "metrics disk")
+    except DiskRefused as exc:
+        return str(exc)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                     | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            check_adoptable(fd, path, st.st_size)
+    except DiskRefused as exc:
+        return str(exc)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+def refuse_unsafe_parents(path: str, what: str) -> None:
+    """DiskRefused (one line) if a directory above ``path`` can be changed by another user."""
+    try:
+        check_parents(path, what=what)
+    except UnsafeFile as exc:
+        raise DiskRefused(str(exc)) from None
     except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise DiskRefused(f"cannot lock {what}: {exc.strerror}") from None
+        raise DiskRefused(f"cannot check the directories above {what} {path}: "
+                          f"{exc.strerror}") from None
+
+
+def lock_exclusive(fd: int, what: str, lock: str, *, kind: str) -> HeldLock:
+    """Take the lock of the disk (or VM disk directory) open as ``fd``: one daemon each."""
+    try:
+        return take_lock(lock_name_for_file(kind, os.fstat(fd)), fd)
+    except LockBusy:
         raise DiskRefused(f"{what} is in use by another vhostmd (it holds {lock})") from None
+    except LockUnavailable as exc:
+        raise DiskRefused(str(exc)) from None
+    except OSError as exc:
+        raise DiskRefused(f"cannot lock {what}: {exc.strerror}") from None
 
 
 def switch_disk(current: DiskHandle | None, path: str | None, size: int, *,
@@ -167,7 +257,7 @@ def switch_disk(current: DiskHandle | None, path: str | None, size: int, *,
             return current
         # Same file, held open: resizing needs no privileges. Only grow it now
         # (the running writer maps the old size); the new writer shrinks it.
-        resized = DiskHandle(path, size, current.fd, current.regular)
+        resized = DiskHandle(path, size, current.fd, current.regular, current.lock)
         fit(resized, shrink=False)
         return resized
     if dropped_to is not None:

@@ -39,8 +39,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vhostmd import mdisk
-from vhostmd.disk.handle import DiskHandle, DiskRefused, lock_exclusive, open_disk
+from vhostmd.disk.handle import (
+    DiskHandle,
+    DiskRefused,
+    lock_exclusive,
+    open_disk,
+    refuse_unsafe_parents,
+)
 from vhostmd.runtime.files import UnsafeFile, check_owned
+from vhostmd.runtime.locks import HeldLock
 
 if TYPE_CHECKING:  # imported where a VmDir is made: the hook never loads the child runtime
     from vhostmd.runtime.child import InheritedFd
@@ -67,6 +74,8 @@ class VmDir:
     path: str
     size: int
     dir: InheritedFd
+    lock: HeldLock | None = None  # the supervisor's only; pickled for a child, it is None
+
 
     @property
     def fd(self) -> int:
@@ -76,6 +85,8 @@ class VmDir:
         return os.path.join(self.path, uuid)
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         self.dir.close()
 
 
@@ -85,15 +96,24 @@ def open_vm_dir(path: str, size: int, *, lock: bool = True,
 
     ``parents=False`` creates DIR only, never a missing directory above it.
     """
-    fd = open_vm_dir_fd(path, lock=lock, parents=parents)
+    fd, held = _open_vm_dir(path, lock=lock, parents=parents)
     from vhostmd.runtime.child import InheritedFd
 
-    return VmDir(path, size, InheritedFd(fd))
+    return VmDir(path, size, InheritedFd(fd), held)
 
 
 def open_vm_dir_fd(path: str, *, lock: bool, parents: bool = True) -> int:
-    """open_vm_dir's checks; the directory's descriptor (O_DIRECTORY, close-on-exec)."""
+    """open_vm_dir's checks; the directory's descriptor (O_DIRECTORY, close-on-exec).
+
+    With ``lock``, the directory's lock is held until this process exits.
+    """
+    return _open_vm_dir(path, lock=lock, parents=parents)[0]
+
+
+def _open_vm_dir(path: str, *, lock: bool, parents: bool) -> tuple[int, HeldLock | None]:
     what = f"VM disk directory {path}"
+    # Before anything is made there: every directory above must be root's alone.
+    refuse_unsafe_parents(path, "VM disk directory")
     try:
         if parents:
             os.makedirs(path, 0o755, exist_ok=True)
@@ -114,12 +134,11 @@ def open_vm_dir_fd(path: str, *, lock: bool, parents: bool = True) -> int:
             check_owned(os.fstat(fd), path, what="VM disk directory")
         except UnsafeFile as exc:
             raise DiskRefused(str(exc)) from None
-        if lock:
-            lock_exclusive(fd, what, "the directory's lock")
+        held = lock_exclusive(fd, what, "the directory's lock", kind="vmdir") if lock else None
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, held
 
 
 def switch_vm_dir(current: VmDir | None, path: str | None, size: int, *,
@@ -134,7 +153,8 @@ def switch_vm_dir(current: VmDir | None, path: str | None, size: int, *,
     if path is None:
         return None
     if current is not None and current.path == path:
-        return current if current.size == size else VmDir(path, size, current.dir)
+        return current if current.size == size else VmDir(path, size, current.dir,
+                                                          current.lock)
     if dropped_to is not None:
         raise DiskRefused(f"<vm_disks> needs root, and vhostmd runs as {dropped_to} (-u); "
                           "restart vhostmd without -u to use it")

@@ -52,6 +52,7 @@ from typing import Any
 
 import setproctitle
 
+from vhostmd.runtime.privileges import RUN_AS_ENV, forbid_tracing
 from vhostmd.wire import Ready
 
 log = logging.getLogger("vhostmd")
@@ -240,6 +241,9 @@ def _let_go_of_helpers() -> None:
 def _setup(ctx: ChildContext) -> None:
     with contextlib.suppress(AttributeError):
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Inherited from the forkserver already; a child holds root's descriptors
+    # (the disk, the channels), so it makes sure (runtime/privileges.py).
+    forbid_tracing()
     # Our parent is the forkserver, which exits when the supervisor does: then
     # the kernel kills us too (PDEATHSIG above), even after a SIGKILL.
     _let_go_of_helpers()
@@ -307,13 +311,16 @@ def serve(ctx: ChildContext, handle: Any, idle_title: str) -> None:
 _HELPERS_DIR_PREFIX = "vhostmd-mp-"
 
 
-def start_forkserver() -> None:
+def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     """Start the process children are forked from; call before any thread exists.
 
-    It is started from the supervisor as it is then (user, groups, working
-    directory), so call it after dropping privileges.
+    With ``run_as`` (user, uid, gid; -u), call it as root before dropping
+    privileges: the forkserver starts as root and becomes that user itself
+    before it imports anything of ours (runtime/privileges.py), and its
+    socket is given to the user so that the supervisor, by then that user
+    too, can connect to it.
     """
-    from multiprocessing import forkserver, process
+    from multiprocessing import forkserver, process, util
 
     # multiprocessing re-runs the parent's main script (or module, with -m)
     # in every child it starts, to find functions defined there, unless
@@ -333,8 +340,20 @@ def start_forkserver() -> None:
     if config.get("tempdir") is None:
         config["tempdir"] = tempfile.mkdtemp(prefix=_HELPERS_DIR_PREFIX)
     CTX.set_forkserver_preload([PRELOAD])
-    with _helpers_started_as_ours():
-        forkserver.ensure_running()
+    if run_as is not None:
+        user, uid, gid = run_as
+        os.environ[RUN_AS_ENV] = f"{user}:{uid}:{gid}"
+    try:
+        with _helpers_started_as_ours():
+            forkserver.ensure_running()
+    finally:
+        os.environ.pop(RUN_AS_ENV, None)
+    if run_as is not None:
+        # The listener's directory (private, 0700) and socket: the supervisor
+        # connects for every child it starts, as the user.
+        address = forkserver._forkserver._forkserver_address  # type: ignore[attr-defined]
+        for path in (util.get_temp_dir(), address):
+            os.chown(path, uid, gid)
 
 
 # The forkserver's preload (runtime/forkserver.py).

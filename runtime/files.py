@@ -97,3 +97,79 @@ def unlink_if_same(path: str, fd: int, *, dir_fd: int | None = None) -> None:
             os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
+
+
+def check_parents(path: str, *, what: str) -> None:
+    """Refuse ``path`` if a directory above it can be changed by another user than root or us.
+
+    As OpenSSH's StrictModes does: every directory on the way must belong to
+    root (or to us) and not be writable by group or others, unless it is
+    sticky (/tmp, /dev/shm: others may add names there, but not move ours;
+    what is found at the last component is checked when it is opened). A
+    symbolic link on the way must belong to root (or to us), and where it
+    leads is checked the same way. Components that do not exist yet end the
+    check (they will be made by us).
+    """
+    path = os.path.abspath(path)
+    _check_directories(os.path.dirname(path), path, what, [0])
+
+
+def _check_directories(directory: str, path: str, what: str, hops: list[int]) -> str:
+    """Check ``directory`` and those above it; return it with its links resolved."""
+    me = os.geteuid()
+    current = "/"
+    _check_directory(current, os.lstat(current), path, what, me)
+    parts = [p for p in directory.split("/") if p and p != "."]
+    for index, part in enumerate(parts):
+        candidate = os.path.join(current, part)
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            return os.path.join(current, *parts[index:])
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, me):
+                raise UnsafeFile(f"{what} {path}: {candidate} is a symbolic link that belongs "
+                                 f"to {_user(st.st_uid)}; vhostmd only follows links of root's")
+            hops[0] += 1
+            if hops[0] > 40:
+                raise UnsafeFile(f"{what} {path}: too many symbolic links on the way")
+            target = os.path.normpath(os.path.join(current, os.readlink(candidate)))
+            current = _check_directories(target, path, what, hops)
+            continue
+        _check_directory(candidate, st, path, what, me)
+        current = candidate
+    return current
+
+
+def _check_directory(directory: str, st: os.stat_result, path: str, what: str, me: int) -> None:
+    if not stat.S_ISDIR(st.st_mode):
+        return  # opening the path fails on its own (ENOTDIR), with its own line
+    if st.st_uid not in (0, me):
+        raise UnsafeFile(f"{what} {path}: its directory {directory} belongs to "
+                         f"{_user(st.st_uid)}, who could replace what vhostmd puts there; "
+                         "use a directory of root's")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeFile(f"{what} {path}: its directory {directory} can be written by group "
+                         f"or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w it")
+
+
+def holds_for_writing(pid: int, st: os.stat_result) -> bool | None:
+    """Whether process ``pid`` has the file ``st`` open for writing; None: not ours to see."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except PermissionError:
+        return None
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if not os.path.samestat(os.stat(f"/proc/{pid}/fd/{name}"), st):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as info:
+                flags = next((line.split()[1] for line in info if line.startswith("flags:")),
+                             "0")
+        except (OSError, IndexError):
+            continue
+        if int(flags, 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+            return True
+    return False

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from vhostmd.disk.handle import DiskHandle, DiskRefused, switch_disk
+from vhostmd.disk.handle import DiskHandle, DiskRefused, open_disk, switch_disk
 from vhostmd.disk.vmdir import VmDir
 from vhostmd.runtime.published import SharedSlots
 from vhostmd.supervisor.children import (
@@ -94,6 +94,8 @@ class Supervisor:
         self.signal_queue: deque[int] = deque()
         self.stopping = False
         self.all_stopped = False  # after shutdown: every child reaped
+        self.disk_removed_said: str | None = None  # why a removed disk is not made again
+        self.said_once: set[object] = set()  # children's "once" log lines already written
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = select.poll()  # the wake pipe and the children's sentinels
         self.poller.register(self.wake_r, select.POLLIN)
@@ -292,7 +294,13 @@ class Supervisor:
             except queue.Empty:
                 return
             if isinstance(message, logging.LogRecord):
-                log.handle(message)  # a child's log line, written where ours go
+                # A child's log line, written where ours go; one a child marks
+                # "once" (extra={"once": key}) is written once, whichever child sent it.
+                once = getattr(message, "once", None)
+                if once is None or once not in self.said_once:
+                    if once is not None:
+                        self.said_once.add(once)
+                    log.handle(message)
             elif not self.pool.is_current(child):
                 # From a child already replaced: only its last words still matter.
                 if isinstance(message, DiskFailed):
@@ -373,6 +381,7 @@ class Supervisor:
         return self.cycles.failures
 
     def cycle_ended(self) -> None:
+        self.check_disk_present()
         self.write_status()
         self.health.write(self.config.textfile, self)
         if self.wants_disk_writer():
@@ -396,6 +405,44 @@ class Supervisor:
             line += f"; metrics disk: {self.publisher.error}"
         return line
 
+    def check_disk_present(self) -> None:
+        """Make the metrics disk again if it was removed (one fstat a cycle).
+
+        Its path would otherwise stay free for anyone to plant a file at, and
+        the daemon would go on writing a file nobody can open any more. The new
+        one is opened with the same rules as at start (not through a link, not
+        another user's file); until that works, one line says why.
+        """
+        disk = self.disk
+        if disk is None or not disk.regular:
+            return
+        try:
+            removed = os.fstat(disk.fd).st_nlink == 0
+        except OSError:
+            return
+        if not removed:
+            self.disk_removed_said = None
+            return
+        if self.dropped_to is not None:
+            why = (f"vhostmd runs as {self.dropped_to} (-u) and cannot make it again; "
+                   "restart vhostmd")
+        else:
+            try:
+                new = open_disk(disk.path, disk.size)
+            except DiskRefused as exc:
+                why = f"cannot make it again: {exc}; trying again every cycle"
+            else:
+                log.warning("metrics disk %s was removed while in use; made it again (guests "
+                            "that had it attached keep the old, unchanging file until they "
+                            "attach it again)", disk.path)
+                self.disk = new  # the disk-writer is replaced with one that maps it
+                disk.close()
+                self.disk_removed_said = None
+                return
+        if self.disk_removed_said != why:
+            log.error("metrics disk %s was removed while in use; %s", disk.path, why)
+        self.disk_removed_said = why
+
     def write_status(self) -> None:
         if self.status_file is None:
             return
@@ -414,6 +461,12 @@ class Supervisor:
     def shutdown(self) -> None:
         self.notifier.notify_stopping()
         self.all_stopped = self.pool.shutdown(STOP_GRACE)
+        if self.all_stopped:
+            # No writer is left: let go of the disk's (and directory's) lock,
+            # removing its file while it is still held.
+            for held in (self.disk, self.vm_dir):
+                if held is not None:
+                    held.close()
         if self.status_file is not None:
             self.status_file.remove()
         log.info("stopped")

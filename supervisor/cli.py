@@ -12,7 +12,7 @@ import sys
 import setproctitle
 
 from vhostmd import __version__
-from vhostmd.disk.handle import DiskHandle, DiskRefused, open_disk
+from vhostmd.disk.handle import DiskHandle, DiskRefused, existing_disk_refusal, open_disk
 from vhostmd.disk.vmdir import VmDir
 from vhostmd.runtime.child import start_forkserver, stop_forkserver, unreadable_by_us
 from vhostmd.runtime.files import UnsafeFile
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(str(exc))
     if args.check:
+        if config.vbd and (refusal := existing_disk_refusal(config.disk_path)) is not None:
+            return fail(refusal)
         print(f"{args.config}: OK ({count_metrics(config)} metrics, "
               f"transports {', '.join(config.transports)})")
         for warning in config.warnings:
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     disk: DiskHandle | None = None
     vm_dir: VmDir | None = None
     daemonized = False
+    notifier: Notifier | None = None
     # Everything below that needs root (pid, status and log files, the disk)
     # is opened here, before -u drops it; the processes keep the descriptors
     # and the files stay root's.
@@ -197,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("vhostmd %s starting: %s", __version__,
                  shlex.join(sys.argv[1:] if argv is None else argv))
         if run_as is not None:
+            # Started as root, it becomes the user itself (runtime/privileges.py);
+            # systemd's variables are taken out of the environment first.
+            notifier = Notifier()
+            start_forkserver((run_as.user, run_as.uid, run_as.gid))
             drop_privileges(run_as)
             # What children run is imported by the forkserver, as this user.
             problem = unreadable_by_us()
@@ -205,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{run_as.user} can read it (the Debian package does) "
                                    "or run without -u")
     except StartupError as exc:
+        stop_forkserver()  # started for -u before the refusal: leave nothing behind
+        for held in (disk, vm_dir):
+            if held is not None:
+                held.close()
         if status_file is not None:
             status_file.remove()
         if pid_file is not None:
@@ -216,12 +227,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for warning in config.warnings:
         log.warning("%s", warning)
-    # Takes systemd's variables out of the environment before any child exists.
-    notifier = Notifier()
-    # Children are forked from the forkserver, started now: as the user we
-    # run as (it imports what children run as that user), before the
-    # supervisor starts any thread.
-    start_forkserver()
+    # Takes systemd's variables out of the environment before any child exists
+    # (under -u, above, before the forkserver was started).
+    if notifier is None:
+        notifier = Notifier()
+    # Children are forked from the forkserver, started now (with -u: above,
+    # before dropping root), before the supervisor starts any thread.
+    if run_as is None:
+        start_forkserver()
     log.info("config %s: period %d s, transports %s, %d worker%s", args.config,
              config.update_period, ", ".join(config.transports), config.workers,
              "" if config.workers == 1 else "s")

@@ -10,8 +10,8 @@ naming the file, the line where known, and the problem.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lxml import etree
 
@@ -326,11 +326,29 @@ def _absolute(value: str, config_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(config_path)), value)
 
 
+# Far beyond any real config (thousands of metrics fit in a few hundred KiB).
+MAX_CONFIG_BYTES = 4 * 2**20
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; raises ConfigError with a one-line reason."""
     path = str(path)
     try:
-        data = Path(path).read_bytes()
+        # O_NONBLOCK: a FIFO named by mistake must not hang us before we can refuse it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: cannot read config: not a regular file")
+        data = b""
+        while len(data) <= MAX_CONFIG_BYTES and (chunk := os.read(fd, 1 << 16)):
+            data += chunk
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config is larger than {MAX_CONFIG_BYTES // 2**20} MiB; "
+                          "not reading it")
     return parse_config_bytes(data, path)

@@ -11,10 +11,19 @@ import multiprocessing
 import os
 import pwd
 import socket
+import stat
 import sys
 from dataclasses import dataclass
 
-from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow
+from vhostmd.runtime.files import UnsafeFile, check_private, holds_for_writing, open_no_follow
+from vhostmd.runtime.locks import (
+    HeldLock,
+    LockBusy,
+    LockUnavailable,
+    lock_name_for_path,
+)
+from vhostmd.runtime.locks import take as take_lock
+from vhostmd.runtime.privileges import forbid_tracing
 
 log = logging.getLogger("vhostmd")
 
@@ -29,13 +38,47 @@ class PidFile:
     The lock, not the file's existence, says whether vhostmd runs: a stale file
     left by a crash is simply taken over. It stays root's under -u: the
     supervisor writes and truncates it through the descriptor it opened as root.
+
+    The file is world-readable, so any user could flock it. A daemon started
+    as root therefore decides "another vhostmd runs" by a lock of its own that
+    only root can take (runtime/locks.py, one per pid file path); holding
+    that, a pid file someone else has locked is an impostor's, and is replaced.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = -1
+        self.lock: HeldLock | None = None
 
     def acquire(self) -> None:
+        try:
+            self.lock = take_lock(lock_name_for_path("pidfile", self.path))
+        except LockBusy:
+            raise StartupError(f"another vhostmd is running (pid {self._pid_in_file()}, "
+                               f"pid file {self.path})") from None
+        except LockUnavailable as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot lock pid file {self.path}: {exc.strerror}") from None
+        try:
+            self._acquire_file()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _pid_in_file(self) -> str:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return "?"
+        try:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        except OSError:
+            return "?"
+        finally:
+            os.close(fd)
+
+    def _acquire_file(self) -> None:
         fd = self._open_locked()
         try:
             check_private(fd, self.path, what="pid file")
@@ -44,30 +87,45 @@ class PidFile:
             # for -u; or planted): its owner could write another pid into it,
             # which `stop` would then signal. Replace it, keeping the old lock
             # until the new file is locked.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            try:
-                new = self._open_locked()
-                check_private(new, self.path, what="pid file")
-            except UnsafeFile as exc:
-                raise StartupError(str(exc)) from None
-            finally:
-                os.close(fd)
-            fd = new
+            fd = self._replace(fd)
         self.fd = fd
 
-    def _open_locked(self) -> int:
+    def _replace(self, old: int | None) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
         try:
-            fd, _created = open_no_follow(self.path, os.O_RDWR, what="pid file")
+            new = self._open_locked(replacing=True)
+            check_private(new, self.path, what="pid file")
+        except UnsafeFile as exc:
+            raise StartupError(str(exc)) from None
+        finally:
+            if old is not None:
+                os.close(old)
+        return new
+
+    def _open_locked(self, *, replacing: bool = False) -> int:
+        try:
+            fd, _created = open_no_follow(self.path, os.O_RDWR | os.O_NONBLOCK, what="pid file")
         except UnsafeFile as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"cannot open pid file {self.path}: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise StartupError(f"pid file {self.path} is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
+            if (self.lock is not None and self.lock.name is not None and not replacing
+                    and not (other.isdigit() and holds_for_writing(int(other), st))):
+                # We hold root's lock for this path, and the pid in the file
+                # does not hold it open for writing (as a vhostmd that predates
+                # that lock would): someone else locked the readable file to
+                # make us look running.
+                return self._replace(None)
             raise StartupError(
                 f"another vhostmd is running (pid {other}, pid file {self.path})"
             ) from None
@@ -79,6 +137,9 @@ class PidFile:
 
     def release(self) -> None:
         if self.fd < 0:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
             return
         try:
             os.unlink(self.path)
@@ -91,6 +152,9 @@ class PidFile:
                 os.ftruncate(self.fd, 0)
         os.close(self.fd)
         self.fd = -1
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def daemonize() -> None:
@@ -137,6 +201,12 @@ def drop_privileges(run_as: RunAs) -> None:
         raise StartupError(f"cannot switch to user {run_as.user}: {exc.strerror}") from None
     if os.getuid() == 0 or os.geteuid() == 0:
         raise StartupError("still root after dropping privileges")
+    # Not traceable by the user, whatever fs.suid_dumpable says: we hold root's files.
+    try:
+        forbid_tracing()
+    except OSError as exc:
+        raise StartupError(f"cannot keep {run_as.user} from tracing vhostmd: "
+                           f"{exc.strerror}") from None
     groups = ",".join(grp.getgrgid(g).gr_name for g in os.getgroups() if _has_group(g))
     log.info("running as %s (groups %s)", run_as.user, groups or "-")
 

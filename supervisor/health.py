@@ -1,11 +1,18 @@
 """The daemon's health for Prometheus, in node_exporter's textfile format.
 
 With ``<textfile>PATH</textfile>`` in ``<globals>``, the supervisor rewrites
-PATH after every cycle with ``prometheus_client.write_to_textfile``: the text
-goes to a temporary file beside PATH (``PATH.<pid>.<thread>``, which the
-textfile collector ignores as it does not end in ``.prom``), then is renamed
-over PATH. A write that fails removes its temporary file, is logged once per
-episode (and once when it works again), and never stops the daemon.
+PATH after every cycle with the text of ``prometheus_client.generate_latest``.
+The directory is often writable by another account (node_exporter's
+``/var/lib/prometheus`` belongs to ``prometheus``), so the write never goes
+through a name that account could plant or swap: the directory is opened
+without following a link and used only if it belongs to root or to the
+daemon's user and nobody else may write it (a sticky directory excepted);
+the text goes to a temporary file created in that open directory, exclusively
+and without following links, under an unpredictable name that does not end in
+``.prom`` (the textfile collector ignores it); it is fsynced and renamed over
+PATH within the same directory. An unsafe directory is logged once and the
+file skipped. A write that fails removes its temporary file, is logged once
+per episode (and once when it works again), and never stops the daemon.
 
 The file is left in place when the daemon stops: an old
 ``vhostmd_last_cycle_timestamp_seconds`` is how a stopped (or hung) daemon
@@ -20,9 +27,11 @@ VM: one series per failing metric, however many VMs it fails for.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import threading
+import secrets
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -139,19 +148,75 @@ class HealthFile:
     def write(self, path: str | None, supervisor: Any) -> None:
         if path is None:
             return
-        from prometheus_client import write_to_textfile
+        from prometheus_client import generate_latest
 
         try:
-            write_to_textfile(path, self.registry(supervisor))
+            write_textfile(path, generate_latest(self.registry(supervisor)))
         except Exception as exc:
-            # Older prometheus_client (Debian 12 has 0.16) leaves its temporary file.
-            with contextlib.suppress(OSError):
-                os.unlink(f"{path}.{os.getpid()}.{threading.current_thread().ident}")
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             if self.error != reason:
-                log.warning("cannot write the health textfile %s: %s", path, reason)
+                if isinstance(exc, UnsafeDirectory):
+                    log.warning("not writing the health textfile %s: %s", path, reason)
+                else:
+                    log.warning("cannot write the health textfile %s: %s", path, reason)
             self.error = reason
             return
         if self.error is not None:
             log.info("health textfile %s written again", path)
         self.error = None
+
+
+class UnsafeDirectory(Exception):
+    """The textfile's directory may be changed by another user; str() says why."""
+
+
+def open_safe_directory(directory: str) -> int:
+    """Open ``directory`` (not through a symlink) if only root or we may change it."""
+    fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        me = os.geteuid()
+        if st.st_uid not in (0, me):
+            raise UnsafeDirectory(f"its directory {directory} belongs to uid {st.st_uid}, "
+                                  f"not to root or uid {me}")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UnsafeDirectory(f"its directory {directory} can be written by group or "
+                                  f"others (mode {stat.S_IMODE(st.st_mode):04o})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_textfile(path: str, text: bytes) -> None:
+    """Replace ``path`` with ``text`` atomically, never through a planted or swapped name."""
+    directory, name = os.path.split(path)
+    try:
+        dir_fd = open_safe_directory(directory)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR
+                                        and os.path.islink(directory)):
+            raise UnsafeDirectory(f"its directory {directory} is a symbolic link") from None
+        raise
+    try:
+        # Unpredictable, so nobody can have a link waiting there; not *.prom,
+        # so node_exporter never reads it half-written.
+        temporary = f".{name}.{secrets.token_hex(8)}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        try:
+            try:
+                os.fchmod(fd, 0o644)  # whatever the umask: node_exporter reads it
+                view = memoryview(text)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)

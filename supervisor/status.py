@@ -13,11 +13,12 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from typing import Any
 
 from vhostmd import __version__
-from vhostmd.runtime.files import UnsafeFile, check_private, open_no_follow
+from vhostmd.runtime.files import UnsafeFile, check_private, holds_for_writing, open_no_follow
 from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, wanted_children
 
 STATUS_VERSION = 1
@@ -91,10 +92,17 @@ class StatusFile:
         self.fd = -1
 
 
+# A status file is a few KiB (one line per child).
+MAX_STATUS_BYTES = 1 << 20
+
+
 def read_status(path: str, timeout: float = 2.0) -> dict[str, Any]:
     """The status file's content, read under a shared lock; raises OSError or ValueError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: a FIFO put there must not hang `vhostmd --status`.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -105,10 +113,10 @@ def read_status(path: str, timeout: float = 2.0) -> dict[str, Any]:
                     raise OSError(errno.EWOULDBLOCK, "locked by its writer for too long") \
                         from None
                 time.sleep(0.01)
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return json.loads(b"".join(chunks))
+        data = os.read(fd, MAX_STATUS_BYTES + 1)
+        if len(data) > MAX_STATUS_BYTES:
+            raise ValueError("larger than a status file")
+        return json.loads(data)
     finally:
         os.close(fd)
 
@@ -162,21 +170,44 @@ def build_status(supervisor: Any) -> dict[str, Any]:
 
 
 def daemon_running(pid_path: str) -> int | None:
-    """The pid of the vhostmd holding ``pid_path``'s lock, or None if nobody holds it."""
+    """The pid of the vhostmd holding ``pid_path``'s lock, or None if no vhostmd holds it.
+
+    Any user who can read the file can lock it, and the pid in a stale file
+    may belong to another process by now: the process must also hold the file
+    open for writing, as only the daemon does (or, where we may not look at
+    its descriptors, be titled as the supervisor).
+    """
     try:
-        fd = os.open(pid_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(pid_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
+            if not text.isdigit():
+                return -1
+            pid = int(text)
+            holds = holds_for_writing(pid, st)
+            if holds is None:
+                holds = _title(pid).startswith("vhostmd: supervisor")
+            return pid if holds else None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def _title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read(256).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _ago(wall: float | None, now: float) -> str:

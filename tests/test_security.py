@@ -569,29 +569,25 @@ def test_bytes_after_a_shorter_document_are_zero(tmp_path: Path) -> None:
 # -- the disk handle through a forkserver ----------------------------------------------------
 
 
-def _holds_the_lock(handle: object, answer: object) -> None:
-    fd = handle.fd  # type: ignore[attr-defined]
-    other = os.open(handle.path, os.O_RDONLY)  # type: ignore[attr-defined]
-    try:
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        locked = False
-    except BlockingIOError:
-        locked = True
-    answer.put((os.fstat(fd).st_size, locked))  # type: ignore[attr-defined]
+def _report_size(handle: object, answer: object) -> None:
+    answer.put(os.fstat(handle.fd).st_size)  # type: ignore[attr-defined]
 
 
 def test_disk_handle_travels_through_a_forkserver(tmp_path: Path) -> None:
     import multiprocessing
 
-    from vhostmd.disk.handle import open_disk
+    from vhostmd.disk.handle import DiskRefused, open_disk
 
     handle = open_disk(str(tmp_path / "vhostmd0"), 65536)
     ctx = multiprocessing.get_context("forkserver")
     answer = ctx.SimpleQueue()
-    child = ctx.Process(target=_holds_the_lock, args=(handle, answer))
+    child = ctx.Process(target=_report_size, args=(handle, answer))
     child.start()
     try:
-        assert answer.get() == (65536, True)
+        assert answer.get() == 65536
+        with pytest.raises(DiskRefused, match="in use by another vhostmd"):
+            open_disk(str(tmp_path / "vhostmd0"), 65536)  # the lock stays here
     finally:
         child.join(15)
         handle.close()
+    open_disk(str(tmp_path / "vhostmd0"), 65536).close()  # and is let go with the handle

@@ -207,8 +207,9 @@ def test_unsafe_and_unknown_files_in_the_directory(tmp_path: Path) -> None:
     os.symlink(target, vms / linked.uuid)
     (vms / writable.uuid).write_bytes(b"x" * 65536)
     os.chmod(vms / writable.uuid, 0o664)
-    # As libvirt leaves a read-only disk image once its domain started: QEMU's.
-    (vms / given.uuid).write_bytes(b"y" * 65536)
+    # As libvirt leaves a read-only disk image once its domain started: QEMU's
+    # (a metrics disk: anything else is never adopted).
+    (vms / given.uuid).write_bytes(mdisk.pack_header(0, 0, 0).ljust(65536, b"y"))
     os.chmod(vms / given.uuid, 0o644)
     os.chown(vms / given.uuid, 65534, 65534)
     old, young = str(uuidlib.uuid4()), str(uuidlib.uuid4())

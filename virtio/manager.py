@@ -69,6 +69,7 @@ class ChannelManager:
         # VM id -> channel directory -> the problem connecting to it (logged once per change)
         self.connect_problems: dict[int, dict[str, str]] = {}
         self.path_problems: dict[str, str] = {}  # channel paths that cannot be scanned
+        self.untrusted: dict[str, str] = {}  # channel directories refused, and why (logged once)
         self.long_path_ok = os.path.isdir(_PROC_FD)
 
     # -- metrics from the supervisor ------------------------------------------
@@ -122,6 +123,10 @@ class ChannelManager:
             if self.path_problems.pop(base, None) is not None:
                 log.info("scanning channel path %s", base)
             with entries:
+                try:
+                    base_st = os.stat(base)
+                except OSError:
+                    continue
                 for entry in entries:
                     match = CHANNEL_DIR.match(entry.name)
                     if match is None:
@@ -129,9 +134,43 @@ class ChannelManager:
                     with contextlib.suppress(OSError):
                         if not entry.is_dir(follow_symlinks=False):
                             continue
+                        if not self.trusted(entry.path, entry.stat(follow_symlinks=False),
+                                            base, base_st):
+                            continue
                         found.setdefault(int(match.group(1)), []).append(
                             (entry.path, match.group(2)))
         return found
+
+    def trusted(self, directory: str, st: os.stat_result, base: str,
+                base_st: os.stat_result) -> bool:
+        """Whether a channel directory was made by whom may make one; refusals logged once.
+
+        Libvirt makes them as root and gives them to QEMU's user, in a channel
+        path only root may write to. Where others may write to it, a directory
+        another user planted would get a VM's metrics (and answer it): there,
+        only root's (or our own) directories count. Nobody but its owner may
+        write into one, or they could put their socket in it.
+        """
+        me = os.geteuid()
+        trusted_owners = {0, me}
+        if not base_st.st_mode & 0o022:
+            # Only the path's owner could have made it: root, or QEMU's user.
+            trusted_owners.add(base_st.st_uid)
+            if base_st.st_uid in (0, me):
+                trusted_owners = {st.st_uid}  # made by root (libvirt), given to anyone
+        problem = None
+        if st.st_uid not in trusted_owners:
+            problem = (f"belongs to uid {st.st_uid}, and others than root may write to "
+                       f"channel path {base}")
+        elif st.st_mode & 0o022:
+            problem = "can be written by group or others"
+        if problem is None:
+            self.untrusted.pop(directory, None)
+            return True
+        if self.untrusted.get(directory) != problem:
+            self.untrusted[directory] = problem
+            log.warning("not using channel directory %s: it %s", loggable(directory), problem)
+        return False
 
     def discover(self, now: float) -> None:
         """Connect the channels of current VMs that are not connected yet.

@@ -29,6 +29,7 @@ from vhostmd.document import (
 )
 from vhostmd.etc import shipped
 from vhostmd.wire import Domain, MetricDef, is_plain_name
+from vhostmd.workers import strays
 from vhostmd.xmlsafe import one_line
 
 if TYPE_CHECKING:  # lxml is loaded by the first action whose output is XML
@@ -152,6 +153,7 @@ def run_shell(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        strays.wait_group_gone(proc.pid)
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
         on_start(0)

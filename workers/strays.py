@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import time
 
 _PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -42,20 +43,77 @@ def children() -> set[int]:
     return found
 
 
-def kill_new(before: set[int], passes: int = 3) -> int:
-    """SIGKILL descendants that were not there before; reap them. How many were killed."""
-    killed = 0
-    for _ in range(passes):  # a killed process's own children come to us next, as orphans
-        new = children() - before
+def kill_new(before: set[int], passes: int = 5,
+             settle: float = 1.0) -> tuple[set[int], set[int]]:
+    """SIGKILL descendants that were not there before, and reap them.
+
+    Returns (the pids killed, the pids that are still there: not ours to
+    kill, or not dead within ``settle`` seconds). Each pass waits for what it
+    killed to be gone, so that their own children have come to us (as
+    orphans) when the next pass looks.
+    """
+    killed: set[int] = set()
+    stuck: set[int] = set()
+    deadline = time.monotonic() + settle
+    for _ in range(passes):
+        new = children() - before - stuck
         if not new:
             break
         for pid in new:
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
-        reap()
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                stuck.add(pid)
+                continue
+            if not _zombie(pid):
+                killed.add(pid)
+        _reap_until_gone(new - stuck, deadline)
     reap()
-    return killed
+    return killed, stuck | (children() - before - killed)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b") ")[2][:1] == b"Z"
+    except OSError:
+        return True
+
+
+def _reap_until_gone(pids: set[int], deadline: float) -> None:
+    """Wait (until ``deadline``) for our children ``pids`` to exit, reaping them."""
+    left = set(pids)
+    while left:
+        for pid in list(left):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                left.discard(pid)
+        if not left or time.monotonic() >= deadline:
+            return
+        time.sleep(0.002)
+
+
+def wait_group_gone(pgid: int, timeout: float = 1.0) -> None:
+    """Wait until no process of group ``pgid`` (killed) is left, reaping those that are ours.
+
+    Each one that exits hands its children (an action's escapes among them)
+    to us: only then does a look at our children find them all.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        reap()
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.002)
 
 
 def reap() -> None:

@@ -8,6 +8,7 @@ the worker (after asking it for its stacks, see ``vhostmd.supervisor.pool``).
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import replace
 
@@ -37,10 +38,17 @@ class Worker:
         self.uri = uri
         self.libvirt = LibvirtConnection(uri)
         self.listed: tuple[int, tuple[Domain, ...]] = (0, ())  # the last listing answered
+        # Leftovers of actions (strays.py): the last job's action, if it was one,
+        # our children after it, and the actions already logged.
+        self.previous_action: str | None = None
+        self.after_previous: set[int] = set()
+        self.said_killed: set[str] = set()
+        self.said_stuck: set[str] = set()
 
     def run(self, job: Job) -> JobResult:
         if isinstance(job, RunAction):
             return self.run_action(job)
+        self.previous_action = None  # children from now on are not an action's
         if isinstance(job, ListDomains):
             listed_at = time.time()  # before the call: the listing is no older than this
             try:
@@ -61,16 +69,34 @@ class Worker:
 
     def run_action(self, job: RunAction) -> JobResult:
         before = strays.children()
+        if self.previous_action is not None and before - self.after_previous:
+            # Came to us since the previous action ended (a process that
+            # left it late): that action's, whatever runs now.
+            self.end_strays(self.previous_action, self.after_previous)
+            before = strays.children()
+        self.previous_action = job.metric.name
         try:
             return self._run_action(job)
         finally:
             # An action may have left processes in sessions of their own
             # (setsid, daemonizing): the kill of its process group missed
             # them, but as orphans they became ours (a subreaper).
-            killed = strays.kill_new(before)
-            if killed:
-                log.warning("action %s left %d process(es) behind in other sessions; "
-                            "killed them", job.metric.name, killed)
+            self.end_strays(job.metric.name, before)
+            self.after_previous = strays.children()
+
+    def end_strays(self, action: str, before: set[int]) -> None:
+        """Kill what ``action`` left behind; say so once per action (every cycle would flood)."""
+        killed, stuck = strays.kill_new(before)
+        if killed and action not in self.said_killed:
+            self.said_killed.add(action)
+            log.warning("action %s left %d process(es) behind in other sessions; killed "
+                        "them (said once per action)", action, len(killed),
+                        extra={"once": ("strays killed", action)})
+        if stuck and action not in self.said_stuck:
+            self.said_stuck.add(action)
+            log.warning("action %s left %d process(es) that vhostmd cannot end (pid %s)",
+                        action, len(stuck), " ".join(map(str, sorted(stuck))),
+                        extra={"once": ("strays stuck", action)})
 
     def _run_action(self, job: RunAction) -> JobResult:
         metric = job.metric
@@ -107,6 +133,15 @@ def worker_main(ctx: ChildContext, index: int, uri: str | None,
                 results: SharedSlots | None = None) -> None:
     strays.become_subreaper()
     worker = Worker(ctx, index, uri)
+
+    def stop(_signum: int, _frame: object) -> None:
+        # Unwinds through the running action's cleanup: its process group,
+        # then what escaped it, are killed before the worker exits (dying at
+        # once, it would hand them to init, and they would outlive the daemon).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
 
     def handle(job: Job) -> None:
         ctx.title(f"worker {index} {job.describe()}")
