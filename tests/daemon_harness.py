@@ -147,7 +147,8 @@ def ready_metrics(disk: Path | str) -> list[Metric] | None:
     """The disk's metrics, or None while no document is there yet.
 
     "Not yet" is only: no file, a file not sized yet, a header never written
-    (zeros), or a writer still busy. Anything else (a bad signature, a
+    (zeros) or holding no document (length 0, as a disk left by an old writer
+    may, before the daemon resets it), or a writer still busy. Anything else (a bad signature, a
     checksum that does not match, XML that does not parse) raises: a polling
     test must see a corrupt document, not take it for "not ready".
     """
@@ -158,8 +159,11 @@ def ready_metrics(disk: Path | str) -> list[Metric] | None:
         return None
     if len(head) < mdisk.HEADER_SIZE or head == bytes(mdisk.HEADER_SIZE):
         return None
-    if mdisk.unpack_header(head).busy:
+    header = mdisk.unpack_header(head)
+    if header.busy:
         return None  # being written now: the next poll will tell
+    if header.length == 0:
+        return None
     try:
         return parse_document(read_disk(disk, timeout=1.0))
     except mdisk.DiskBusyError:
