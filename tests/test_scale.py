@@ -190,12 +190,14 @@ def test_a_disk_of_partial_blocks_publishes_only_what_c_guests_read(tmp_path: Pa
     uri, _domains = nodes.write_node(tmp_path / "node.xml", 100)
     disk = tmp_path / "vhostmd0"
     conf = config_xml(disk, '<builtin set="sap"/><builtin set="vhostmd"/>', size_k=100)
+    conf_file = tmp_path / "vhostmd.conf"
+    conf_file.write_text(conf)
     # --check: the warning, and a disk that does NOT hold 100 VMs in its one whole block.
-    check = subprocess.run([VHOSTMD, "--check", "--vms", "100", "-f", "/dev/stdin"],
-                           input=conf, capture_output=True, text=True, timeout=30)
+    check = subprocess.run([VHOSTMD, "--check", "--vms", "100", "-f", str(conf_file)],
+                           capture_output=True, text=True, timeout=30)
     assert check.returncode == 1, check.stdout + check.stderr
     warnings = [line for line in check.stdout.splitlines() if "not a multiple of 64 KiB" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("/dev/stdin:")
+    assert len(warnings) == 1 and warnings[0].startswith(f"{conf_file}:")
     assert "documents use only its first 64 KiB" in warnings[0]
     assert "does NOT hold 100 VMs" in check.stdout
     # The size it suggests is whole blocks.
