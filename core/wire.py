@@ -157,7 +157,7 @@ class JobResult:
     rendered metrics of each VM (by domain id), both in document order.
     ``timed_out``: the job was stopped at its deadline (the supervisor runs
     such jobs after the others next time). A large ``vms`` travels through
-    shared memory (``vms_in_slot``); the supervisor restores ``vms`` on receipt.
+    shared memory (``vms_in_region``); the supervisor restores ``vms`` on receipt.
     """
 
     job_id: int
@@ -171,8 +171,8 @@ class JobResult:
     inactive: tuple[str, ...] | None = None  # UUIDs of defined domains not running
     listed_at: float = 0.0  # time.time() just before the listing call (ListDomains)
     # Instead of ``vms``, for large results: the fragments are in the worker's
-    # result slot (see vhostmd.runtime.published), these are their (id, end) pairs.
-    vms_in_slot: bytes | None = None
+    # result region (see vhostmd.runtime.published), these are their (id, end) pairs.
+    vms_in_region: bytes | None = None
 
 
 # -- what children tell the supervisor (besides a worker's JobResult and log records) --

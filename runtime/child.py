@@ -96,7 +96,7 @@ class ChildContext:
     """What a child's main function gets: its queues, its cell, its descriptors."""
 
     role: str
-    slot: int
+    seat: int
     inbox: Any  # multiprocessing Queue, supervisor -> child
     outbox: Any  # multiprocessing Queue, child -> supervisor
     cell: Any  # RawArray("d", CELL_SIZE)

@@ -11,7 +11,7 @@ A slot holds the document, then the fragments of VMs left off the disk (too
 small a disk): everything virtio serves. ``Placement`` says where the
 document ends, where the host fragment and each VM's fragment are.
 
-The other way, each worker gets a one-slot region of its own (``writable``
+The other way, each worker gets a result region of its own (one slot) (``writable``
 in the worker) for the VM fragments of its results: ``pack_fragments``
 writes them back to back, the result carries only their ids and ends, and
 the supervisor copies them out (``unpack_fragments``) before it gives that

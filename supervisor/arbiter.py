@@ -30,8 +30,8 @@ from vhostmd.disk.handle import DiskHandle, DiskRefused, open_disk, switch_disk
 from vhostmd.disk.vmdir import VmDir
 from vhostmd.runtime.published import SharedSlots
 from vhostmd.supervisor.children import (
-    DISK_SLOT,
-    VIRTIO_SLOT,
+    DISK_SEAT,
+    VIRTIO_SEAT,
     beat_interval,
     events_unavailable,
     hang_timeout,
@@ -104,8 +104,8 @@ class Supervisor:
                               on_message=self.on_message, on_lost=self.on_lost,
                               on_started=self.on_started, clock=clock)
         self.slots = SharedSlots()  # each cycle's result, for the disk-writer and virtio
-        self.publisher = Publisher(lambda: self.pool.get(DISK_SLOT),
-                                   lambda: self.pool.get(VIRTIO_SLOT),
+        self.publisher = Publisher(lambda: self.pool.get(DISK_SEAT),
+                                   lambda: self.pool.get(VIRTIO_SEAT),
                                    lambda: self.vm_dir is not None, self.slots)
         self.cycles = CycleRunner(lambda: self.config, self.pool, self.publisher, clock,
                                   self.cycle_ended)
@@ -355,9 +355,9 @@ class Supervisor:
         self.cycles.on_lost(child, why)
 
     def on_started(self, child: Child) -> None:
-        if child.slot == DISK_SLOT:
+        if child.seat == DISK_SEAT:
             self.publisher.writer_started()
-        elif child.slot == VIRTIO_SLOT:
+        elif child.seat == VIRTIO_SEAT:
             # A restarted virtio process serves guests without waiting a cycle.
             self.publisher.virtio_started()
 

@@ -1,7 +1,9 @@
 """Which children a configuration wants, and how closely they are watched.
 
-Slots: workers take 0..workers-1; the disk-writer, the virtio process and
-the events process have fixed slots after the largest worker pool.
+Each child has a seat: a number that says what it is and that its
+replacement takes over (its restarts and crash-loop back-off are counted per
+seat). Workers take 0..workers-1; the disk-writer, the virtio process and the
+events process have fixed seats after the largest worker pool.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from vhostmd.runtime.published import SharedSlots
 from vhostmd.supervisor.config import MAX_WORKERS, Config
 from vhostmd.supervisor.pool import ChildSpec
 
-DISK_SLOT = MAX_WORKERS
-VIRTIO_SLOT = MAX_WORKERS + 1
-EVENTS_SLOT = MAX_WORKERS + 2
+DISK_SEAT = MAX_WORKERS
+VIRTIO_SEAT = MAX_WORKERS + 1
+EVENTS_SEAT = MAX_WORKERS + 2
 
 
 def hang_timeout(period: int) -> float:
@@ -57,7 +59,7 @@ def wanted_children(config: Config, uri: str | None, disk: DiskHandle | None = N
     """
     specs = {
         i: ChildSpec(f"worker {i + 1}", i, "vhostmd.workers.worker:worker_main",
-                     {"index": i + 1, "uri": uri}, ("worker",), result_slot=True)
+                     {"index": i + 1, "uri": uri}, ("worker",), result_region=True)
         for i in range(config.workers)
     }
     shared = disk if config.vbd else None
@@ -68,17 +70,17 @@ def wanted_children(config: Config, uri: str | None, disk: DiskHandle | None = N
             key += (shared.path, shared.size, shared.fd)
         if vms is not None:
             key += ("vms", vms.path, vms.size, vms.fd)
-        specs[DISK_SLOT] = ChildSpec(
-            "disk-writer", DISK_SLOT, "vhostmd.disk.writer:disk_writer_main",
+        specs[DISK_SEAT] = ChildSpec(
+            "disk-writer", DISK_SEAT, "vhostmd.disk.writer:disk_writer_main",
             {"handle": shared, "vm_dir": vms, "slots": slots}, key)
     if config.virtio:
-        specs[VIRTIO_SLOT] = ChildSpec(
-            "virtio", VIRTIO_SLOT, "vhostmd.virtio.manager:virtio_main",
+        specs[VIRTIO_SEAT] = ChildSpec(
+            "virtio", VIRTIO_SEAT, "vhostmd.virtio.manager:virtio_main",
             {"channel_paths": config.channel_paths, "max_channels": config.max_channels,
              "expiration_time": config.expiration_time, "slots": slots},
             ("virtio", config.channel_paths, config.max_channels, config.expiration_time))
     if events_unavailable(uri) is not None:
         return specs
-    specs[EVENTS_SLOT] = ChildSpec("events", EVENTS_SLOT, "vhostmd.workers.events:events_main",
+    specs[EVENTS_SEAT] = ChildSpec("events", EVENTS_SEAT, "vhostmd.workers.events:events_main",
                                    {"uri": uri}, ("events", uri))
     return specs

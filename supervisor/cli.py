@@ -8,6 +8,7 @@ import multiprocessing.util
 import os
 import shlex
 import sys
+from dataclasses import dataclass
 
 import setproctitle
 
@@ -22,6 +23,7 @@ from vhostmd.supervisor.daemon import (
     DEFAULT_LOG_FILE,
     SYSLOG_SOCKET,
     PidFile,
+    RunAs,
     StartupError,
     daemonize,
     drop_privileges,
@@ -95,154 +97,190 @@ def prepare_disk(config: Config) -> DiskHandle:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # The daemon changes to / when it daemonizes and re-reads its config on
-    # SIGHUP: keep the paths it was given meaning what they meant here.
-    args.config = os.path.abspath(args.config)
-    if args.pid_file:
-        args.pid_file = os.path.abspath(args.pid_file)
-    if args.log_file:
-        args.log_file = os.path.abspath(args.log_file)
+    make_paths_absolute(args)
     if args.list_builtins:
         from vhostmd.workers.collectors import describe_builtins
 
         print(describe_builtins())
         return 0
     if args.status:
-        from vhostmd.supervisor.status import show_status
-
-        pid_path = args.pid_file or DEFAULT_PID_FILE
-        code, text = show_status(pid_path)
-        print(text)
-        return code
+        return status_command(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         return fail(str(exc))
     if args.check:
-        if config.vbd and (refusal := existing_disk_refusal(config.disk_path)) is not None:
-            return fail(refusal)
-        print(f"{args.config}: OK ({count_metrics(config)} metrics, "
-              f"transports {', '.join(config.transports)})")
-        for warning in config.warnings:
-            print(f"{warning}")
-        if args.vms is not None:
-            checks = []
-            if config.vbd:
-                checks.append(check_vms(config, args.vms))
-            if config.vm_disks_path is not None:
-                checks.append(check_vm_disks(config))
-            for _fits, line in checks or [(True, "no metrics disk (vbd transport off)")]:
-                print(f"{args.config}: {line}")
-            return 0 if all(fits for fits, _line in checks) else 1
-        return 0
+        return check_command(args, config)
     if args.vms is not None:
         return fail("--vms goes with --check")
     if args.device is not None and args.domain_xml is None:
         return fail("--device goes with --domain-xml")
     if args.domain_xml is not None:
-        from vhostmd.supervisor.domain_xml import DomainXmlError, domain_xml
+        return domain_xml_command(args, config)
+    return run_daemon(args, config, argv)
 
-        try:
-            text, notes = domain_xml(config, args.connect, args.domain_xml, args.device)
-        except DomainXmlError as exc:
-            return fail(str(exc))
-        for note in notes:
-            print(f"vhostmd: {note}", file=sys.stderr)
-        print(text, end="")
+
+def make_paths_absolute(args: argparse.Namespace) -> None:
+    """The daemon changes to / when it daemonizes and re-reads its config on
+    SIGHUP: keep the paths it was given meaning what they meant here."""
+    args.config = os.path.abspath(args.config)
+    if args.pid_file:
+        args.pid_file = os.path.abspath(args.pid_file)
+    if args.log_file:
+        args.log_file = os.path.abspath(args.log_file)
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from vhostmd.supervisor.status import show_status
+
+    code, text = show_status(args.pid_file or DEFAULT_PID_FILE)
+    print(text)
+    return code
+
+
+def check_command(args: argparse.Namespace, config: Config) -> int:
+    """--check [--vms N]: what the daemon would refuse, warn about, or not fit."""
+    if config.vbd and (refusal := existing_disk_refusal(config.disk_path)) is not None:
+        return fail(refusal)
+    print(f"{args.config}: OK ({count_metrics(config)} metrics, "
+          f"transports {', '.join(config.transports)})")
+    for warning in config.warnings:
+        print(f"{warning}")
+    if args.vms is None:
         return 0
+    checks = []
+    if config.vbd:
+        checks.append(check_vms(config, args.vms))
+    if config.vm_disks_path is not None:
+        checks.append(check_vm_disks(config))
+    for _fits, line in checks or [(True, "no metrics disk (vbd transport off)")]:
+        print(f"{args.config}: {line}")
+    return 0 if all(fits for fits, _line in checks) else 1
 
+
+def domain_xml_command(args: argparse.Namespace, config: Config) -> int:
+    from vhostmd.supervisor.domain_xml import DomainXmlError, domain_xml
+
+    try:
+        text, notes = domain_xml(config, args.connect, args.domain_xml, args.device)
+    except DomainXmlError as exc:
+        return fail(str(exc))
+    for note in notes:
+        print(f"vhostmd: {note}", file=sys.stderr)
+    print(text, end="")
+    return 0
+
+
+@dataclass
+class RootFiles:
+    """What the daemon opens before -u drops root: the processes keep the
+    descriptors and the files stay root's."""
+
+    pid_file: PidFile | None
+    status_file: StatusFile | None
+    disk: DiskHandle | None = None
+    vm_dir: VmDir | None = None
+    run_as: RunAs | None = None
+    notifier: Notifier | None = None
+    daemonized: bool = False
+
+    def close(self) -> None:
+        """Undo what start_up did, when it could not finish."""
+        stop_forkserver()  # started for -u before the refusal: leave nothing behind
+        for held in (self.disk, self.vm_dir):
+            if held is not None:
+                held.close()
+        if self.status_file is not None:
+            self.status_file.remove()
+        if self.pid_file is not None:
+            self.pid_file.release()
+
+
+def start_up(args: argparse.Namespace, config: Config, argv: list[str] | None,
+             files: RootFiles) -> None:
+    """Everything that needs root, then daemonize and (with -u) drop it; raises StartupError."""
+    files.run_as = run_as = lookup_user(args.user) if args.user else None
+    if run_as is not None and os.geteuid() != 0:
+        raise StartupError(f"-u {run_as.user} needs root to switch users")
+    if (refusal := vm_disks_refusal(config, args.user)) is not None:
+        raise StartupError(refusal)
+    if files.pid_file is not None:
+        files.pid_file.acquire()
+    if files.status_file is not None:
+        try:
+            files.status_file.open()
+        except UnsafeFile as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot create status file {files.status_file.path}: "
+                               f"{exc.strerror}") from None
+    if config.vbd:
+        files.disk = prepare_disk(config)
+    try:
+        files.vm_dir = prepare_vm_dir(config)
+    except DiskRefused as exc:
+        raise StartupError(str(exc)) from None
+    if not args.no_daemonize:
+        target = open_log_target(args.log_file)
+        if target.file is not None:
+            why = "" if args.log_file else f" (no syslog at {SYSLOG_SOCKET})"
+            print(f"vhostmd: logging to {target.file}{why}", file=sys.stderr)
+        daemonize()
+        files.daemonized = True
+        setup_logging(verbose=args.verbose, target=target)
+    # Before the pid appears: whoever reads the pid file sees what it runs.
+    setproctitle.setproctitle("vhostmd: supervisor")
+    if files.pid_file is not None:
+        files.pid_file.write(os.getpid())
+    log.info("vhostmd %s starting: %s", __version__,
+             shlex.join(sys.argv[1:] if argv is None else argv))
+    if run_as is not None:
+        # Started as root, it becomes the user itself (runtime/privileges.py);
+        # systemd's variables are taken out of the environment first.
+        files.notifier = Notifier()
+        start_forkserver((run_as.user, run_as.uid, run_as.gid))
+        drop_privileges(run_as)
+        # What children run is imported by the forkserver, as this user.
+        problem = unreadable_by_us()
+        if problem is not None:
+            raise StartupError(f"-u {run_as.user}: {problem}; install vhostmd where "
+                               f"{run_as.user} can read it (the Debian package does) "
+                               "or run without -u")
+
+
+def run_daemon(args: argparse.Namespace, config: Config, argv: list[str] | None) -> int:
     # Lines go to stderr until the daemon detaches.
     setup_logging(verbose=args.verbose)
     pid_path = args.pid_file or (DEFAULT_PID_FILE if os.geteuid() == 0 else None)
-    pid_file = PidFile(pid_path) if pid_path else None
-    status_file = StatusFile(status_path_for(pid_path)) if pid_path else None
-    disk: DiskHandle | None = None
-    vm_dir: VmDir | None = None
-    daemonized = False
-    notifier: Notifier | None = None
-    # Everything below that needs root (pid, status and log files, the disk)
-    # is opened here, before -u drops it; the processes keep the descriptors
-    # and the files stay root's.
+    files = RootFiles(pid_file=PidFile(pid_path) if pid_path else None,
+                      status_file=StatusFile(status_path_for(pid_path)) if pid_path else None)
     try:
-        run_as = lookup_user(args.user) if args.user else None
-        if run_as is not None and os.geteuid() != 0:
-            raise StartupError(f"-u {run_as.user} needs root to switch users")
-        if (refusal := vm_disks_refusal(config, args.user)) is not None:
-            raise StartupError(refusal)
-        if pid_file is not None:
-            pid_file.acquire()
-        if status_file is not None:
-            try:
-                status_file.open()
-            except UnsafeFile as exc:
-                raise StartupError(str(exc)) from None
-            except OSError as exc:
-                raise StartupError(f"cannot create status file {status_file.path}: "
-                                   f"{exc.strerror}") from None
-        if config.vbd:
-            disk = prepare_disk(config)
-        try:
-            vm_dir = prepare_vm_dir(config)
-        except DiskRefused as exc:
-            raise StartupError(str(exc)) from None
-        if not args.no_daemonize:
-            target = open_log_target(args.log_file)
-            if target.file is not None:
-                why = "" if args.log_file else f" (no syslog at {SYSLOG_SOCKET})"
-                print(f"vhostmd: logging to {target.file}{why}", file=sys.stderr)
-            daemonize()
-            daemonized = True
-            setup_logging(verbose=args.verbose, target=target)
-        # Before the pid appears: whoever reads the pid file sees what it runs.
-        setproctitle.setproctitle("vhostmd: supervisor")
-        if pid_file is not None:
-            pid_file.write(os.getpid())
-        log.info("vhostmd %s starting: %s", __version__,
-                 shlex.join(sys.argv[1:] if argv is None else argv))
-        if run_as is not None:
-            # Started as root, it becomes the user itself (runtime/privileges.py);
-            # systemd's variables are taken out of the environment first.
-            notifier = Notifier()
-            start_forkserver((run_as.user, run_as.uid, run_as.gid))
-            drop_privileges(run_as)
-            # What children run is imported by the forkserver, as this user.
-            problem = unreadable_by_us()
-            if problem is not None:
-                raise StartupError(f"-u {run_as.user}: {problem}; install vhostmd where "
-                                   f"{run_as.user} can read it (the Debian package does) "
-                                   "or run without -u")
+        start_up(args, config, argv, files)
     except StartupError as exc:
-        stop_forkserver()  # started for -u before the refusal: leave nothing behind
-        for held in (disk, vm_dir):
-            if held is not None:
-                held.close()
-        if status_file is not None:
-            status_file.remove()
-        if pid_file is not None:
-            pid_file.release()
-        if daemonized:
+        files.close()
+        if files.daemonized:
             log.error("%s", exc)
             return 1
         return fail(str(exc))
 
     for warning in config.warnings:
         log.warning("%s", warning)
+    run_as = files.run_as
     # Takes systemd's variables out of the environment before any child exists
-    # (under -u, above, before the forkserver was started).
-    if notifier is None:
-        notifier = Notifier()
-    # Children are forked from the forkserver, started now (with -u: above,
-    # before dropping root), before the supervisor starts any thread.
+    # (under -u, in start_up, before the forkserver was started).
+    notifier = files.notifier if files.notifier is not None else Notifier()
+    # Children are forked from the forkserver, started now (with -u: in
+    # start_up, before dropping root), before the supervisor starts any thread.
     if run_as is None:
         start_forkserver()
     log.info("config %s: period %d s, transports %s, %d worker%s", args.config,
              config.update_period, ", ".join(config.transports), config.workers,
              "" if config.workers == 1 else "s")
     supervisor = Supervisor(config, uri=args.connect, config_path=args.config,
-                            status_file=status_file, disk=disk,
+                            status_file=files.status_file, disk=files.disk,
                             dropped_to=run_as.user if run_as is not None else None,
                             log_level=logging.DEBUG if args.verbose else logging.INFO,
-                            vm_dir=vm_dir, notifier=notifier)
+                            vm_dir=files.vm_dir, notifier=notifier)
     try:
         status = supervisor.run()
         if supervisor.all_stopped:
@@ -254,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             # under them.
             multiprocessing.util.Finalize(None, stop_forkserver, exitpriority=-100)
     finally:
-        if pid_file is not None:
-            pid_file.release()
+        if files.pid_file is not None:
+            files.pid_file.release()
     return status
 
 

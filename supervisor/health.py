@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vhostmd.mdisk import document_capacity
-from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, VIRTIO_SLOT
+from vhostmd.supervisor.children import DISK_SEAT, EVENTS_SEAT, VIRTIO_SEAT
 
 log = logging.getLogger("vhostmd")
 
@@ -45,10 +45,10 @@ log = logging.getLogger("vhostmd")
 ROLES = ("worker", "disk-writer", "virtio", "events")
 
 
-def role_of(slot: int) -> str:
-    """The ``role`` label of a slot: every worker is "worker"."""
-    return {DISK_SLOT: "disk-writer", VIRTIO_SLOT: "virtio", EVENTS_SLOT: "events"}.get(
-        slot, "worker")
+def role_of(seat: int) -> str:
+    """The ``role`` label of a seat: every worker is "worker"."""
+    return {DISK_SEAT: "disk-writer", VIRTIO_SEAT: "virtio", EVENTS_SEAT: "events"}.get(
+        seat, "worker")
 
 
 class SupervisorCollector:
@@ -101,8 +101,8 @@ class SupervisorCollector:
         # Every role, wanted or not (no events child on the in-process test
         # driver): a series that comes and goes is harder to alert on.
         by_role: Counter[str] = Counter(dict.fromkeys(ROLES, 0))
-        for slot in list(sup.pool.history):
-            by_role[role_of(slot)] += sup.pool.restarts(slot)
+        for seat in list(sup.pool.history):
+            by_role[role_of(seat)] += sup.pool.restarts(seat)
         for role, count in sorted(by_role.items()):
             restarts.add_metric([role], count)
         yield restarts

@@ -1,8 +1,8 @@
 """The children the supervisor keeps alive: start, reap, kill, back off.
 
-A ``ChildSpec`` says what should run in a slot; ``ChildPool.converge`` makes
+A ``ChildSpec`` says what should run in a seat; ``ChildPool.converge`` makes
 it so, like gunicorn's manage_workers: reap the dead, abort the hung, replace
-what is missing or outdated (a reload changed its key), and hold back a slot
+what is missing or outdated (a reload changed its key), and hold back a seat
 that crash-loops.
 
 Everything about one running child lives in its ``Child`` handle: its queues,
@@ -49,14 +49,14 @@ CRASH_REPORT_LIMIT = 16384
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """A child the supervisor wants running in ``slot``."""
+    """A child the supervisor wants running in ``seat``."""
 
     role: str
-    slot: int
+    seat: int
     target: str  # "module:function": the supervisor never imports what children run
     kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
     key: tuple = ()  # when the key changes (reload), the running child is replaced
-    result_slot: bool = False  # a shared-memory slot of its own for large results (workers)
+    result_region: bool = False  # a shared-memory region of its own for large results (workers)
 
 
 class Unreadable:
@@ -73,7 +73,7 @@ class Child:
                  on_message: Callable[[Child, object], None]) -> None:
         self.spec = spec
         self.role = spec.role
-        self.slot = spec.slot
+        self.seat = spec.seat
         self.key = spec.key
         self.inbox = CTX.Queue()
         self.outbox = CTX.Queue()
@@ -84,11 +84,11 @@ class Child:
         self.cell[BEAT] = self.started
         bell_r, self._bell = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._crash, crash_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        ctx = ChildContext(self.role, self.slot, self.inbox, self.outbox, self.cell, shared,
+        ctx = ChildContext(self.role, self.seat, self.inbox, self.outbox, self.cell, shared,
                            InheritedFd(bell_r), InheritedFd(crash_w))
-        # Per process, never per slot: whatever a dying worker still writes
+        # Per process, never per seat: whatever a dying worker still writes
         # there cannot reach its replacement's results.
-        self.results = SharedSlots(slots=1, writable=True) if spec.result_slot else None
+        self.results = SharedSlots(slots=1, writable=True) if spec.result_region else None
         kwargs = spec.kwargs if self.results is None else {**spec.kwargs, "results": self.results}
         self.process = CTX.Process(target=child_main, args=(spec.target, kwargs, ctx, level),
                                    name=self.role, daemon=False)
@@ -148,16 +148,16 @@ class Child:
                 end.close()
 
     def take_result(self, result: JobResult) -> JobResult:
-        """``result`` with its VM fragments copied out of this child's result slot.
+        """``result`` with its VM fragments copied out of this child's result region.
 
-        Raises ValueError when the slot is gone or the result points outside it.
+        Raises ValueError when the region is gone or the result points outside it.
         """
-        if result.vms_in_slot is None:
+        if result.vms_in_region is None:
             return result
         if self.results is None or self.gone:
-            raise ValueError("a result in a slot this child does not have")
-        return replace(result, vms=unpack_fragments(self.results, result.vms_in_slot),
-                       vms_in_slot=None)
+            raise ValueError("a result in a region this child does not have")
+        return replace(result, vms=unpack_fragments(self.results, result.vms_in_region),
+                       vms_in_region=None)
 
     def heartbeat_age(self) -> float:
         return time.monotonic() - self.cell[BEAT]
@@ -257,8 +257,8 @@ def describe_exit(code: int) -> str:
 
 
 @dataclass
-class SlotHistory:
-    """Restarts of one slot, for the crash-loop back-off."""
+class SeatHistory:
+    """Restarts of one seat, for the crash-loop back-off."""
 
     restarts: int = 0
     loops: int = 0  # back-offs in a row, without a long enough run in between
@@ -299,7 +299,7 @@ class ChildPool:
         self.clock = clock
         self.children: dict[int, Child] = {}
         self.dying: list[Child] = []  # killed or aborted, not reaped yet
-        self.history: dict[int, SlotHistory] = {}
+        self.history: dict[int, SeatHistory] = {}
         self.stopping = False
         # What ``spawn`` builds: a test replaces it with a fake child (no process).
         self.child_factory: Callable[..., Child] = Child
@@ -312,25 +312,25 @@ class ChildPool:
     def beat_interval(self, value: float) -> None:
         self.shared[0] = value
 
-    def get(self, slot: int) -> Child | None:
-        child = self.children.get(slot)
+    def get(self, seat: int) -> Child | None:
+        child = self.children.get(seat)
         return child if child is not None and not child.gone else None
 
     def is_current(self, child: Child) -> bool:
-        return self.children.get(child.slot) is child
+        return self.children.get(child.seat) is child
 
     def sentinels(self) -> list[int]:
         return [c.sentinel for c in (*self.children.values(), *self.dying) if not c.gone]
 
-    def all_ready(self, slots: list[int]) -> bool:
-        return all((c := self.get(slot)) is not None and c.ready for slot in slots)
+    def all_ready(self, seats: list[int]) -> bool:
+        return all((c := self.get(seat)) is not None and c.ready for seat in seats)
 
-    def restarts(self, slot: int) -> int:
-        history = self.history.get(slot)
+    def restarts(self, seat: int) -> int:
+        history = self.history.get(seat)
         return history.restarts if history is not None else 0
 
-    def waiting(self, slot: int) -> bool:
-        history = self.history.get(slot)
+    def waiting(self, seat: int) -> bool:
+        history = self.history.get(seat)
         return history is not None and history.not_before > self.clock()
 
     def converge(self, wanted: dict[int, ChildSpec], hang_timeout: float,
@@ -343,31 +343,31 @@ class ChildPool:
         """
         now = self.clock()
         self._reap_dying(now, reap)
-        for slot, child in list(self.children.items()):
+        for seat, child in list(self.children.items()):
             how = child.collect() if reap else None
             if how is not None:
-                del self.children[slot]
+                del self.children[seat]
                 self.lost(child, f"died ({how})")
                 self._retire(child)
                 continue
-            spec = wanted.get(slot)
+            spec = wanted.get(seat)
             if spec is None or spec.key != child.key:
-                del self.children[slot]
+                del self.children[seat]
                 child.kill()  # outdated by a reload: nothing in it worth waiting for
                 self.dying.append(child)
                 continue
             age = child.heartbeat_age()
             if age > hang_timeout:
-                del self.children[slot]
+                del self.children[seat]
                 child.abort()
                 self.dying.append(child)
                 job = child.busy_with
                 doing = f" while running {job.describe()}" if hasattr(job, "describe") else ""
                 self.lost(child, f"stopped responding for {age:.1f} s{doing}; aborted")
-        for slot, spec in wanted.items():
-            if slot in self.children:
+        for seat, spec in wanted.items():
+            if seat in self.children:
                 continue
-            history = self.history.setdefault(slot, SlotHistory())
+            history = self.history.setdefault(seat, SeatHistory())
             if now < history.not_before:
                 continue
             self.spawn(spec)
@@ -394,15 +394,15 @@ class ChildPool:
 
     def replace(self, child: Child, why: str) -> None:
         """Kill a child that cannot go on (e.g. it sent something unreadable)."""
-        if self.children.get(child.slot) is child:
-            del self.children[child.slot]
+        if self.children.get(child.seat) is child:
+            del self.children[child.seat]
             child.kill()
             self.dying.append(child)
             self.lost(child, why)
 
     def spawn(self, spec: ChildSpec) -> Child:
         child = self.child_factory(spec, self.shared, self.level, self.on_message)
-        self.children[spec.slot] = child
+        self.children[spec.seat] = child
         log.debug("started %s (pid %d)", spec.role, child.pid)
         self.on_started(child)
         return child
@@ -411,7 +411,7 @@ class ChildPool:
         self.on_lost(child, why)
         if self.stopping:
             return
-        history = self.history.setdefault(child.slot, SlotHistory())
+        history = self.history.setdefault(child.seat, SeatHistory())
         backoff = history.record(self.clock(), child.started)
         log.error("%s (pid %d) %s; %s", child.role, child.pid, why,
                   f"restarting in {math.ceil(backoff)} s (crash loop)" if backoff

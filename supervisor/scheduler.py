@@ -230,7 +230,7 @@ class CycleRunner:
     def dispatch(self) -> None:
         """Hand pending jobs to idle workers, one job per worker at a time.
 
-        libvirt jobs prefer the lowest worker slots and the others the highest,
+        libvirt jobs prefer the lowest worker seats and the others the highest,
         so the domain listing and the bulk VM stats of a cycle usually meet the
         same worker and its open connection. With more than one worker, shell
         actions never take the first: a cycle's listing and built-ins always
@@ -239,25 +239,25 @@ class CycleRunner:
         cycle = self.cycle
         if not self.pending or cycle is None:
             return
-        idle = [slot for slot in range(self.config().workers)
-                if (c := self.pool.get(slot)) is not None and c.busy_with is None]
+        idle = [seat for seat in range(self.config().workers)
+                if (c := self.pool.get(seat)) is not None and c.busy_with is None]
         action_timeout = default_action_timeout(self.config().update_period)
         while idle and self.pending:
             job = self.pending[0]
             if needs_libvirt(job):
-                slot = idle[0]
+                seat = idle[0]
             elif isinstance(job, RunAction) and self.config().workers > 1 and idle[-1] == 0:
                 break  # only the first worker is free: keep it for libvirt and built-ins
             else:
-                slot = idle[-1]
-            idle.remove(slot)
+                seat = idle[-1]
+            idle.remove(seat)
             self.pending.pop(0)
             order = cycle.outstanding[job.job_id][0]
             if isinstance(job, RunAction):
                 # An action may outlive its cycle: it runs for its own timeout.
                 timeout = job.metric.timeout or action_timeout
                 job = replace(job, deadline=self.clock() + timeout)
-            child = self.pool.children[slot]
+            child = self.pool.children[seat]
             if isinstance(job, ListDomains):
                 self.listed_by = (job.job_id, child)
             elif (isinstance(job, Collect) and job.domains
@@ -297,7 +297,7 @@ class CycleRunner:
         carried = self.latest.fill(fresh, live, now, max_value_age(period, self.refresh),
                                    layout.order)
         # Only what the config running now names, where it puts it.
-        fragments = {layout.order[what]: slot for what, slot in fresh.items()
+        fragments = {layout.order[what]: fragment for what, fragment in fresh.items()
                      if what in layout.order}
         capacity = document_capacity(self.config().disk_size) if self.config().vbd else None
         rendered = render(fragments, cycle.domains or (), capacity, len(cycle.failures),

@@ -19,7 +19,7 @@ from typing import Any
 
 from vhostmd import __version__
 from vhostmd.runtime.files import UnsafeFile, check_private, holds_for_writing, open_no_follow
-from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, wanted_children
+from vhostmd.supervisor.children import DISK_SEAT, EVENTS_SEAT, wanted_children
 
 STATUS_VERSION = 1
 # LSB init-script status codes: running, dead with pid file, not running, unknown.
@@ -121,18 +121,18 @@ def read_status(path: str, timeout: float = 2.0) -> dict[str, Any]:
         os.close(fd)
 
 
-def child_state(supervisor: Any, slot: int, child: Any) -> str:
+def child_state(supervisor: Any, seat: int, child: Any) -> str:
     if child is None:
-        return "waiting to restart (crash loop)" if supervisor.pool.waiting(slot) else "starting"
+        return "waiting to restart (crash loop)" if supervisor.pool.waiting(seat) else "starting"
     job = child.busy_with
     if job is not None and hasattr(job, "describe"):
         return f"busy: {job.describe()}"
-    if slot == EVENTS_SLOT:
+    if seat == EVENTS_SEAT:
         return supervisor.instant.describe()
-    if slot == DISK_SLOT:
+    if seat == DISK_SEAT:
         error = supervisor.publisher.error
         return f"error: {error}" if error else "ok"
-    return "idle" if slot < DISK_SLOT else "running"
+    return "idle" if seat < DISK_SEAT else "running"
 
 
 def build_status(supervisor: Any) -> dict[str, Any]:
@@ -140,13 +140,13 @@ def build_status(supervisor: Any) -> dict[str, Any]:
     children = []
     wanted = wanted_children(supervisor.config, supervisor.uri, supervisor.disk,
                              supervisor.vm_dir)
-    for slot, spec in sorted(wanted.items()):
-        child = supervisor.pool.get(slot)
+    for seat, spec in sorted(wanted.items()):
+        child = supervisor.pool.get(seat)
         children.append({
             "role": spec.role,
             "pid": child.pid if child is not None else None,
-            "state": child_state(supervisor, slot, child),
-            "restarts": supervisor.pool.restarts(slot),
+            "state": child_state(supervisor, seat, child),
+            "restarts": supervisor.pool.restarts(seat),
             "heartbeat_age": round(child.heartbeat_age(), 3) if child is not None else None,
         })
     virtio = None

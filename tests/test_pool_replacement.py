@@ -168,7 +168,7 @@ def test_replacing_children_leaves_no_descriptor_behind(pool: Pool) -> None:
     way a child is replaced (it died, a reload outdated it, it sent something
     unreadable) must leave the descriptor count where it was.
     """
-    pool.spec = replace(WORKER, result_slot=True)  # a worker's own memfd, as the daemon's
+    pool.spec = replace(WORKER, result_region=True)  # a worker's own memfd, as the daemon's
 
     def ready_other_than(old: object) -> Callable[[], object]:
         return lambda: ((c := pool.pool.get(0)) is not None and c is not old

@@ -2,7 +2,7 @@
 
 The pool runs ``FakeChild`` (a stand-in for ``pool.Child`` that the test
 ends, stops or lets beat) through its ``child_factory`` hook; everything else
-is the real code: SlotHistory, ChildPool, CycleClock, the planning
+is the real code: SeatHistory, ChildPool, CycleClock, the planning
 functions, and a Supervisor stepped by hand.
 """
 
@@ -24,10 +24,10 @@ from vhostmd.document import parse_document
 from vhostmd.runtime.published import Placement
 from vhostmd.supervisor import planning, pool
 from vhostmd.supervisor.arbiter import Supervisor
-from vhostmd.supervisor.children import DISK_SLOT, EVENTS_SLOT, VIRTIO_SLOT, wanted_children
+from vhostmd.supervisor.children import DISK_SEAT, EVENTS_SEAT, VIRTIO_SEAT, wanted_children
 from vhostmd.supervisor.config import Config, load_config, parse_config_bytes
 from vhostmd.supervisor.cycle import Cycle, CycleClock, render
-from vhostmd.supervisor.pool import ChildPool, ChildSpec, SlotHistory, describe_exit
+from vhostmd.supervisor.pool import ChildPool, ChildSpec, SeatHistory, describe_exit
 from vhostmd.wire import (
     Collect,
     DiskReady,
@@ -71,7 +71,7 @@ class FakeChild:
     def __init__(self, spec: ChildSpec, clock: FakeClock) -> None:
         self.spec = spec
         self.role = spec.role
-        self.slot = spec.slot
+        self.seat = spec.seat
         self.key = spec.key
         self.clock = clock
         self.started = clock()
@@ -158,19 +158,19 @@ class Rig:
         self.started.append(child)
         return child
 
-    def child(self, slot: int) -> FakeChild:
-        return self.pool.children[slot]  # type: ignore[return-value]
+    def child(self, seat: int) -> FakeChild:
+        return self.pool.children[seat]  # type: ignore[return-value]
 
 
-def spec(slot: int = 0, key: tuple = ("worker",)) -> ChildSpec:
-    return ChildSpec(f"worker {slot + 1}", slot, "x:y", {}, key)
+def spec(seat: int = 0, key: tuple = ("worker",)) -> ChildSpec:
+    return ChildSpec(f"worker {seat + 1}", seat, "x:y", {}, key)
 
 
 # -- the pool: back-off, its cap and its reset --------------------------------------
 
 
 def next_start_after_a_crash(rig: Rig, ran: float, limit: float = 120.0) -> float:
-    """Let the child in slot 0 run ``ran`` s and exit 1; return how long until the next start."""
+    """Let the child in seat 0 run ``ran`` s and exit 1; return how long until the next start."""
     wanted = {0: spec()}
     rig.clock.advance(ran)
     rig.child(0).exit(1)
@@ -205,8 +205,8 @@ def test_backoff_is_reset_by_a_long_enough_run() -> None:
     assert [next_start_after_a_crash(rig, 0.25) for _ in range(5)] == [0, 0, 0, 2, 4]
 
 
-def test_slot_history_alone() -> None:
-    history = SlotHistory()
+def test_seat_history_alone() -> None:
+    history = SeatHistory()
     now = 0.0
     waits = []
     for _ in range(7):
@@ -217,7 +217,7 @@ def test_slot_history_alone() -> None:
     assert history.not_before == now
 
 
-def test_backoff_is_per_slot() -> None:
+def test_backoff_is_per_seat() -> None:
     rig = Rig()
     wanted = {0: spec(0), 1: spec(1)}
     rig.pool.converge(wanted, HANG)
@@ -451,8 +451,8 @@ class SupervisorRig:
         self.started.append(child)
         return child
 
-    def child(self, slot: int) -> FakeChild:
-        return self.sup.pool.children[slot]  # type: ignore[return-value]
+    def child(self, seat: int) -> FakeChild:
+        return self.sup.pool.children[seat]  # type: ignore[return-value]
 
     def run_once(self) -> None:
         """One turn of Supervisor.run's loop: step, and recover if it raised."""
@@ -466,8 +466,8 @@ class SupervisorRig:
 
     def answer_jobs(self) -> None:
         """Every worker answers what it was sent (listing: no domains; actions: "1")."""
-        for slot in range(self.sup.config.workers):
-            worker = self.child(slot)
+        for seat in range(self.sup.config.workers):
+            worker = self.child(seat)
             for job in worker.sent:
                 if isinstance(job, ListDomains):
                     self.say(worker, JobResult(job.job_id, domains=()))
@@ -510,7 +510,7 @@ def test_loop_recovers_from_an_internal_error(sup_rig: Callable[[str], Superviso
                              period=period, globals_extra="<workers>1</workers>"))
     rig.run_once()  # cycle 1 planned; the children start
     assert rig.sup.cycles.cycle is not None and rig.sup.cycles.cycle.number == 1
-    worker, disk = rig.child(0), rig.child(DISK_SLOT)
+    worker, disk = rig.child(0), rig.child(DISK_SEAT)
     rig.say(disk, DiskReady(str(tmp_path / "disk")))
     rig.run_once()  # the listing goes out
     [listing] = worker.sent
@@ -563,12 +563,12 @@ def test_reload_changing_workers_and_virtio_replaces_exactly_those(
     rig = sup_rig(conf(2, 8))
     rig.run_once()
     before = dict(rig.sup.pool.children)
-    assert set(before) == {0, 1, DISK_SLOT, VIRTIO_SLOT, EVENTS_SLOT}
+    assert set(before) == {0, 1, DISK_SEAT, VIRTIO_SEAT, EVENTS_SEAT}
     old_specs = wanted_children(rig.sup.config, None, rig.sup.disk)
 
     reload(rig, conf(3, 8))  # one more worker
     wanted = wanted_children(rig.sup.config, None, rig.sup.disk)
-    assert set(wanted) == {0, 1, 2, DISK_SLOT, VIRTIO_SLOT, EVENTS_SLOT}
+    assert set(wanted) == {0, 1, 2, DISK_SEAT, VIRTIO_SEAT, EVENTS_SEAT}
     assert all(rig.sup.pool.children[s] is c for s, c in before.items())
     assert all(c.signals == [] for c in before.values())
     assert 2 in rig.sup.pool.children
@@ -576,17 +576,17 @@ def test_reload_changing_workers_and_virtio_replaces_exactly_those(
     reload(rig, conf(3, 9))  # a virtio setting
     new_specs = wanted_children(rig.sup.config, None, rig.sup.disk)
     changed = {s for s in new_specs if s in old_specs and new_specs[s].key != old_specs[s].key}
-    assert changed == {VIRTIO_SLOT}
-    old_virtio = before[VIRTIO_SLOT]
+    assert changed == {VIRTIO_SEAT}
+    old_virtio = before[VIRTIO_SEAT]
     assert old_virtio.signals == ["KILL"]  # type: ignore[attr-defined]
-    assert rig.child(VIRTIO_SLOT) is not old_virtio
-    assert rig.child(VIRTIO_SLOT).spec.kwargs["max_channels"] == 9
-    assert all(rig.sup.pool.children[s] is before[s] for s in (0, 1, DISK_SLOT))
+    assert rig.child(VIRTIO_SEAT) is not old_virtio
+    assert rig.child(VIRTIO_SEAT).spec.kwargs["max_channels"] == 9
+    assert all(rig.sup.pool.children[s] is before[s] for s in (0, 1, DISK_SEAT))
 
     third = rig.child(2)
     reload(rig, conf(1, 9, period=2))  # fewer workers, another period
     assert third.signals == ["KILL"] and before[1].signals == ["KILL"]  # type: ignore[attr-defined]
-    assert set(rig.sup.pool.children) == {0, DISK_SLOT, VIRTIO_SLOT, EVENTS_SLOT}
+    assert set(rig.sup.pool.children) == {0, DISK_SEAT, VIRTIO_SEAT, EVENTS_SEAT}
     assert rig.child(0) is before[0] and rig.child(0).signals == []
     assert rig.sup.pool.beat_interval == pytest.approx(0.5)  # hang_timeout(2) / 6
     assert rig.sup.config.update_period == 2
@@ -621,7 +621,7 @@ def test_the_events_childs_state_leaves_the_virtio_refused_count_alone(
                              transports=("vbd", "virtio"),
                              globals_extra="<workers>1</workers>" + virtio_xml(tmp_path)))
     rig.run_once()  # the children start
-    virtio, events = rig.child(VIRTIO_SLOT), rig.child(EVENTS_SLOT)
+    virtio, events = rig.child(VIRTIO_SEAT), rig.child(EVENTS_SEAT)
     rig.say(virtio, VirtioStatus(connected=2, known=3, maximum=2, refused=1))
     rig.run_once()
     assert rig.sup.virtio_status == (2, 3, 2) and rig.sup.virtio_refused == 1

@@ -124,9 +124,9 @@ class Worker:
 
 
 # Below this, VM fragments are pickled with the result; above, they go through
-# the worker's result slot (a pickled 700 KB result costs the worker and the
+# the worker's result region (a pickled 700 KB result costs the worker and the
 # supervisor milliseconds in copies and pipe wake-ups).
-SLOT_THRESHOLD = 64 * 1024
+REGION_THRESHOLD = 64 * 1024
 
 
 def worker_main(ctx: ChildContext, index: int, uri: str | None,
@@ -146,13 +146,13 @@ def worker_main(ctx: ChildContext, index: int, uri: str | None,
     def handle(job: Job) -> None:
         ctx.title(f"worker {index} {job.describe()}")
         result = worker.run(job)
-        if results is not None and sum(len(f) for _vm, f in result.vms) > SLOT_THRESHOLD:
+        if results is not None and sum(len(f) for _vm, f in result.vms) > REGION_THRESHOLD:
             try:
                 packed = pack_fragments(results, result.vms)
             except PublicationTooLarge as exc:
                 result = JobResult(result.job_id, error=str(exc))
             else:
-                result = replace(result, vms=(), vms_in_slot=packed)
+                result = replace(result, vms=(), vms_in_region=packed)
         ctx.send(result)
 
     serve(ctx, handle, f"worker {index} idle")

@@ -361,12 +361,20 @@ grep -qxE 'usr/share/doc/vhostmd/README\.md(\.gz)?' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks usr/share/doc/vhostmd/README.md"
 grep -qxE 'usr/share/doc/vhostmd/README\.Debian(\.gz)?' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks usr/share/doc/vhostmd/README.Debian"
+# The pages the README links to, uncompressed so that its links work.
+for page in operations configuration lifecycle pvc migrating formats; do
+    grep -qx "usr/share/doc/vhostmd/docs/$page.md" "$WORK/vhostmd.files" \
+        || fail "package vhostmd lacks usr/share/doc/vhostmd/docs/$page.md"
+done
+grep -qx 'usr/share/doc/vhostmd/README.md' "$WORK/vhostmd.files" \
+    || fail "package vhostmd compresses README.md (its links to docs/ would break)"
 grep -qxE '(usr/)?lib/systemd/system/vhostmd\.service' "$WORK/vhostmd.files" \
     || fail "package vhostmd lacks vhostmd.service"
 expect_files vm-dump-metrics \
     usr/sbin/vm-dump-metrics usr/sbin/vm_dump_metrics \
     usr/share/man/man1/vm-dump-metrics.1.gz usr/share/man/man1/vm_dump_metrics.1.gz \
-    usr/share/doc/vm-dump-metrics/copyright usr/share/doc/vm-dump-metrics/changelog.gz
+    usr/share/doc/vm-dump-metrics/copyright usr/share/doc/vm-dump-metrics/changelog.gz \
+    usr/share/doc/vm-dump-metrics/guest.md usr/share/doc/vm-dump-metrics/formats.md
 for unit in vm-dump-metrics-textfile.service vm-dump-metrics-textfile.timer; do
     grep -qxE "(usr/)?lib/systemd/system/$unit" "$WORK/vm-dump-metrics.files" \
         || fail "package vm-dump-metrics lacks $unit"
