@@ -25,7 +25,8 @@ free. Readers copy what they need out of the slot when a placement arrives.
 
 The memfd has no name in any filesystem: only the daemon's processes hold
 it. It is sealed against shrinking and growing, so no child can truncate it
-under the supervisor's mapping. Pages are allocated only where written.
+under the supervisor's mapping. Pages are allocated only where written, and
+each process maps only the part of a slot it has used (``SharedSlots.view``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ SLOTS = 3
 # A slot's room: sparse, so only what a publication writes uses memory.
 # 128 MiB is about 180,000 VMs' fragments.
 SLOT_SIZE = 128 * 1024 * 1024
+# Each process maps only as much of a slot as it has needed so far, from this
+# much up in powers of two: a mapping's length is what ps and top show as
+# VSZ, and three 128 MiB slots for every reader and a region for every worker
+# made the supervisor look like a gigabyte. At 1000 VMs a slot maps 2 MiB.
+MIN_VIEW = 256 * 1024
 
 
 class PublicationTooLarge(ValueError):
@@ -77,30 +83,60 @@ class Placement:
 
 
 class SharedSlots:
-    """The memfd of publications, mapped by the supervisor and the children it is given to."""
+    """The memfd of publications, mapped by the supervisor and the children it is given to.
+
+    Every process keeps the descriptor and maps each slot on its own, only as
+    far as it has been used (``view``). The memfd's size never changes
+    (sealed), so a mapping can never fault; only the views grow. A child
+    that only reads gets a read-only descriptor of its own (reopened through
+    /proc), so it can neither write a publication nor map one writable.
+    """
 
     def __init__(self, fd: int | None = None, slots: int = SLOTS,
                  slot_size: int = SLOT_SIZE, writable: bool = False) -> None:
         self.slots = slots
         self.slot_size = slot_size
-        self.writable = writable  # the child's mapping: read-only unless it writes results
-        size = slots * slot_size
+        # In a child: whether it maps its slots writable. For the supervisor,
+        # which always writes: whether the children it hands this to write
+        # (a worker's result region) or only read (publications).
+        self.writable = writable
+        self.views: list[mmap.mmap | None] = [None] * slots
+        self.read_only_fd = InheritedFd(-1)
+        self.creator = fd is None
         if fd is None:  # the supervisor: create, size and seal it
             fd = os.memfd_create("vhostmd-publications", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, slots * slot_size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-            self.map = mmap.mmap(fd, size)
-            self.fd = InheritedFd(fd)  # kept: each new child gets a copy
-        else:  # a child: the mapping is all it needs
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self.map = mmap.mmap(fd, size, prot=prot)
-            os.close(fd)
-            self.fd = InheritedFd(-1)
+            if not writable:
+                self.read_only_fd = InheritedFd(
+                    os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+        self.fd = InheritedFd(fd)
+
+    def view(self, slot: int, need: int) -> mmap.mmap:
+        """This process's mapping of ``slot``, at least ``need`` bytes long."""
+        current = self.views[slot]
+        if current is not None and len(current) >= need:
+            return current
+        if need > self.slot_size:
+            raise PublicationTooLarge(f"{need} bytes do not fit a {self.slot_size}-byte slot")
+        length = min(self.slot_size, max(MIN_VIEW, 1 << max(need - 1, 0).bit_length()))
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.creator or self.writable else 0)
+        grown = mmap.mmap(self.fd.fd, length, prot=prot, offset=slot * self.slot_size)
+        if current is not None:
+            current.close()
+        self.views[slot] = grown
+        return grown
+
+    def mapped(self) -> int:
+        """Bytes this process maps (what its VSZ holds of the slots)."""
+        return sum(len(view) for view in self.views if view is not None)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Only while a child is being started: the descriptor travels with it.
-        return (_rebuild, (self.fd, self.slots, self.slot_size, self.writable))
+        # Only while a child is being started: the descriptor travels with it,
+        # the read-only one to a child that only reads.
+        fd = self.fd if self.writable else self.read_only_fd
+        return (_rebuild, (fd, self.slots, self.slot_size, self.writable))
 
     def write(self, slot: int, seq: int, document: bytes, prefix: int, host: bytes,
               vm_ids: list[int], fragments: list[bytes], on_disk: int) -> Placement:
@@ -117,9 +153,9 @@ class SharedSlots:
             raise PublicationTooLarge(
                 f"a cycle's metrics take {end} bytes, more than the {self.slot_size} "
                 f"bytes the daemon can publish")
-        base = slot * self.slot_size
-        self.map[base : base + len(document)] = document
-        self.map[base + len(document) : base + end] = left_off
+        view = self.view(slot, end)
+        view[: len(document)] = document
+        view[len(document) : end] = left_off
         host_end = prefix + len(host)
         lengths = list(map(len, fragments))
         # Fragments on the disk follow the host's, the others the document.
@@ -136,9 +172,8 @@ class SharedSlots:
 
     def read(self, placement: Placement, start: int = 0, end: int | None = None) -> bytes:
         """A copy of bytes ``start``..``end`` of the placement's slot."""
-        base = placement.slot * self.slot_size
         stop = placement.end if end is None else end
-        return self.map[base + start : base + stop]
+        return self.view(placement.slot, stop)[start:stop]
 
     def take(self, placement: Placement) -> tuple[bytes, VmFragments]:
         """Copy a whole publication out: the host fragment and every VM's fragment."""
@@ -147,8 +182,12 @@ class SharedSlots:
         return blob[start:end], VmFragments(blob, placement.vm_spans())
 
     def close(self) -> None:
-        self.map.close()
+        for view in self.views:
+            if view is not None:
+                view.close()
+        self.views = [None] * self.slots
         self.fd.close()
+        self.read_only_fd.close()
 
 
 class VmFragments:
@@ -174,13 +213,18 @@ def _rebuild(fd: InheritedFd, slots: int, slot_size: int, writable: bool) -> Sha
     return SharedSlots(fd.fd, slots, slot_size, writable)
 
 
+def _region_view(region: SharedSlots, need: int) -> mmap.mmap:
+    try:
+        return region.view(0, need)
+    except PublicationTooLarge:
+        raise PublicationTooLarge(f"a job's metrics take {need} bytes, more than the "
+                                  f"{region.slot_size} bytes a worker can send") from None
+
+
 def pack_fragments(region: SharedSlots, fragments: tuple[tuple[int, bytes], ...]) -> bytes:
     """A worker's VM fragments written back to back into its slot; returns (id, end) pairs."""
     total = sum(len(fragment) for _vm, fragment in fragments)
-    if total > region.slot_size:
-        raise PublicationTooLarge(f"a job's metrics take {total} bytes, more than the "
-                                  f"{region.slot_size} bytes a worker can send")
-    region.map[0:total] = b"".join(map(itemgetter(1), fragments))
+    _region_view(region, total)[0:total] = b"".join(map(itemgetter(1), fragments))
     values = array.array("q", map(itemgetter(0), fragments))
     values.extend(accumulate(map(len, map(itemgetter(1), fragments))))
     return values.tobytes()
@@ -194,6 +238,6 @@ def unpack_fragments(region: SharedSlots, packed: bytes) -> tuple[tuple[int, byt
     ids, ends = values[:n], values[n:]
     if not ends:
         return ()
-    blob = region.map[0 : ends[-1]]
+    blob = _region_view(region, ends[-1])[0 : ends[-1]]
     starts = [0, *ends[:-1]]
     return tuple(zip(ids, map(blob.__getitem__, map(slice, starts, ends)), strict=True))

@@ -6,7 +6,9 @@ Real memfds; the readers are test doubles that record what they were sent
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import mmap
 import os
 from collections.abc import Iterator
 
@@ -14,6 +16,7 @@ import pytest
 
 from vhostmd.document import DOCUMENT_OPEN, assemble
 from vhostmd.runtime.published import (
+    MIN_VIEW,
     Placement,
     PublicationTooLarge,
     SharedSlots,
@@ -64,17 +67,49 @@ def test_a_placement_finds_the_document_host_and_every_vm(slots: SharedSlots,
     assert vms.get(6) is None and len(vms) == 5
 
 
+def started_child(shared: SharedSlots) -> SharedSlots:
+    """The copy a child builds when it is started (what ``__reduce__`` hands over)."""
+    rebuild, (fd, *rest) = shared.__reduce__()
+    return rebuild(type(fd)(os.dup(fd.fd)), *rest)
+
+
 def test_children_map_it_read_only_and_nobody_can_resize_it(slots: SharedSlots) -> None:
-    child = SharedSlots(os.dup(slots.fd.fd), slots.slots, slots.slot_size)
+    child = started_child(slots)
     try:
+        placed = slots.write(1, 1, b"<metrics/>", 0, b"", [], [], 0)
+        assert child.read(placed) == b"<metrics/>"
         with pytest.raises(TypeError):
-            child.map[0:1] = b"x"
-        assert child.fd.fd == -1  # the mapping is all a child keeps
+            child.view(1, 1)[0:1] = b"x"
+        # Its descriptor is a read-only one: no writable mapping, no write.
+        assert fcntl.fcntl(child.fd.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        with pytest.raises(PermissionError):
+            mmap.mmap(child.fd.fd, 4096)
+        with pytest.raises(OSError):
+            os.pwrite(child.fd.fd, b"x", 0)
     finally:
         child.close()
     # Sealed: a child truncating it would make the supervisor's writes fault.
     with pytest.raises(PermissionError):
         os.ftruncate(slots.fd.fd, 4096)
+
+
+def test_each_process_maps_only_what_it_has_used() -> None:
+    shared = SharedSlots()  # the daemon's size: three 128 MiB slots
+    child = started_child(shared)
+    try:
+        assert shared.mapped() == 0 and child.mapped() == 0
+        small = shared.write(0, 1, b"x" * 1000, 0, b"", [], [], 0)
+        assert child.read(small) == b"x" * 1000
+        assert shared.mapped() == child.mapped() == MIN_VIEW
+        big = shared.write(2, 2, b"y" * (3 << 20), 0, b"", [], [], 0)  # 3 MiB
+        assert child.read(big, 0, 10) == b"y" * 10  # the child maps what it reads
+        assert child.mapped() == 2 * MIN_VIEW
+        assert child.read(big) == b"y" * (3 << 20) and child.read(small) == b"x" * 1000
+        # Slot 2 maps 4 MiB (the next power of two), slot 0 still its least.
+        assert shared.mapped() == child.mapped() == MIN_VIEW + (4 << 20)
+    finally:
+        child.close()
+        shared.close()
 
 
 def test_a_slot_a_reader_holds_is_never_rewritten(slots: SharedSlots) -> None:
