@@ -134,8 +134,12 @@ run_tests() {
     local lint=0 status=0
     say "ruff"
     "$VENV/bin/ruff" check . || lint=$?
-    say "pytest"
-    "$VENV/bin/pytest" -p no:cacheprovider "$@" || status=$?
+    # Two pytest workers (tests/conftest.py says which tests share one);
+    # VHOSTMD_TEST_JOBS=0 runs everything in one process.
+    local jobs=${VHOSTMD_TEST_JOBS:-2}
+    say "pytest ($jobs workers)"
+    "$VENV/bin/pytest" -p no:cacheprovider -n "$jobs" --dist loadgroup --no-loadscope-reorder \
+        "$@" || status=$?
     if [ "$lint" -ne 0 ]; then
         say "ruff found problems (above)"
     fi
