@@ -135,11 +135,21 @@ run_tests() {
     say "ruff"
     "$VENV/bin/ruff" check . || lint=$?
     # Two pytest workers (tests/conftest.py says which tests share one);
-    # VHOSTMD_TEST_JOBS=0 runs everything in one process.
+    # VHOSTMD_TEST_JOBS=0 runs everything in one process. The whole suite runs
+    # in two steps: first all but the systemd container and the real QEMU
+    # guests, on both workers; then those two alone, because booting them takes
+    # every CPU the machine has and the other tests' bounded waits would pay.
     local jobs=${VHOSTMD_TEST_JOBS:-2}
-    say "pytest ($jobs workers)"
-    "$VENV/bin/pytest" -p no:cacheprovider -n "$jobs" --dist loadgroup --no-loadscope-reorder \
-        "$@" || status=$?
+    local parallel=(-p no:cacheprovider -n "$jobs" --dist loadgroup --no-loadscope-reorder)
+    if [ $# -gt 0 ]; then
+        say "pytest $* ($jobs workers)"
+        "$VENV/bin/pytest" "${parallel[@]}" "$@" || status=$?
+    else
+        say "pytest: all but the systemd and QEMU tests ($jobs workers)"
+        "$VENV/bin/pytest" "${parallel[@]}" -m "not systemd and not qemu" || status=$?
+        say "pytest: the systemd and QEMU tests"
+        "$VENV/bin/pytest" -p no:cacheprovider -m "systemd or qemu" || status=$?
+    fi
     if [ "$lint" -ne 0 ]; then
         say "ruff found problems (above)"
     fi

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import Daemon, config_xml, header, metric_xml, read_disk, wait_for
+from daemon_harness import (
+    Daemon,
+    config_xml,
+    metric_xml,
+    read_disk,
+    ready_metrics,
+    wait_for,
+)
 
 GUEST = str(Path(sys.executable).parent / "vm-dump-metrics")
 # Constant values: the document is the same every cycle, so reads can be compared.
@@ -29,8 +36,7 @@ def daemon(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
     os.chmod(tmp_path, 0o755)
     disk = tmp_path / "vhostmd0"
     with Daemon(tmp_path, config_xml(disk, METRICS)) as running:
-        wait_for(lambda: disk.exists() and header(disk).busy == 0 and header(disk).length, 5,
-                 "the first document")
+        wait_for(lambda: ready_metrics(disk), 20, "the first document")
         yield running, disk
         assert running.stop() == 0
 

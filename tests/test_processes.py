@@ -103,7 +103,7 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path) -> None:
                       + '<builtin set="vhostmd"/>', globals_extra="<workers>2</workers>")
     daemon = Daemon(tmp_path, conf, env={"TMPDIR": str(helpers_tmp)})
     with daemon:
-        wait_document(disk, 10)
+        wait_document(disk, 20)
         shell = int(wait_for(lambda: action_pid.exists() and action_pid.read_text().strip(),
                              10, "the long action"))
         sleep = wait_for(lambda: list(children_of(shell)), 5, "the long action's sleep")
@@ -143,7 +143,7 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path) -> None:
         second = Daemon(tmp_path, conf, name="second")
         second.pid_file = daemon.pid_file
         with second:
-            wait_document(disk, 10)
+            wait_document(disk, 20)
             assert second.stop() == 0
 
 

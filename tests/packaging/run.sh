@@ -183,12 +183,18 @@ installed_state() {
 }
 
 # Run "$@" every 0.2 s until it succeeds, for at most $1 seconds.
-# How many of multiprocessing's named semaphores /dev/shm holds; whether at most $1.
-semaphores() {
-    find /dev/shm -maxdepth 1 -name 'sem.mp-*' | wc -l
+# The named semaphores (multiprocessing's, in /dev/shm) that the processes of
+# session $1 have mapped: this daemon's own, whatever else runs on the machine.
+session_semaphores() {
+    local p
+    for p in $(session_pids "$1"); do
+        grep -o '/dev/shm/sem\.mp-[^ ]*$' "/proc/$p/maps" 2>/dev/null || true
+    done | sort -u
 }
-semaphores_at_most() {
-    [ "$(semaphores)" -le "$1" ]
+# Whether none of the files "$@" exists.
+none_exist() {
+    local f
+    for f in "$@"; do [ ! -e "$f" ] || return 1; done
 }
 
 # Whether session $1 has at least $2 processes whose name starts with vhostmd.
@@ -726,8 +732,6 @@ else
     # of the time, in a session of its own (the workers start actions so),
     # and without a parent-death signal: when its worker dies, it stays.
     write_config "$WORK/init.conf" "$INIT_DISK" "hung; exec sleep 600"
-    # The daemon's named semaphores (its queues'): none may stay in /dev/shm.
-    sems_before=$(semaphores)
     init_script 0 start
     pid=$(daemon_pid) || fail "no pid in $PIDFILE after start"
     track "$pid"
@@ -739,6 +743,9 @@ else
     # may still show the previous daemon's document before that).
     retry 30 session_has_children "$sid" 8 \
         || fail "only $(pgrep -c -s "$sid" '^vhostmd') vhostmd processes in the daemon's session"
+    # The daemon's named semaphores (its queues'): none may stay in /dev/shm.
+    mapfile -t sems < <(session_semaphores "$sid")
+    [ ${#sems[@]} -gt 0 ] || fail "no named semaphore mapped by the daemon's processes"
     # Freeze the daemon (the supervisor first) while a worker runs the action.
     action=""
     for _ in $(seq 50); do
@@ -764,8 +771,8 @@ else
     fi
     no_process_left "after stopping a hung daemon"
     [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stopping a hung daemon"
-    retry 5 semaphores_at_most "$sems_before" \
-        || fail "the hung daemon's semaphores are left in /dev/shm ($(semaphores) now, $sems_before before)"
+    retry 5 none_exist "${sems[@]}" \
+        || fail "the hung daemon's semaphores are left in /dev/shm: ${sems[*]}"
     init_script 3 status
 fi
 

@@ -85,11 +85,39 @@ def _records(request: Request, needed: list[tuple[str, str, int]]) -> list[tuple
     return records
 
 
-def collect(request: Request) -> Sample:
+def _info_or_failures(dom: Any, domain: Domain | None, raw: dict[str, Any] | None,
+                      columns: tuple[str, ...], request: Request,
+                      sample: Sample) -> list[Any] | None:
+    """virDomainGetInfo's list for a VM the stats left short, or why not.
+
+    None: nothing more to do for this VM (it stopped during the cycle, or the
+    cycle's time is up: its missing values are failures). An empty list:
+    the call failed (failures recorded): the VM keeps what the stats gave.
+    """
     import libvirt
 
     from vhostmd.workers.libvirt_conn import error_message
 
+    def missing(reason: str) -> None:
+        if domain is not None:
+            sample.failures.extend((name, domain, reason) for name in columns
+                                   if raw is None or VM_VALUES[name][0] not in raw)
+
+    if time.monotonic() >= request.deadline:
+        # The per-domain fallback costs a call per VM: stop at the deadline.
+        missing("no time left in this cycle for libvirt domain info")
+        return None
+    try:
+        return dom.info()  # [state, maxMem, memory, nrVirtCpu, cpuTime]
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN,
+                                    libvirt.VIR_ERR_OPERATION_INVALID):
+            return None  # it stopped during the cycle
+        missing(f"libvirt domain info failed: {error_message(exc)}")
+        return []
+
+
+def collect(request: Request) -> Sample:
     columns = tuple(name for name in VM_VALUES if name in request.wanted)
     sample = Sample(vm_names=columns)
     want_allocated = ALLOCATED in request.wanted
@@ -131,32 +159,18 @@ def collect(request: Request) -> Sample:
             continue
         else:
             raw = {key: stats[key] for key in needed_keys if key in stats}
-        if time.monotonic() >= request.deadline:
-            # The per-domain fallback costs a call per VM: stop at the deadline.
-            if domain is not None:
-                sample.failures.extend(
-                    (name, domain, "no time left in this cycle for libvirt domain info")
-                    for name in columns if raw is None or VM_VALUES[name][0] not in raw)
+        info = _info_or_failures(dom, domain, raw, columns, request, sample)
+        if info is None:
             continue
-        try:
-            info = dom.info()  # [state, maxMem, memory, nrVirtCpu, cpuTime]
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN,
-                                        libvirt.VIR_ERR_OPERATION_INVALID):
-                continue  # it stopped during the cycle
+        if not info:
+            raw = raw or {}  # the call failed: what the stats gave, if anything
+        elif raw is None:
+            if want_allocated:
+                allocated += info[balloon_index]
             if domain is not None:
-                reason = f"libvirt domain info failed: {error_message(exc)}"
-                for name in columns:
-                    if raw is None or VM_VALUES[name][0] not in raw:
-                        sample.failures.append((name, domain, reason))
-            raw = raw or {}
+                rows.append((domain, from_info(info)))
+            continue
         else:
-            if raw is None:
-                if want_allocated:
-                    allocated += info[balloon_index]
-                if domain is not None:
-                    rows.append((domain, from_info(info)))
-                continue
             for key, _group, index in needed:
                 raw.setdefault(key, info[index])
         # Some values from the stats, the others from the info (or missing).
