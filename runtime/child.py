@@ -311,6 +311,10 @@ def serve(ctx: ChildContext, handle: Any, idle_title: str) -> None:
 _HELPERS_DIR_PREFIX = "vhostmd-mp-"
 
 
+class ForkserverUnavailable(Exception):
+    """The forkserver could not be started; str() is one line."""
+
+
 def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     """Start the process children are forked from; call before any thread exists.
 
@@ -346,6 +350,12 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     try:
         with _helpers_started_as_ours():
             forkserver.ensure_running()
+    except OSError as exc:
+        # A socket path longer than AF_UNIX allows (a long TMPDIR), a full
+        # or read-only temporary directory: one line, not a traceback.
+        raise ForkserverUnavailable(
+            f"cannot start the forkserver (its socket goes in {config['tempdir']}): "
+            f"{exc.strerror or exc}; set TMPDIR to a short, writable directory") from None
     finally:
         os.environ.pop(RUN_AS_ENV, None)
     if run_as is not None:

@@ -15,7 +15,12 @@ import setproctitle
 from vhostmd import __version__
 from vhostmd.disk.handle import DiskHandle, DiskRefused, existing_disk_refusal, open_disk
 from vhostmd.disk.vmdir import VmDir
-from vhostmd.runtime.child import start_forkserver, stop_forkserver, unreadable_by_us
+from vhostmd.runtime.child import (
+    ForkserverUnavailable,
+    start_forkserver,
+    stop_forkserver,
+    unreadable_by_us,
+)
 from vhostmd.runtime.files import UnsafeFile
 from vhostmd.supervisor.arbiter import Supervisor
 from vhostmd.supervisor.config import DEFAULT_CONFIG, Config, ConfigError, load_config
@@ -238,7 +243,10 @@ def start_up(args: argparse.Namespace, config: Config, argv: list[str] | None,
         # Started as root, it becomes the user itself (runtime/privileges.py);
         # systemd's variables are taken out of the environment first.
         files.notifier = Notifier()
-        start_forkserver((run_as.user, run_as.uid, run_as.gid))
+        try:
+            start_forkserver((run_as.user, run_as.uid, run_as.gid))
+        except ForkserverUnavailable as exc:
+            raise StartupError(str(exc)) from None
         drop_privileges(run_as)
         # What children run is imported by the forkserver, as this user.
         problem = unreadable_by_us()
@@ -272,7 +280,12 @@ def run_daemon(args: argparse.Namespace, config: Config, argv: list[str] | None)
     # Children are forked from the forkserver, started now (with -u: in
     # start_up, before dropping root), before the supervisor starts any thread.
     if run_as is None:
-        start_forkserver()
+        try:
+            start_forkserver()
+        except ForkserverUnavailable as exc:
+            files.close()
+            log.error("%s", exc)
+            return 1
     log.info("config %s: period %d s, transports %s, %d worker%s", args.config,
              config.update_period, ", ".join(config.transports), config.workers,
              "" if config.workers == 1 else "s")

@@ -23,6 +23,7 @@ EXPECTED = {
     "bench_events.py": "destroy -> metrics off the disk",
     "bench_floor.py": "Memory floor:",
     "bench_host_collectors.py": "same CPU count: True",
+    "bench_mechanisms.py": "| VM template rendering |",
     "bench_starvation.py": "| every VM had a value after |",
     "bench_virtio.py": "| virtio process title | vhostmd: virtio 16/16/16 channels |",
     "bench_vmdisks.py": "| shared disk + vm_disks |",

@@ -11,7 +11,15 @@ import pytest
 
 from vhostmd.supervisor.config import load_config
 
-from daemon_harness import Daemon, config_xml, disk_metrics, header, metric_xml, read_disk, wait_for
+from daemon_harness import (
+    Daemon,
+    config_xml,
+    disk_metrics,
+    metric_xml,
+    read_disk,
+    ready_metrics,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PAGERATE = REPO / "etc" / "scripts" / "pagerate.pl"
@@ -26,13 +34,6 @@ def vmstat() -> dict[str, int]:
         key, value = line.split()
         counters[key] = int(value)
     return counters
-
-
-def published(disk: Path) -> bool:
-    try:
-        return disk.exists() and header(disk).busy == 0 and header(disk).length > 0
-    except Exception:
-        return False
 
 
 # -- the helper script ----------------------------------------------------------------
@@ -108,7 +109,7 @@ def test_upstream_config_publishes_its_page_rates(tmp_path: Path) -> None:
     with Daemon(tmp_path, config) as daemon:
         # update_period 5 as upstream has it: the first cycle publishes once its
         # actions are done (pagerate.pl takes a second), at the latest after 4 s.
-        wait_for(lambda: published(disk), 20, "the first document")
+        wait_for(lambda: ready_metrics(disk), 20, "the first document")
         got = {(m.context, m.name): m for m in disk_metrics(disk)}
         raw = read_disk(disk).decode()
         for name in ("PageInRate", "PageFaultRate"):
@@ -148,7 +149,7 @@ def test_empty_and_blank_values_are_left_out_and_logged_once(tmp_path: Path) -> 
                    "&lt;/name&gt;&lt;value&gt;&lt;/value&gt;&lt;/metric&gt;\"", mtype="xml"),
     ])
     with Daemon(tmp_path, config_xml(disk, metrics)) as daemon:
-        wait_for(lambda: published(disk), 5, "the first document")
+        wait_for(lambda: ready_metrics(disk), 20, "the first document")
         daemon.wait_log("cycle 3:")
         assert {(m.context, m.name) for m in disk_metrics(disk)} == {("host", "Good")}
         assert "<value></value>" not in read_disk(disk).decode()

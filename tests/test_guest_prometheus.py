@@ -34,8 +34,8 @@ import nodes
 from daemon_harness import (
     Daemon,
     config_xml,
-    header,
     metric_xml,
+    ready_metrics,
     virtio_xml,
     wait_for,
     write_disk_image,
@@ -91,8 +91,7 @@ def host() -> Iterator[Host]:
                             transports=("vbd", "virtio"),
                             globals_extra=virtio_xml(root / "channels"))
         with Daemon(root, config, uri=uri) as daemon:
-            wait_for(lambda: disk.exists() and header(disk).busy == 0 and header(disk).length,
-                     20, "the first document")
+            wait_for(lambda: ready_metrics(disk), 20, "the first document")
             yield Host(daemon, disk, port, domains[0].uuid)
     finally:
         if bridge is not None:

@@ -14,13 +14,18 @@ import ast
 import itertools
 import os
 import re
+import shutil
 import signal
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from daemon_harness import (
+    VHOSTMD,
     Daemon,
     alive,
     children_of,
@@ -89,11 +94,33 @@ def semaphores(pid: int) -> set[str]:
     return set(re.findall(r"(/dev/shm/sem\.\S+)$", maps, re.MULTILINE))
 
 
-def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path) -> None:
+def test_a_temporary_directory_too_long_for_a_socket_is_one_line(tmp_path: Path) -> None:
+    """The forkserver listens on a unix socket under TMPDIR: too long a path is refused
+    with one line (and the pid file goes), never a traceback."""
+    long_tmp = tmp_path / ("t" * 100)
+    long_tmp.mkdir()
+    pid_file = tmp_path / "vhostmd.pid"
+    conf = tmp_path / "vhostmd.conf"
+    conf.write_text(config_xml(tmp_path / "vhostmd0", metric_xml("A", "echo 1")))
+    done = subprocess.run([VHOSTMD, "-d", "-f", str(conf), "-c", "test:///default",
+                           "-p", str(pid_file)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TMPDIR": str(long_tmp)})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "cannot start the forkserver" in errors[0], done.stderr
+    assert "set TMPDIR to a short, writable directory" in errors[0]
+    assert not pid_file.exists()
+
+
+def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path,
+                                                       request: pytest.FixtureRequest) -> None:
     """Issue 19, section 1: SIGKILL of the supervisor ends the whole daemon within 2 s."""
     disk = tmp_path / "vhostmd0"
-    helpers_tmp = tmp_path / "tmp"  # where multiprocessing puts its files (TMPDIR)
-    helpers_tmp.mkdir()
+    # Where multiprocessing puts its files (TMPDIR): short, as a unix socket's
+    # path must be (pytest's tmp_path can be too long under xdist).
+    helpers_tmp = Path(tempfile.mkdtemp(prefix="vhm-"))
+    request.addfinalizer(lambda: shutil.rmtree(helpers_tmp, ignore_errors=True))
     action_pid = tmp_path / "action.pid"
     # An action that runs long (a shell and its child, in a session of their own).
     long_action = (f"echo $$ > {action_pid}.tmp; mv {action_pid}.tmp {action_pid}; "
