@@ -21,7 +21,7 @@ caches go as cold as the machine's neighbours make them):
   plainly, each metric checked and rendered on its own.
 
 Usage: .venv/bin/python bench/bench_mechanisms.py [--domains 1000] [--rounds 6]
-       [--periods 1,5]
+       [--periods 1,5] [--only "result regions"]
 Prints a markdown table and the machine it ran on.
 """
 
@@ -275,6 +275,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6,
                         help="cycles measured at each period (back to back: 5x as many)")
     parser.add_argument("--periods", default="1,5", help="seconds between cycles, comma-separated")
+    parser.add_argument("--only", default="", help="only the mechanisms whose label has this")
     parser.add_argument("--quick", action="store_true",
                         help="a run of a few seconds that only shows the bench still works "
                              "(tests/test_bench.py runs every bench so)")
@@ -303,6 +304,8 @@ def main() -> int:
         print("| " + " | ".join(header) + " |")
         print("|---|" + "---:|" * (len(header) - 1))
         for label, make in mechanisms.items():
+            if args.only not in label:
+                continue
             cells = []
             for period in [0.0, *periods]:
                 rounds = args.rounds * (5 if period == 0 else 1)

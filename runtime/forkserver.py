@@ -16,6 +16,10 @@ from vhostmd.runtime.privileges import drop_in_forkserver
 
 drop_in_forkserver()
 
+from vhostmd.runtime.footprint import limit_address_space  # noqa: E402
+
+limit_address_space()  # children are forked from here: they inherit it
+
 import gc  # noqa: E402 - imported as the user, after the line above
 
 import setproctitle  # noqa: E402

@@ -22,6 +22,7 @@ from vhostmd.runtime.child import (
     unreadable_by_us,
 )
 from vhostmd.runtime.files import UnsafeFile
+from vhostmd.runtime.footprint import limit_address_space
 from vhostmd.supervisor.arbiter import Supervisor
 from vhostmd.supervisor.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from vhostmd.supervisor.daemon import (
@@ -257,6 +258,7 @@ def start_up(args: argparse.Namespace, config: Config, argv: list[str] | None,
 
 
 def run_daemon(args: argparse.Namespace, config: Config, argv: list[str] | None) -> int:
+    limit_address_space()  # before any thread
     # Lines go to stderr until the daemon detaches.
     setup_logging(verbose=args.verbose)
     pid_path = args.pid_file or (DEFAULT_PID_FILE if os.geteuid() == 0 else None)
