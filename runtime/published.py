@@ -111,6 +111,9 @@ class SharedSlots:
             if not writable:
                 self.read_only_fd = InheritedFd(
                     os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+                # A memfd is made 0777: a reader running as -u USER could
+                # reopen its read-only descriptor through /proc for writing.
+                os.fchmod(fd, 0o400)
         self.fd = InheritedFd(fd)
 
     def view(self, slot: int, need: int) -> mmap.mmap:

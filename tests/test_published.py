@@ -10,6 +10,7 @@ import fcntl
 import logging
 import mmap
 import os
+import pwd
 from collections.abc import Iterator
 
 import pytest
@@ -91,6 +92,31 @@ def test_children_map_it_read_only_and_nobody_can_resize_it(slots: SharedSlots) 
     # Sealed: a child truncating it would make the supervisor's writes fault.
     with pytest.raises(PermissionError):
         os.ftruncate(slots.fd.fd, 4096)
+
+
+def test_a_reader_that_is_not_root_cannot_reopen_it_for_writing(slots: SharedSlots) -> None:
+    """A -u disk-writer or virtio holds the read-only descriptor: /proc/self/fd/N
+    reopened O_RDWR would let it forge what virtio serves."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+    nobody = pwd.getpwnam("nobody")
+    placed = slots.write(0, 1, b"<metrics/>", 0, b"", [], [], 0)
+    fd = slots.read_only_fd.fd
+    pid = os.fork()
+    if pid == 0:  # the reader, as another user: exit 0 only if it reads and cannot write
+        status = 1
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            if mmap.mmap(fd, 4096, prot=mmap.PROT_READ)[: placed.end] == b"<metrics/>":
+                try:
+                    os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDWR))
+                except PermissionError:
+                    status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_each_process_maps_only_what_it_has_used() -> None:
