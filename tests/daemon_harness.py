@@ -227,8 +227,9 @@ class Daemon:
 
     def __init__(self, tmp: Path, config: str, *, uri: str = "test:///default",
                  args: tuple[str, ...] = (), name: str = "vhostmd",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.tmp = tmp
+        self.cwd = cwd
         self.conf = tmp / f"{name}.conf"
         self.conf.write_text(config)
         self.log_path = tmp / f"{name}.log"
@@ -249,7 +250,7 @@ class Daemon:
         cmd += list(self.args)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=self.env)
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         return self
 
     @property

@@ -28,6 +28,7 @@ from daemon_harness import (
     Daemon,
     config_xml,
     metric_xml,
+    ready_metrics,
     updates_resume,
     virtio_xml,
     wait_for,
@@ -618,3 +619,28 @@ def test_channel_directory_planted_by_another_user_is_not_served(shared_dir: Pat
         fake.kill()
         out, _ = fake.communicate()
     assert "connected" not in out
+
+
+def test_modules_planted_in_the_working_directory_are_never_imported(tmp_path: Path) -> None:
+    """Root starting vhostmd from /tmp: Python puts the working directory first on
+    sys.path for ``python3 -c`` (how multiprocessing starts its forkserver and
+    resource tracker). Nothing a local user plants there may be imported."""
+    planted = tmp_path / "cwd"
+    planted.mkdir(mode=0o1777)
+    planted.chmod(0o1777)  # world-writable and sticky, as /tmp is
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    for module in ("multiprocessing/__init__", "multiprocessing/forkserver", "setproctitle",
+                   "vhostmd/__init__", "libvirt", "lxml/__init__", "psutil", "encodings/idna",
+                   "sitecustomize", "usercustomize"):
+        path = planted / f"{module}.py"
+        path.parent.mkdir(exist_ok=True)
+        name = module.replace("/", ".")
+        path.write_text(f"open({str(markers / name)!r}, 'w').write('imported')\n")
+    disk = tmp_path / "vhostmd0"
+    conf = config_xml(disk, '<builtin set="vhostmd"/>' + metric_xml("A", "echo 1"))
+    with Daemon(tmp_path, conf, cwd=planted) as daemon:
+        wait_for(lambda: any(m.context == "vm" for m in ready_metrics(disk) or ()), 20,
+                 "VM metrics (the workers imported libvirt)")
+        assert daemon.stop() == 0
+    assert sorted(p.name for p in markers.iterdir()) == []
