@@ -79,9 +79,33 @@ def fragments(n: int) -> dict[int, bytes]:
             for d, row in vm_rows(n)}
 
 
-# Each mechanism: a reader (or sender) in a child process, and the parent's
-# side of one cycle. The child answers each message on `done` and, at the
-# end, its CPU seconds.
+class Peer:
+    """A child process on two queues, as the daemon's are: it answers each message
+    on ``done`` and, after None, its CPU seconds."""
+
+    def __init__(self, target: Callable[..., None], *args: object,
+                 shared: SharedSlots | None = None) -> None:
+        self.inbox: multiprocessing.Queue = multiprocessing.Queue()
+        self.done: multiprocessing.Queue = multiprocessing.Queue()
+        self.shared = shared
+        self.process = multiprocessing.Process(target=target,
+                                               args=(*args, self.inbox, self.done))
+        self.process.start()
+
+    def ask(self, message: object) -> object:
+        self.inbox.put(message)
+        return self.done.get()
+
+    def finish(self) -> float:
+        spent = self.ask(None)
+        self.process.join()
+        if self.shared is not None:
+            self.shared.close()
+        return float(spent)  # type: ignore[arg-type]
+
+
+# Each mechanism: a reader (or sender) in a child process (a Peer), and the
+# parent's side of one cycle.
 
 def _publication_reader(shared: SharedSlots | None, inbox: multiprocessing.Queue,
                         done: multiprocessing.Queue) -> None:
@@ -101,31 +125,19 @@ def publication(n: int, with_it: bool) -> tuple[Callable[[], None], Callable[[],
     host = b"<metric type='string' context='host'><name>HostName</name><value>h</value></metric>\n"
     document = assemble([host, *vms.values()])
     shared = SharedSlots() if with_it else None
-    inbox, done = multiprocessing.Queue(), multiprocessing.Queue()
-    reader = multiprocessing.Process(target=_publication_reader, args=(shared, inbox, done))
-    reader.start()
+    reader = Peer(_publication_reader, shared, shared=shared)
     ids, values = list(vms), list(vms.values())
     seq = [0]
 
     def cycle() -> None:
         seq[0] += 1
         if shared is not None:
-            placed = shared.write(seq[0] % 3, seq[0], document, len(b"<metrics>\n"), host,
-                                  ids, values, len(values))
-            inbox.put(placed)
+            reader.ask(shared.write(seq[0] % 3, seq[0], document, len(b"<metrics>\n"), host,
+                                    ids, values, len(values)))
         else:
-            inbox.put((document, host, vms))
-        done.get()
+            reader.ask((document, host, vms))
 
-    def finish() -> float:
-        inbox.put(None)
-        spent = done.get()
-        reader.join()
-        if shared is not None:
-            shared.close()
-        return spent
-
-    return cycle, finish
+    return cycle, reader.finish
 
 
 def _result_sender(region: SharedSlots | None, n: int, inbox: multiprocessing.Queue,
@@ -139,25 +151,14 @@ def _result_sender(region: SharedSlots | None, n: int, inbox: multiprocessing.Qu
 
 def result_region(n: int, with_it: bool) -> tuple[Callable[[], None], Callable[[], float]]:
     region = SharedSlots(slots=1, writable=True) if with_it else None
-    inbox, done = multiprocessing.Queue(), multiprocessing.Queue()
-    sender = multiprocessing.Process(target=_result_sender, args=(region, n, inbox, done))
-    sender.start()
+    sender = Peer(_result_sender, region, n, shared=region)
 
     def cycle() -> None:
-        inbox.put(True)
-        got = done.get()
+        got = sender.ask(True)
         if region is not None:
-            unpack_fragments(region, got)
+            unpack_fragments(region, got)  # type: ignore[arg-type]
 
-    def finish() -> float:
-        inbox.put(None)
-        spent = done.get()
-        sender.join()
-        if region is not None:
-            region.close()
-        return spent
-
-    return cycle, finish
+    return cycle, sender.finish
 
 
 def _job_taker(inbox: multiprocessing.Queue, done: multiprocessing.Queue) -> None:
@@ -175,27 +176,16 @@ def _job_taker(inbox: multiprocessing.Queue, done: multiprocessing.Queue) -> Non
 def domains_from(n: int, with_it: bool) -> tuple[Callable[[], None], Callable[[], float]]:
     domains = tuple(d for d, _row in vm_rows(n))
     names = tuple(spec.name for spec in vm_specs())
-    inbox, done = multiprocessing.Queue(), multiprocessing.Queue()
-    taker = multiprocessing.Process(target=_job_taker, args=(inbox, done))
-    taker.start()
-    inbox.put((1, domains))
-    done.get()
+    taker = Peer(_job_taker)
+    taker.ask((1, domains))
 
     def cycle() -> None:
         if with_it:
-            job = Collect(2, time.time() + 5, "libvirt_domains", names, (), domains_from=1)
+            taker.ask(Collect(2, time.time() + 5, "libvirt_domains", names, (), domains_from=1))
         else:
-            job = Collect(2, time.time() + 5, "libvirt_domains", names, domains)
-        inbox.put(job)
-        done.get()
+            taker.ask(Collect(2, time.time() + 5, "libvirt_domains", names, domains))
 
-    def finish() -> float:
-        inbox.put(None)
-        spent = done.get()
-        taker.join()
-        return spent
-
-    return cycle, finish
+    return cycle, taker.finish
 
 
 def vm_disk_mapping(n: int, with_it: bool, where: Path) -> tuple[Callable[[], None],

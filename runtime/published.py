@@ -11,8 +11,8 @@ A slot holds the document, then the fragments of VMs left off the disk (too
 small a disk): everything virtio serves. ``Placement`` says where the
 document ends, where the host fragment and each VM's fragment are.
 
-The other way, each worker gets a result region of its own (one slot) (``writable``
-in the worker) for the VM fragments of its results: ``pack_fragments``
+The other way, each worker gets a result region of its own (a one-slot
+``SharedSlots``, ``writable`` in the worker) for the VM fragments of its results: ``pack_fragments``
 writes them back to back, the result carries only their ids and ends, and
 the supervisor copies them out (``unpack_fragments``) before it gives that
 worker its next job, so the slot is never rewritten while unread. A region
@@ -102,7 +102,8 @@ class SharedSlots:
         self.writable = writable
         self.views: list[mmap.mmap | None] = [None] * slots
         self.read_only_fd = InheritedFd(-1)
-        self.creator = fd is None
+        writes = fd is None or writable
+        self.prot = mmap.PROT_READ | (mmap.PROT_WRITE if writes else 0)
         if fd is None:  # the supervisor: create, size and seal it
             fd = os.memfd_create("vhostmd-publications", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(fd, slots * slot_size)
@@ -124,8 +125,7 @@ class SharedSlots:
         if need > self.slot_size:
             raise PublicationTooLarge(f"{need} bytes do not fit a {self.slot_size}-byte slot")
         length = min(self.slot_size, max(MIN_VIEW, 1 << max(need - 1, 0).bit_length()))
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.creator or self.writable else 0)
-        grown = mmap.mmap(self.fd.fd, length, prot=prot, offset=slot * self.slot_size)
+        grown = mmap.mmap(self.fd.fd, length, prot=self.prot, offset=slot * self.slot_size)
         if current is not None:
             current.close()
         self.views[slot] = grown
