@@ -17,7 +17,7 @@ processes have run in between.
 
 The memory floor is the same process model doing nothing: a fresh Python
 that imports the supervisor's modules, starts the forkserver with the
-daemon's preload (and so Python's resource tracker) and forks as many
+daemon's preload and forks as many
 children as the daemon runs, each blocked on a multiprocessing queue. No
 document, no libvirt connection: what the processes cost before any work.
 
@@ -184,7 +184,7 @@ def daemon(uri: str, tmp: Path, seconds: float,
                 title = " ".join(p.cmdline())
                 if ": " in title:
                     return title.split(": ", 1)[1].split(" ")[0]
-                return "resource_tracker" if "resource_tracker" in title else title[:20]
+                return title[:20]
 
             def cpu() -> dict[str, float]:
                 by_role: dict[str, float] = {}

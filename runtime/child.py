@@ -209,33 +209,22 @@ class _ToSupervisor(logging.Handler):
 
 
 def _let_go_of_helpers() -> None:
-    """Close this child's ends of the pipes that keep multiprocessing's helpers alive.
+    """Close this child's end of the pipe that keeps the forkserver alive.
 
-    The forkserver hands every child the write end of its keep-alive pipe and
-    the resource tracker's pipe. Each helper runs until every write end is
-    closed; with the children holding them, a supervisor killed outright
-    (SIGKILL, the OOM killer) left the forkserver, every child and the
-    tracker running, and the disk locked. Without them, the supervisor's
-    death closes the last write ends: the forkserver exits, which kills its
-    children (PDEATHSIG), and the tracker unlinks the queues' semaphores.
+    The forkserver hands every child the write end of its keep-alive pipe,
+    and runs until every write end is closed; with the children holding it,
+    a supervisor killed outright (SIGKILL, the OOM killer) left the
+    forkserver and every child running, and the disk locked. Without it, the
+    supervisor's death closes the last write end: the forkserver exits,
+    which kills its children (PDEATHSIG) and unlinks the queues' semaphores.
     """
-    from multiprocessing import forkserver, resource_tracker
+    from multiprocessing import forkserver
 
     server = forkserver._forkserver
     if server._forkserver_alive_fd is not None:
         with contextlib.suppress(OSError):
             os.close(server._forkserver_alive_fd)
         server._forkserver_alive_fd = None
-    tracker = resource_tracker._resource_tracker
-    if tracker._fd is not None:
-        # Pointed at /dev/null rather than closed: anything that registers a
-        # resource here then talks to nobody instead of starting a tracker
-        # of its own (children create no named resources; the supervisor does).
-        sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.dup2(sink, tracker._fd, inheritable=False)
-        finally:
-            os.close(sink)
 
 
 def _setup(ctx: ChildContext) -> None:
@@ -343,6 +332,7 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     config = process.current_process()._config
     if config.get("tempdir") is None:
         config["tempdir"] = tempfile.mkdtemp(prefix=_HELPERS_DIR_PREFIX)
+    _semaphores_named_after(config["tempdir"])
     CTX.set_forkserver_preload([PRELOAD])
     if run_as is not None:
         user, uid, gid = run_as
@@ -366,43 +356,81 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
             os.chown(path, uid, gid)
 
 
+def _semaphores_named_after(helpers_dir: str) -> None:
+    """Name the queues' semaphores after the forkserver's directory; start no resource tracker.
+
+    A multiprocessing queue has three named POSIX semaphores (files in
+    /dev/shm), which a child opens by name. multiprocessing would start a
+    *resource tracker* to unlink them should the supervisor die: a Python
+    interpreter of its own, the daemon's largest process after the children
+    (7.6 MiB of PSS measured at 1000 VMs), and root's under -u. The
+    forkserver outlives the supervisor just as well and unlinks them as it
+    exits (``_remove_semaphores``): their names start with its directory's
+    (random) name, and it knows that name. multiprocessing unlinks each
+    queue's semaphores itself when the queue is freed or the supervisor
+    exits. Its tracker is pointed at /dev/null, so none is started: its
+    liveness probe writes there and succeeds.
+    """
+    from multiprocessing import process, resource_tracker
+
+    process.current_process()._config["semprefix"] = "/" + os.path.basename(helpers_dir)
+    tracker = resource_tracker._resource_tracker
+    if tracker._fd is None:
+        tracker._fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+
+# Where glibc keeps a named semaphore "/NAME": /dev/shm/sem.NAME.
+_SEMAPHORE_FILES = "/dev/shm/sem."
+
+
+def _remove_semaphores(helpers_dir: str) -> None:
+    """In the forkserver, as it exits: unlink the semaphores the supervisor left.
+
+    Those of a supervisor killed outright; after a clean stop none is left.
+    Processes that still have one open keep it: unlinking only removes the
+    name. Only files of ours (the directory is world-writable).
+    """
+    prefix = _SEMAPHORE_FILES + os.path.basename(helpers_dir) + "-"
+    folder, _, start = prefix.rpartition("/")
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if not name.startswith(start):
+                continue
+            path = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_uid == os.geteuid():
+                    os.unlink(path)
+
+
 # The forkserver's preload (runtime/forkserver.py).
 PRELOAD = "vhostmd.runtime.forkserver"
 
-# What multiprocessing runs with ``python3 -c`` for its two helpers, and the
-# title each gets from us.
-_HELPERS = {"from multiprocessing.forkserver import main": "forkserver",
-            "from multiprocessing.resource_tracker import main": "resource tracker"}
+# What multiprocessing runs with ``python3 -c`` to start the forkserver.
+_FORKSERVER_PROGRAM = "from multiprocessing.forkserver import main"
 
 
-def helper_program(program: str, path: list[str]) -> str:
-    """The ``-c`` program of a multiprocessing helper, made to run as one of ours.
+def forkserver_program(program: str, path: list[str]) -> str:
+    """The forkserver's ``-c`` program, made to import our preload.
 
     Python 3.11's forkserver is handed the supervisor's ``sys.path`` and
     ignores it; the interpreter's flags (``-I`` of the Debian launcher) keep
     PYTHONPATH out too. So in the installed package, whose modules live in a
     private directory, the preload could not be imported, and multiprocessing
     swallows that ImportError: no libvirt or lxml shared by the children, no
-    gc.freeze, and a 300-character ``python3 -I -c ...`` in ``ps``. Both
-    helpers get the supervisor's path first; the resource tracker, which runs
-    none of our code, gets its ``vhostmd:`` title here (the forkserver gets
-    its own from the preload, so that the title says the preload ran).
+    gc.freeze, and a 300-character ``python3 -I -c ...`` in ``ps``. It gets
+    the supervisor's path first (its ``vhostmd: forkserver`` title comes from
+    the preload, so that the title says the preload ran).
     """
-    title = next((t for start, t in _HELPERS.items() if program.startswith(start)), None)
-    if title is None:
+    if not program.startswith(_FORKSERVER_PROGRAM):
         return program
-    prologue = f"import sys; sys.path[:] = {path!r}\n"
-    if title != "forkserver":
-        prologue += ("try:\n import setproctitle\nexcept ImportError:\n pass\nelse:\n"
-                     f" setproctitle.setproctitle({'vhostmd: ' + title!r})\n")
-    return prologue + program
+    return f"import sys; sys.path[:] = {path!r}\n" + program
 
 
 @contextlib.contextmanager
 def _helpers_started_as_ours() -> Any:
-    """While the helpers start: run their programs through helper_program.
+    """While the forkserver starts: run its program through forkserver_program.
 
-    multiprocessing starts both with ``util.spawnv_passfds(exe, args, fds)``,
+    multiprocessing starts it with ``util.spawnv_passfds(exe, args, fds)``,
     ``args`` ending in ``-c PROGRAM``; that call is wrapped for the duration.
     """
     from multiprocessing import util
@@ -412,7 +440,7 @@ def _helpers_started_as_ours() -> Any:
     def spawn(path: Any, args: Any, passfds: Any) -> int:
         args = list(args)
         if len(args) >= 2 and args[-2] == "-c":
-            args[-1] = helper_program(args[-1], list(sys.path))
+            args[-1] = forkserver_program(args[-1], list(sys.path))
         return original(path, args, passfds)
 
     util.spawnv_passfds = spawn
@@ -428,7 +456,8 @@ def clean_up_at_forkserver_exit() -> None:
     It exits when the supervisor has stopped it (every child already gone),
     or when the supervisor died (its keep-alive pipe reads EOF). Then it ends
     what is left below it, actions included (``_end_children_and_actions``),
-    and removes its socket and directory (``_remove_helpers_dir``).
+    and removes its socket and directory and the queues' semaphores left in
+    /dev/shm (``_remove_helpers_dir``).
     Children are forked from the forkserver and inherit the registration;
     they leave with os._exit, which runs no exit handler.
     """
@@ -472,7 +501,7 @@ def _end_children_and_actions() -> None:
 
 def _remove_helpers_dir() -> None:
     """The forkserver's socket and directory, if ``start_forkserver`` made the directory
-    (multiprocessing removes its own)."""
+    (multiprocessing removes its own), and the semaphores named after it."""
     from multiprocessing import forkserver
 
     address = forkserver._forkserver._forkserver_address
@@ -481,6 +510,7 @@ def _remove_helpers_dir() -> None:
     folder = os.path.dirname(address)
     if not os.path.basename(folder).startswith(_HELPERS_DIR_PREFIX):
         return
+    _remove_semaphores(folder)
     with contextlib.suppress(OSError):
         os.unlink(address)
     with contextlib.suppress(OSError):
@@ -488,26 +518,28 @@ def _remove_helpers_dir() -> None:
 
 
 def stop_forkserver() -> None:
-    """At shutdown, after every child is gone: stop the forkserver and resource tracker.
+    """At shutdown, after every child is gone: stop the forkserver.
 
-    Both would end on their own right after the supervisor, but as orphans:
-    an init that does not reap (a container) keeps them as zombies, and an
-    init script waiting for every process of the daemon waits for them. So
-    the supervisor stops and reaps them itself, with the functions
-    multiprocessing uses for that in its own tests; where a Python lacks
-    them, the helpers still end on their own.
+    It would end on its own right after the supervisor, but as an orphan: an
+    init that does not reap (a container) keeps it as a zombie, and an init
+    script waiting for every process of the daemon waits for it. So the
+    supervisor stops and reaps it itself, with the function multiprocessing
+    uses for that in its own tests; where a Python lacks it, the forkserver
+    still ends on its own.
     """
-    from multiprocessing import forkserver, process, resource_tracker
+    from multiprocessing import forkserver, process
 
     # The forkserver removes its socket as it exits, so multiprocessing's
     # own removal after it may find nothing there: ignored, as any failure.
-    for helper in (getattr(forkserver, "_forkserver", None),
-                   getattr(resource_tracker, "_resource_tracker", None)):
-        with contextlib.suppress(Exception):
-            helper._stop()  # type: ignore[union-attr]
+    with contextlib.suppress(Exception):
+        forkserver._forkserver._stop()  # type: ignore[attr-defined]
     folder = process.current_process()._config.get("tempdir")
     if folder is not None and os.path.basename(folder).startswith(_HELPERS_DIR_PREFIX):
         shutil.rmtree(folder, ignore_errors=True)
+        # multiprocessing has unlinked every queue's semaphores by now (its
+        # finalizers run before this one); should one have been missed, it
+        # goes here, as the forkserver would remove it.
+        _remove_semaphores(folder)
 
 
 # The libraries the forkserver imports for the children, besides our own packages.

@@ -17,11 +17,10 @@ any process USER runs. So none may be traceable by USER:
   user is not dumpable from that moment (fs.suid_dumpable 0, Linux's
   default; otherwise the mark follows a few instructions later).
 
-Multiprocessing's resource tracker, started with the forkserver, then stays
-root's: it only removes the daemon's semaphores once every other process of
-the daemon has closed its pipe, and only the daemon's processes hold that
-pipe. Shell actions are new programs run as USER: USER may trace them, as it
-may change anything else an action of its own reads.
+No process of the daemon stays root's: multiprocessing's resource tracker,
+which would, is not started (``runtime/child.py``). Shell actions are new
+programs run as USER: USER may trace them, as it may change anything else an
+action of its own reads.
 """
 
 from __future__ import annotations

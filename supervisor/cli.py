@@ -299,12 +299,12 @@ def run_daemon(args: argparse.Namespace, config: Config, argv: list[str] | None)
     try:
         status = supervisor.run()
         if supervisor.all_stopped:
-            # Every child is gone: stop multiprocessing's helpers too, so that
-            # nothing of the daemon outlives it (no orphan for init to reap).
-            # As the very last exit step: multiprocessing's own exit handler
-            # first frees the queues' semaphores (its finalizers of priority
-            # 0 and up), which the resource tracker would otherwise remove
-            # under them.
+            # Every child is gone: stop the forkserver too, so that nothing
+            # of the daemon outlives it (no orphan for init to reap). As the
+            # very last exit step: multiprocessing's own exit handler first
+            # unlinks the queues' semaphores (its finalizers of priority 0
+            # and up), which the forkserver would otherwise remove under
+            # them as it exits.
             multiprocessing.util.Finalize(None, stop_forkserver, exitpriority=-100)
     finally:
         if files.pid_file is not None:

@@ -434,8 +434,8 @@ class ChildPool:
                 child.collect(2.0)
             child.release()
         # Reader threads end within about half a second of their child; until
-        # then they hold its queues (named semaphores the resource tracker
-        # would otherwise clean up under them at exit).
+        # then they hold its queues (named semaphores the forkserver would
+        # otherwise unlink under them as it exits).
         deadline = time.monotonic() + 2.0
         for child in children:
             child.join_reader(max(0.0, deadline - time.monotonic()))

@@ -202,14 +202,13 @@ def test_user_option_user_can_trace_no_process_of_the_daemon(
         tried = as_user(test_user, sys.executable, str(script), *map(str, processes))
         assert tried.returncode == 0, tried.stderr
         assert tried.stdout.splitlines() == ["done"], (tried.stdout, processes)
-        # Each runs as the user all the same, the resource tracker excepted (root's).
+        # Each runs as the user all the same: none is left to root.
         users = {pid: psutil.Process(pid).uids().real for pid in processes}
-        trackers = {pid for pid, cmd in processes.items() if "resource" in cmd and "tracker" in cmd}
         assert {pid for pid, uid in users.items()
-                if uid != pwd.getpwnam(test_user).pw_uid} == trackers, processes
+                if uid != pwd.getpwnam(test_user).pw_uid} == set(), processes
         updates_resume(disk)
         assert daemon.stop() == 0
-    # The root tracker included, nothing of the daemon outlives it.
+    # Nothing of the daemon outlives it.
     assert not [pid for pid in processes if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
@@ -623,8 +622,8 @@ def test_channel_directory_planted_by_another_user_is_not_served(shared_dir: Pat
 
 def test_modules_planted_in_the_working_directory_are_never_imported(tmp_path: Path) -> None:
     """Root starting vhostmd from /tmp: Python puts the working directory first on
-    sys.path for ``python3 -c`` (how multiprocessing starts its forkserver and
-    resource tracker). Nothing a local user plants there may be imported."""
+    sys.path for ``python3 -c`` (how multiprocessing starts its forkserver).
+    Nothing a local user plants there may be imported."""
     planted = tmp_path / "cwd"
     planted.mkdir(mode=0o1777)
     planted.chmod(0o1777)  # world-writable and sticky, as /tmp is

@@ -153,12 +153,13 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path,
                              10, "the long action"))
         sleep = wait_for(lambda: list(children_of(shell)), 5, "the long action's sleep")
         processes = {**children_of(daemon.pid), shell: "sh", sleep[0]: "sleep"}
-        # The forkserver, the resource tracker, two workers, the disk-writer
-        # (and maybe an action's shell, if one runs now).
+        # The forkserver, two workers, the disk-writer (and maybe an action's
+        # shell, if one runs now); no resource tracker.
         titles = " | ".join(processes.values())
-        for part in ("vhostmd: forkserver", "vhostmd: resource tracker", "vhostmd: worker 1",
+        for part in ("vhostmd: forkserver", "vhostmd: worker 1",
                      "vhostmd: worker 2", "vhostmd: disk-writer"):
             assert part in titles, titles
+        assert "resource_tracker" not in titles and "resource tracker" not in titles, titles
         ours = set().union(*(semaphores(pid) for pid in [daemon.pid, *processes]))
         assert ours, "the daemon's queues use no named semaphore: the check below is void"
         assert list(helpers_tmp.iterdir()), "the daemon left nothing in TMPDIR to check"
@@ -175,8 +176,8 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path,
                     os.kill(pid, signal.SIGKILL)
         took = time.monotonic() - killed
         assert took < 2.0, f"the daemon's processes outlived its supervisor by {took:.1f} s"
-        # The resource tracker unlinks the semaphores as it ends, the
-        # forkserver its socket and directory.
+        # The forkserver unlinks the semaphores as it ends, and removes its
+        # socket and directory.
         wait_for(lambda: not any(os.path.exists(path) for path in ours), 2,
                  "the daemon's semaphores to be unlinked")
         assert list(helpers_tmp.iterdir()) == []
@@ -189,7 +190,11 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path,
         second.pid_file = daemon.pid_file
         with second:
             wait_document(disk, 20)
+            theirs = set().union(*(semaphores(pid) for pid in [second.pid, *second.titles()]))
+            assert theirs, "the second daemon's queues use no named semaphore"
             assert second.stop() == 0
+        # A clean stop leaves no semaphore either.
+        assert [path for path in theirs if os.path.exists(path)] == []
 
 
 def imports_of(path: Path, package: str) -> set[str]:

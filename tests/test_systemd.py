@@ -283,9 +283,10 @@ def test_every_process_is_titled_and_the_forkserver_preloaded(node: Node) -> Non
     node.settle()
     processes = node.unit_processes()
     titles = [info.split(" ", 1)[1] for info in processes.values()]
-    for wanted in ("vhostmd: supervisor", "vhostmd: forkserver", "vhostmd: resource tracker",
+    for wanted in ("vhostmd: supervisor", "vhostmd: forkserver",
                    "vhostmd: worker", "vhostmd: disk-writer"):
         assert any(t.startswith(wanted) for t in titles), titles
+    assert not [t for t in titles if "resource" in t], titles  # no resource tracker
     untitled = [t[:120] for t in titles if not t.startswith("vhostmd: ")]
     assert not untitled, f"processes of the daemon without a vhostmd: title: {untitled}"
     forkserver = next(pid for pid, info in processes.items()

@@ -188,7 +188,7 @@ installed_state() {
 session_semaphores() {
     local p
     for p in $(session_pids "$1"); do
-        grep -o '/dev/shm/sem\.mp-[^ ]*$' "/proc/$p/maps" 2>/dev/null || true
+        grep -o '/dev/shm/sem\.[^ ]*$' "/proc/$p/maps" 2>/dev/null || true
     done | sort -u
 }
 # Whether none of the files "$@" exists.
@@ -567,9 +567,11 @@ retry 10 sh -c "/usr/sbin/vm-dump-metrics --disk '$WORK/run/fg-vhostmd0' | grep 
     || fail "no vm metrics from test:///default"
 titles=$(ps -o args= --sid "$fg_pid")
 for title in "vhostmd: supervisor" "vhostmd: worker" "vhostmd: disk-writer" \
-             "vhostmd: forkserver" "vhostmd: resource tracker"; do
+             "vhostmd: forkserver"; do
     grep -q "^$title" <<<"$titles" || fail "no process titled '$title': $titles"
 done
+# The forkserver unlinks the queues' semaphores: no resource tracker is started.
+if grep -q resource <<<"$titles"; then fail "a resource tracker runs: $titles"; fi
 # Every process of the daemon says what it is (actions run in sessions of
 # their own), and the forkserver's preload ran: libvirt is in its memory
 # (the package's private module tree is on the forkserver's path).
