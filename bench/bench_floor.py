@@ -15,16 +15,19 @@ back, everything in the CPU's caches) and once a second like the daemon's
 cycle at its 1 s period (the median of --cold-rounds rounds), when other
 processes have run in between.
 
-The memory floor is the same process model doing nothing: a fresh Python
-that imports the supervisor's modules, starts the forkserver with the
-daemon's preload and forks as many
-children as the daemon runs, each blocked on a multiprocessing queue. No
-document, no libvirt connection: what the processes cost before any work.
-
 Then a real vhostmd runs the shipped configuration (both built-in sets) at a
 1 s period on the same node, and the CPU time of all its processes
 (psutil: user + system, children included) is divided by the cycles it ran.
-PSS (psutil's memory_full_info) is summed over its processes, by role.
+PSS (psutil's memory_full_info) is read by role half a period after a cycle;
+again with the shipped 5 s period (not with --quick).
+
+The memory floor is the same process model doing nothing: a fresh Python
+that imports the supervisor's modules, starts the forkserver with the
+daemon's preload and forks as many children as the daemon runs, each
+blocked on a multiprocessing queue. No document, no libvirt connection: what
+the processes cost before any work. Then the same with one child holding
+what the worker holds at rest, its libvirt connection to the node
+(``floor_child.py``: on the test driver, the whole node is in it).
 
 Usage: .venv/bin/python bench/bench_floor.py [--domains 1000] [--seconds 20] [--cold-rounds 10]
 Prints markdown tables and the machine it ran on.
@@ -33,6 +36,7 @@ Prints markdown tables and the machine it ran on.
 from __future__ import annotations
 
 import argparse
+import ast
 import mmap
 import re
 import statistics
@@ -136,35 +140,53 @@ def floor(uri: str, tmp: Path, cold_rounds: int) -> tuple[dict[str, float], dict
     return hot, cold
 
 
-# The process model, idle: run in a fresh interpreter, prints its PSS in MiB.
+# The process model, idle: run in a fresh interpreter, prints the PSS in MiB of
+# each process (supervisor, forkserver, children) as a Python dict. With a URI,
+# the first child holds a libvirt connection to it, as the worker does.
 IDLE_MODEL = """
-import sys, psutil
+import sys, time, psutil
 import vhostmd.supervisor.cli  # what the supervisor imports
 from vhostmd.runtime.child import CTX, start_forkserver
+sys.path.insert(0, sys.argv[3])
+from floor_child import hold_connection
 start_forkserver()
 queues = [CTX.Queue() for _ in range(int(sys.argv[1]))]
 children = [CTX.Process(target=q.get, daemon=True) for q in queues]
+if sys.argv[2]:
+    children[0] = CTX.Process(target=hold_connection, args=(sys.argv[2], queues[0]), daemon=True)
 for c in children:
     c.start()
-import time; time.sleep(1.5)  # each child unpickles its queue and blocks on it
+time.sleep(1.5)  # each child unpickles its queue (and connects) and blocks on it
 me = psutil.Process()
-print(sum(p.memory_full_info().pss for p in [me, *me.children(recursive=True)]) / 2**20)
+helpers = me.children()
+pss = {"supervisor": me.memory_full_info().pss}
+for p in me.children(recursive=True):
+    role = "forkserver" if p in helpers else ("worker" if p.pid == children[0].pid else "child")
+    pss[role] = pss.get(role, 0) + p.memory_full_info().pss
+print({role: value / 2**20 for role, value in pss.items()})
 for c in children:
     c.kill()
 """
 
 
-def memory_floor(children: int) -> float:
-    """PSS in MiB of the process model with ``children`` idle children (see IDLE_MODEL)."""
-    out = subprocess.run([sys.executable, "-c", IDLE_MODEL, str(children)], check=True,
-                         capture_output=True, text=True, timeout=60)
-    return float(out.stdout.strip())
+def memory_floor(children: int, uri: str = "") -> dict[str, float]:
+    """PSS in MiB, by process, of the process model with ``children`` idle children
+    (see IDLE_MODEL); with ``uri``, the first holds a libvirt connection to it."""
+    out = subprocess.run([sys.executable, "-c", IDLE_MODEL, str(children), uri, str(HERE)],
+                         check=True, capture_output=True, text=True, timeout=60)
+    return ast.literal_eval(out.stdout.strip())
 
 
-def daemon(uri: str, tmp: Path, seconds: float,
+def daemon(uri: str, tmp: Path, seconds: float, period: int,
            vsz: dict[str, float]) -> tuple[dict[str, float], int, dict[str, float], int]:
+    """Run vhostmd at ``period`` for ``seconds``: CPU ms per cycle and PSS MiB by role.
+
+    PSS is read half a period after a cycle ended, when the processes wait
+    for the next one (at 5 s, after they gave freed heap back).
+    """
     conf = SHIPPED.read_text().replace("/dev/shm/vhostmd0", str(tmp / "vhostmd0"))
-    conf = conf.replace("<update_period>5</update_period>", "<update_period>1</update_period>")
+    conf = conf.replace("<update_period>5</update_period>",
+                        f"<update_period>{period}</update_period>")
     conf = conf.replace("<virtio>", f"<virtio><channel_path>{tmp}/channels</channel_path>")
     (tmp / "bench.conf").write_text(conf)
     log_path = tmp / "log"
@@ -172,11 +194,17 @@ def daemon(uri: str, tmp: Path, seconds: float,
         proc = subprocess.Popen([VHOSTMD, "-d", "-v", "-f", str(tmp / "bench.conf"), "-c", uri,
                                  "-p", str(tmp / "pid")], stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 60
-            while len(CYCLE_LINE.findall(log_path.read_text())) < 3:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"the daemon did not run cycles; see {log_path}")
-                time.sleep(0.2)
+            def cycles() -> int:
+                return len(CYCLE_LINE.findall(log_path.read_text()))
+
+            def wait_cycles(count: int, timeout: float) -> None:
+                deadline = time.monotonic() + timeout
+                while cycles() < count:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise SystemExit(f"the daemon did not run cycles; see {log_path}")
+                    time.sleep(0.1)
+
+            wait_cycles(3, 60 + 3 * period)
             root = psutil.Process(proc.pid)
             procs = [root, *root.children(recursive=True)]
 
@@ -198,9 +226,11 @@ def daemon(uri: str, tmp: Path, seconds: float,
                     by_role[name] = by_role.get(name, 0.0) + spent
                 return by_role
 
-            before, cycles_before = cpu(), len(CYCLE_LINE.findall(log_path.read_text()))
+            before, cycles_before = cpu(), cycles()
             time.sleep(seconds)
-            after, cycles_after = cpu(), len(CYCLE_LINE.findall(log_path.read_text()))
+            after, cycles_after = cpu(), cycles()
+            wait_cycles(cycles_after + 1, 3 * period + 30)
+            time.sleep(period / 2)
             pss: dict[str, float] = {}
             for p in procs:
                 try:
@@ -214,10 +244,10 @@ def daemon(uri: str, tmp: Path, seconds: float,
         finally:
             proc.terminate()
             proc.wait(30)
-    cycles = max(1, cycles_after - cycles_before)
-    per_role = {name: (after.get(name, 0.0) - before.get(name, 0.0)) * 1000 / cycles
+    count = max(1, cycles_after - cycles_before)
+    per_role = {name: (after.get(name, 0.0) - before.get(name, 0.0)) * 1000 / count
                 for name in after}
-    return per_role, cycles, pss, len(procs) - 3  # not the supervisor, forkserver, tracker
+    return per_role, count, pss, len(procs) - 2  # not the supervisor, forkserver
 
 
 def main() -> int:
@@ -228,17 +258,19 @@ def main() -> int:
                         help="rounds of the floor at the daemon's cadence, 1 s apart")
     parser.add_argument("--quick", action="store_true",
                         help="a run of a few seconds that only shows the bench still works "
-                             "(tests/test_bench.py runs every bench so)")
+                             "(tests/test_bench.py runs every bench so; no run at 5 s)")
     args = parser.parse_args()
     if args.quick:
         args.domains, args.seconds, args.cold_rounds = 20, 2.0, 1
+    vsz: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="vhostmd-floor-") as name:
         tmp = Path(name)
         uri, _ = nodes.write_node(tmp / "node.xml", args.domains)
         pieces, cold = floor(uri, tmp, args.cold_rounds)
-        vsz: dict[str, float] = {}
-        per_role, cycles, pss, children = daemon(uri, tmp, args.seconds, vsz)
-    idle_pss = memory_floor(children)
+        per_role, cycles, pss, children = daemon(uri, tmp, args.seconds, 1, vsz)
+        shipped = {} if args.quick else daemon(uri, tmp, max(args.seconds, 20.0), 5, {})[2]
+        idle = memory_floor(children)
+        held = memory_floor(children, uri)
     total = sum(pieces.values())
     cold_total = sum(cold.values())
     per_cycle = sum(per_role.values())
@@ -251,14 +283,40 @@ def main() -> int:
     print(f"| **floor** | **{total:.1f}** | **{cold_total:.1f}** |")
     print(f"| **vhostmd, all processes, per cycle ({cycles} cycles)** | **{per_cycle:.1f}** "
           f"({per_cycle / total:.1f}x) | **{per_cycle:.1f}** ({per_cycle / cold_total:.1f}x) |\n")
-    print("| process | CPU ms per cycle | PSS MiB | VSZ MiB (largest) |")
-    print("|---|---:|---:|---:|")
-    for role, mib in sorted(pss.items(), key=lambda item: -item[1]):
-        print(f"| {role} | {per_role.get(role, 0.0):.1f} | {mib:.1f} | {vsz.get(role, 0.0):.0f} |")
-    print(f"| **total** | **{per_cycle:.1f}** | **{sum(pss.values()):.1f}** | |\n")
-    print(f"Memory floor: the same process model idle ({children} children, nothing "
-          f"done): {idle_pss:.1f} MiB PSS")
+    print_memory(per_role, pss, shipped, vsz, idle, held, children)
     return 0
+
+
+def print_memory(per_role: dict[str, float], pss: dict[str, float], shipped: dict[str, float],
+                 vsz: dict[str, float], idle: dict[str, float], held: dict[str, float],
+                 children: int) -> None:
+    """By process: the daemon's CPU and PSS at 1 s and 5 s, against the idle model's PSS.
+
+    In the idle model the first child stands for the worker (holding, in the
+    second model, the worker's libvirt connection), the others for the
+    disk-writer and virtio.
+    """
+    def floor_of(model: dict[str, float], role: str) -> float:
+        if role in ("supervisor", "forkserver", "worker"):
+            return model.get(role, 0.0)
+        return model.get("child", 0.0) / max(1, children - 1)
+
+    print("PSS read half a period after a cycle. Idle: the process model doing nothing; "
+          "+ connection: its worker holding the test driver's connection.\n")
+    print("| process | CPU ms per cycle at 1 s | PSS MiB at 1 s | PSS MiB at 5 s "
+          "| idle PSS MiB | idle + connection | VSZ MiB (largest) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for role, mib in sorted(pss.items(), key=lambda item: -item[1]):
+        at5 = f"{shipped[role]:.1f}" if role in shipped else "-"
+        print(f"| {role} | {per_role.get(role, 0.0):.1f} | {mib:.1f} | {at5} "
+              f"| {floor_of(idle, role):.1f} | {floor_of(held, role):.1f} "
+              f"| {vsz.get(role, 0.0):.0f} |")
+    at5_total = f"**{sum(shipped.values()):.1f}**" if shipped else "-"
+    print(f"| **total** | **{sum(per_role.values()):.1f}** | **{sum(pss.values()):.1f}** "
+          f"| {at5_total} | **{sum(idle.values()):.1f}** | **{sum(held.values()):.1f}** | |\n")
+    print(f"Memory floor: the same process model idle ({children} children, nothing "
+          f"done): {sum(idle.values()):.1f} MiB PSS; with the worker's connection "
+          f"{sum(held.values()):.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from vhostmd.disk.handle import DiskHandle, DiskRefused, open_disk, switch_disk
 from vhostmd.disk.vmdir import VmDir
+from vhostmd.runtime.child import IdleTrim
 from vhostmd.runtime.published import SharedSlots
 from vhostmd.supervisor.children import (
     DISK_SEAT,
@@ -98,6 +99,10 @@ class Supervisor:
         self.said_once: set[object] = set()  # children's "once" log lines already written
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = select.poll()  # the wake pipe and the children's sentinels
+        # Freed heap goes back to the kernel once the loop has had no message
+        # for a while, as in the children: between cycles of the default
+        # period, not between those of a 1 s period that would reuse it.
+        self.trim = IdleTrim(self.clock)
         self.poller.register(self.wake_r, select.POLLIN)
         self.polled: set[int] = set()  # the sentinels registered with it
         self.pool = ChildPool(level=log_level, beat_interval=beat_interval(config.update_period),
@@ -260,8 +265,9 @@ class Supervisor:
 
     def sleep_until(self, until: float) -> None:
         """Wait for a signal, a message, a child's exit, ``until`` or the next beat."""
-        timeout = max(0.0, min(until - self.clock(), self.pool.beat_interval,
-                               self.notifier.wake_within))
+        left = until - self.clock()
+        timeout = max(0.0, min(left, self.pool.beat_interval, self.notifier.wake_within,
+                               self.trim.wait(left)))
         if self.events.empty():
             # One poll object for the daemon's life, updated when children
             # come and go: the loop wakes tens of times a cycle.
@@ -274,6 +280,7 @@ class Supervisor:
             ready = self.poller.poll(math.ceil(timeout * 1000))
             if any(fd != self.wake_r for fd, _ in ready):
                 self.children_changed = True  # a child exited: reap and replace it now
+        self.trim.poll()
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_r, 4096):
                 pass
@@ -288,6 +295,8 @@ class Supervisor:
 
     def handle_events(self) -> None:
         # Only what is queued now: a chatty child must not keep the loop here.
+        if not self.events.empty():
+            self.trim.worked()
         for _ in range(self.events.qsize()):
             try:
                 child, message = self.events.get_nowait()
