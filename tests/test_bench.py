@@ -21,7 +21,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 EXPECTED = {
     "bench_cycle.py": "| builtin | 10 |",
     "bench_events.py": "destroy -> metrics off the disk",
-    "bench_floor.py": "Memory floor:",
+    "bench_floor.py": "with the worker's connection",
     "bench_host_collectors.py": "same CPU count: True",
     "bench_mechanisms.py": "| VM template rendering |",
     "bench_starvation.py": "| every VM had a value after |",
