@@ -29,7 +29,12 @@ the processes cost before any work. Then the same with one child holding
 what the worker holds at rest, its libvirt connection to the node
 (``floor_child.py``: on the test driver, the whole node is in it).
 
+With --libvirtd (root), the daemon runs once more at 5 s with the node served
+by a private libvirtd, as on a host: the worker holds a client only, and an
+events child runs; its idle model has as many children.
+
 Usage: .venv/bin/python bench/bench_floor.py [--domains 1000] [--seconds 20] [--cold-rounds 10]
+       [--libvirtd]
 Prints markdown tables and the machine it ran on.
 """
 
@@ -39,6 +44,7 @@ import argparse
 import ast
 import mmap
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -259,6 +265,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a run of a few seconds that only shows the bench still works "
                              "(tests/test_bench.py runs every bench so; no run at 5 s)")
+    parser.add_argument("--libvirtd", action="store_true",
+                        help="also run at 5 s with the node served by a private libvirtd, as "
+                             "on a host (root, libvirtd and virsh needed)")
     args = parser.parse_args()
     if args.quick:
         args.domains, args.seconds, args.cold_rounds = 20, 2.0, 1
@@ -271,6 +280,7 @@ def main() -> int:
         shipped = {} if args.quick else daemon(uri, tmp, max(args.seconds, 20.0), 5, {})[2]
         idle = memory_floor(children)
         held = memory_floor(children, uri)
+        served = through_libvirtd(tmp, args.domains) if args.libvirtd else None
     total = sum(pieces.values())
     cold_total = sum(cold.values())
     per_cycle = sum(per_role.values())
@@ -284,7 +294,39 @@ def main() -> int:
     print(f"| **vhostmd, all processes, per cycle ({cycles} cycles)** | **{per_cycle:.1f}** "
           f"({per_cycle / total:.1f}x) | **{per_cycle:.1f}** ({per_cycle / cold_total:.1f}x) |\n")
     print_memory(per_role, pss, shipped, vsz, idle, held, children)
+    if served is not None:
+        pss_served, idle_served, children_served = served
+        print("\nThrough a private libvirtd at 5 s (the node in libvirtd, not in the worker; "
+              "an events child, as on a host):\n")
+        print("| process | PSS MiB at 5 s | idle PSS MiB |")
+        print("|---|---:|---:|")
+        for role, mib in sorted(pss_served.items(), key=lambda item: -item[1]):
+            floor_mib = idle_served.get(role, idle_served.get("child", 0.0)
+                                        / max(1, children_served - 1))
+            print(f"| {role} | {mib:.1f} | {floor_mib:.1f} |")
+        print(f"| **total** | **{sum(pss_served.values()):.1f}** "
+              f"| **{sum(idle_served.values()):.1f}** |")
     return 0
+
+
+def through_libvirtd(tmp: Path, domains: int) -> tuple[dict[str, float], dict[str, float], int]:
+    """PSS by role of vhostmd at 5 s on the node served by a private libvirtd, and of
+    the idle model with as many children (the events child included)."""
+    from test_faults import Libvirtd  # tests/: the fault tests' private libvirtd
+
+    where = Path(tempfile.mkdtemp(prefix="vhbf"))  # short: a unix socket's path
+    try:
+        nodes.write_node(where / "node.xml", domains)
+        server = Libvirtd(where)
+        server.start()
+        try:
+            uri = f"test+unix://{where}/node.xml?socket={server.socket}"
+            _, _, pss, children = daemon(uri, tmp, 20.0, 5, {})
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    return pss, memory_floor(children), children
 
 
 def print_memory(per_role: dict[str, float], pss: dict[str, float], shipped: dict[str, float],
