@@ -196,6 +196,13 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path,
         ours = set().union(*(semaphores(pid) for pid in [daemon.pid, *processes]))
         assert ours, "the daemon's queues use no named semaphore: the check below is void"
         assert list(helpers_tmp.iterdir()), "the daemon left nothing in TMPDIR to check"
+        # A file another user put in /dev/shm under the daemon's semaphore prefix
+        # (the forkserver's directory name is visible in TMPDIR): not the daemon's.
+        prefix = min(ours).rsplit("-", 1)[0]
+        planted = Path(f"{prefix}-planted")
+        planted.write_bytes(b"")
+        request.addfinalizer(lambda: planted.unlink(missing_ok=True))
+        os.chown(planted, 65534, 65534)
 
         os.kill(daemon.pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -214,6 +221,7 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path,
         wait_for(lambda: not any(os.path.exists(path) for path in ours), 2,
                  "the daemon's semaphores to be unlinked")
         assert list(helpers_tmp.iterdir()) == []
+        assert planted.exists(), "the forkserver removed a file of another user's"
 
         # The disk's lock went with them: a new daemon (same pid file, which
         # the killed one left behind) takes the disk and publishes.
