@@ -40,8 +40,10 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
+import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -296,8 +298,11 @@ def serve(ctx: ChildContext, handle: Any, idle_title: str) -> None:
         ctx.title(idle_title)
 
 
-# The directory multiprocessing puts the forkserver's socket in, when we chose it.
+# The directory multiprocessing puts the forkserver's socket in, when we chose it:
+# "vhostmd-mp-PID-XXXXXXXX" in TMPDIR, PID the supervisor's. The queues'
+# semaphores are named after it (_semaphores_named_after).
 _HELPERS_DIR_PREFIX = "vhostmd-mp-"
+_LEFTOVER = re.compile(r"(?:sem\.)?vhostmd-mp-(\d+)-")
 
 
 class ForkserverUnavailable(Exception):
@@ -331,7 +336,9 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     # (``clean_up_at_forkserver_exit``).
     config = process.current_process()._config
     if config.get("tempdir") is None:
-        config["tempdir"] = tempfile.mkdtemp(prefix=_HELPERS_DIR_PREFIX)
+        remove_leftovers(tempfile.gettempdir(), _SEMAPHORE_FILES.rpartition("/")[0],
+                         {os.geteuid()} | ({run_as[1]} if run_as is not None else set()))
+        config["tempdir"] = tempfile.mkdtemp(prefix=f"{_HELPERS_DIR_PREFIX}{os.getpid()}-")
     _semaphores_named_after(config["tempdir"])
     CTX.set_forkserver_preload([PRELOAD])
     if run_as is not None:
@@ -400,6 +407,46 @@ def _remove_semaphores(helpers_dir: str) -> None:
             with contextlib.suppress(OSError):
                 if os.lstat(path).st_uid == os.geteuid():
                     os.unlink(path)
+
+
+def remove_leftovers(tmp: str, shm: str, owners: set[int]) -> None:
+    """Remove what daemons that died with their forkserver left: its directory in
+    ``tmp``, the queues' semaphores in ``shm``.
+
+    A daemon killed whole at once (systemd's last SIGKILL after its stop
+    timeout, ``systemctl kill -s KILL``) has no process left to clean up.
+    Its leftovers carry its supervisor's pid: those of a pid that no longer
+    runs are removed, when ``owners`` (our users) own them. Those of a pid
+    that runs are kept, whatever runs under it now.
+    """
+    for folder in (tmp, shm):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            found = _LEFTOVER.match(name)
+            if found is None or _runs(int(found.group(1))):
+                continue
+            path = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if st.st_uid not in owners:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(path)  # symlinks in it are removed, never followed
+                elif stat.S_ISREG(st.st_mode):
+                    os.unlink(path)
+
+
+def _runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's: it runs
+    return True
 
 
 # The forkserver's preload (runtime/forkserver.py).

@@ -238,6 +238,51 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path,
         assert [path for path in theirs if os.path.exists(path)] == []
 
 
+def test_a_daemon_killed_whole_leaves_nothing_after_the_next_start(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Every process SIGKILLed at once (systemd's last SIGKILL after its stop timeout):
+    nobody is left to clean up, so the next daemon removes the dead one's semaphores and
+    socket directory. Those of a pid that runs, or of another user, stay."""
+    disk = tmp_path / "vhostmd0"
+    helpers_tmp = Path(tempfile.mkdtemp(prefix="vhm-"))  # short, as a socket path must be
+    request.addfinalizer(lambda: shutil.rmtree(helpers_tmp, ignore_errors=True))
+    conf = config_xml(disk, '<builtin set="vhostmd"/>')
+    env = {"TMPDIR": str(helpers_tmp)}
+    with Daemon(tmp_path, conf, env=env) as first:
+        wait_document(disk, 20)
+        everyone = [first.pid, *first.titles()]
+        left = set().union(*(semaphores(pid) for pid in everyone))
+        assert left, "the daemon's queues use no named semaphore: the check below is void"
+        for pid in everyone:
+            os.kill(pid, signal.SIGSTOP)  # none may clean up after another's death
+        for pid in everyone:
+            os.kill(pid, signal.SIGKILL)
+        first.stop(5)
+        wait_for(lambda: not any(alive(pid) for pid in everyone), 5, "every process to die")
+    left_dirs = list(helpers_tmp.iterdir())
+    assert left_dirs and all(Path(path).exists() for path in left), "nothing was left to test"
+
+    # Planted: leftovers of a pid that runs (this test's), and a dead pid's owned by nobody.
+    live = helpers_tmp / f"vhostmd-mp-{os.getpid()}-livelive"
+    live.mkdir()
+    live_sem = Path(f"/dev/shm/sem.vhostmd-mp-{os.getpid()}-livelive-x")
+    dead_pid = subprocess.Popen(["true"]).pid
+    os.waitpid(dead_pid, 0)
+    others = Path(f"/dev/shm/sem.vhostmd-mp-{dead_pid}-otherusr-x")
+    for path in (live_sem, others):
+        path.write_bytes(b"")
+        request.addfinalizer(lambda path=path: path.unlink(missing_ok=True))
+    os.chown(others, 65534, 65534)
+
+    disk.unlink()
+    with Daemon(tmp_path, conf, name="second", env=env) as second:
+        wait_document(disk, 20)
+        assert [path for path in left if os.path.exists(path)] == []
+        assert [path for path in left_dirs if path.exists()] == []
+        assert live.is_dir() and live_sem.exists() and others.exists()
+        assert second.stop() == 0
+
+
 def imports_of(path: Path, package: str) -> set[str]:
     """Absolute module names imported by one file (relative imports resolved)."""
     tree = ast.parse(path.read_text(), str(path))
