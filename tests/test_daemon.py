@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import psutil
 import pytest
@@ -464,9 +465,13 @@ def test_relative_paths_keep_their_meaning_after_daemonizing(tmp_path: Path) -> 
 
 def test_action_escaping_into_its_own_session_is_killed(tmp_path: Path) -> None:
     # setsid moves the sleep out of the action's process group (and session):
-    # the group kill misses it, but the worker adopted it as an orphan.
+    # the group kill misses it, but the worker adopted it as an orphan. The
+    # action ends only once the sleep has left: otherwise the kill of its group,
+    # right after it ends, could still catch the sleep before its setsid.
     disk = tmp_path / "vhostmd0"
-    action = "setsid sleep 1000.75 &gt;/dev/null 2&gt;&amp;1 &amp; echo 1"
+    left = tmp_path / "left"
+    action = escape(f"rm -f {left}; setsid sh -c 'echo $$ > {left}; exec sleep 1000.75' "
+                    f">/dev/null 2>&1 & while [ ! -s {left} ]; do sleep 0.01; done; echo 1")
     conf = config_xml(disk, metric_xml("Escape", action, mtype="uint32"))
     with Daemon(tmp_path, conf) as daemon:
         wait_for(lambda: published(disk) and ("host", "Escape", None) in values(disk), 10,
