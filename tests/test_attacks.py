@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import psutil
 import pytest
@@ -479,9 +480,13 @@ def test_config_that_is_not_a_regular_file_or_too_large_is_one_line(
 def test_actions_escaping_with_setsid_end_with_the_daemon_and_are_named_once(
         tmp_path: Path) -> None:
     # One escapes and keeps running until its timeout (so a stop finds it
-    # running), one escapes and returns at once, one is innocent.
+    # running), one escapes and returns at once, one is innocent. Fast returns
+    # only once its sleep has left the session: the kill of its group, right
+    # after it returns, could otherwise catch the sleep before its setsid.
     slow = "setsid sleep 1000.41 &gt;/dev/null 2&gt;&amp;1 &amp; sleep 5; echo 1"
-    fast = "setsid -f sleep 1000.42 &gt;/dev/null 2&gt;&amp;1; echo 1"
+    left = tmp_path / "left"
+    fast = escape(f"rm -f {left}; setsid -f sh -c 'echo $$ > {left}; exec sleep 1000.42' "
+                  f">/dev/null 2>&1; while [ ! -s {left} ]; do sleep 0.01; done; echo 1")
     conf = config_xml(tmp_path / "vhostmd0", metric_xml("Slow", slow, mtype="uint32")
                       + metric_xml("Fast", fast, mtype="uint32")
                       + metric_xml("Innocent", "echo 1", mtype="uint32"))
