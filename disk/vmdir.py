@@ -18,13 +18,20 @@ QEMU opens the file) may have a file the writer is about to remove: a
 transient domain that stopped and starts again (a restart, ``virsh save``
 then ``restore``, a migration away and back) before the writer has acted on
 the listing that saw it gone. So ``prepare_vm_disk`` *claims* the file: under
-an exclusive flock on the file it checks the file still has its name (the
-writer may have removed it meanwhile: then it makes a new one) and sets its
-modification time to now. The writer removes a file only under the same
-flock, and only if it was not modified after the listing it acts on
+the directory's *claims lock* it makes the file if it is missing and sets
+its modification time to now. The writer removes a file only under the
+same lock, and only if it was not modified after the listing it acts on
 (``CLAIM_MARGIN`` before it): a listing taken after the claim lists the
 domain (libvirt gives a domain its id before it runs the prepare hook), so a
 claimed file stays until a later listing no longer has its domain.
+
+The claims lock is a file of root's in the lock directory
+(``runtime/locks.py``), mode 0600, one per VM disk directory: a flock on
+the VM disks themselves, which are world-readable (QEMU reads them), could be
+taken by any local user, and a claim waiting for it would fail the domain's
+start. Both sides are root wherever per-VM disks work (a daemon under -u
+refuses them); without a lock directory (not root, no writable /run) each
+side flocks the file itself instead (``_claim_on_the_file``).
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from vhostmd.disk.handle import (
     refuse_unsafe_parents,
 )
 from vhostmd.runtime.files import UnsafeFile, check_owned
-from vhostmd.runtime.locks import HeldLock
+from vhostmd.runtime.locks import HeldLock, LockUnavailable, lock_name_for_file, root_lock_dir
 
 if TYPE_CHECKING:  # imported where a VmDir is made: the hook never loads the child runtime
     from vhostmd.runtime.child import InheritedFd
@@ -179,6 +186,53 @@ def prepare_vm_disk(vm_dir: VmDir, uuid: str) -> bool:
     if not UUID_RE.match(uuid):
         raise DiskRefused(f"{uuid!r} is not a domain UUID as libvirt prints it")
     deadline = time.monotonic() + CLAIM_LOCK_WAIT
+    claims = open_claims_lock(vm_dir)
+    if claims is None:
+        return _claim_on_the_file(vm_dir, uuid, deadline)
+    try:
+        _lock_until(claims, deadline, f"the claims lock of {vm_dir.path}")
+        existed = _exists(vm_dir, uuid)
+        handle = open_vm_disk(vm_dir, uuid, shrink=False)
+        try:
+            _mark_claimed(handle.fd)
+        except OSError as exc:
+            raise DiskRefused(f"cannot prepare VM disk {vm_dir.file(uuid)}: "
+                              f"{exc.strerror}") from None
+        finally:
+            os.close(handle.fd)
+        return not existed
+    finally:
+        os.close(claims)  # releases the lock
+
+
+def open_claims_lock(vm_dir: VmDir) -> int | None:
+    """The descriptor of the directory's claims lock file (see the module's docstring),
+    not locked; None without a lock directory. DiskRefused with one line."""
+    try:
+        lock_dir = root_lock_dir()
+    except LockUnavailable as exc:
+        raise DiskRefused(str(exc)) from None
+    if lock_dir is None:
+        return None
+    name = lock_name_for_file("claims", os.fstat(vm_dir.fd))
+    try:
+        # Never removed, so never replaced under a holder; root's directory alone.
+        return os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                       dir_fd=lock_dir)
+    except OSError as exc:
+        raise DiskRefused(f"cannot open the claims lock {name}: {exc.strerror}") from None
+    finally:
+        os.close(lock_dir)
+
+
+def _mark_claimed(fd: int) -> None:
+    if os.pread(fd, 4, 0) != mdisk.SIGNATURE:
+        os.pwrite(fd, mdisk.pack_header(1, 0, 0), 0)
+    os.utime(fd)  # the claim: modified now, after any listing without it
+
+
+def _claim_on_the_file(vm_dir: VmDir, uuid: str, deadline: float) -> bool:
+    """The claim without a lock directory: under the flock of the file itself."""
     for _attempt in range(3):
         existed = _exists(vm_dir, uuid)
         try:
@@ -188,12 +242,10 @@ def prepare_vm_disk(vm_dir: VmDir, uuid: str) -> bool:
                 continue  # removed by the writer between our look and our open
             raise
         try:
-            _lock_until(handle.fd, deadline, vm_dir.file(uuid))
+            _lock_until(handle.fd, deadline, f"VM disk {vm_dir.file(uuid)}")
             if os.fstat(handle.fd).st_nlink == 0:
                 continue  # the writer removed it before we held the lock: make it again
-            if os.pread(handle.fd, 4, 0) != mdisk.SIGNATURE:
-                os.pwrite(handle.fd, mdisk.pack_header(1, 0, 0), 0)
-            os.utime(handle.fd)  # the claim: modified now, after any listing without it
+            _mark_claimed(handle.fd)
             return not existed
         except OSError as exc:
             raise DiskRefused(f"cannot prepare VM disk {vm_dir.file(uuid)}: "
@@ -213,7 +265,7 @@ def _exists(vm_dir: VmDir, uuid: str) -> bool:
     return True
 
 
-def _lock_until(fd: int, deadline: float, path: str) -> None:
+def _lock_until(fd: int, deadline: float, what: str) -> None:
     """flock ``fd`` exclusively, waiting until ``deadline`` (time.monotonic())."""
     while True:
         try:
@@ -223,5 +275,5 @@ def _lock_until(fd: int, deadline: float, path: str) -> None:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
         if time.monotonic() > deadline:
-            raise DiskRefused(f"VM disk {path} stayed locked for {CLAIM_LOCK_WAIT:g} s")
+            raise DiskRefused(f"{what} stayed locked for {CLAIM_LOCK_WAIT:g} s")
         time.sleep(0.005)

@@ -30,8 +30,9 @@ for a domain starting again, see ``disk/vmdir.py``) after that listing was
 taken: then it stays until a later listing. A UUID-named file of a domain
 this writer never saw (made for a transient domain not started yet, or left
 by a domain undefined while vhostmd was stopped) is removed once it has not
-been modified for ``UNKNOWN_GRACE`` seconds. Each removal holds the file's
-flock, which a claim takes too, and looks at the file again under it.
+been modified for ``UNKNOWN_GRACE`` seconds. Each removal holds the
+directory's claims lock, which a claim takes too, and looks at the file
+again under it (the file's own flock where there is no lock directory).
 Nothing else in the directory is ever touched, and nothing at all is
 removed while libvirt cannot be listed.
 """
@@ -50,7 +51,14 @@ from collections.abc import Callable
 
 from vhostmd.disk.handle import DiskHandle, DiskRefused
 from vhostmd.disk.mapped import DiskTooSmall, MetricsDisk
-from vhostmd.disk.vmdir import CLAIM_MARGIN, UNKNOWN_GRACE, UUID_RE, VmDir, open_vm_disk
+from vhostmd.disk.vmdir import (
+    CLAIM_MARGIN,
+    UNKNOWN_GRACE,
+    UUID_RE,
+    VmDir,
+    open_claims_lock,
+    open_vm_disk,
+)
 from vhostmd.document import assemble
 
 log = logging.getLogger("vhostmd")
@@ -142,6 +150,7 @@ class VmDisks:
         self.disks: dict[str, VmDisk] = {}
         self.listed: set[str] = set()  # defined (or running) in the last listing
         self.problems: dict[str, str] = {}  # uuid -> the problem logged for it
+        self.claims: int | None = None  # the claims lock, opened at the first removal
 
     def publish(self, host: bytes, fragments: dict[str, bytes],
                 inactive: tuple[str, ...] | None, listed_at: float) -> None:
@@ -246,16 +255,36 @@ class VmDisks:
 
     def remove_unclaimed(self, uuid: str, st: os.stat_result, unchanged_since: float) -> bool:
         """Remove the file ``st`` describes if it was not modified from ``unchanged_since``
-        on; checked again under its flock, which a claim holds (disk/vmdir.py)."""
+        on; checked again under the claims lock, which a claim holds (disk/vmdir.py)."""
         if st.st_mtime >= unchanged_since:
             return False
+        if self.claims is None:
+            try:
+                self.claims = open_claims_lock(self.dir)
+            except DiskRefused as exc:  # its lock directory is unsafe: remove nothing
+                self.problem(uuid, f"not removing VM disk {self.dir.file(uuid)}: {exc}")
+                return False
+        if self.claims is not None:
+            try:
+                fcntl.flock(self.claims, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # a claim runs now: the next cycle looks again
+        try:
+            return self._remove_if_unchanged(uuid, st, unchanged_since)
+        finally:
+            if self.claims is not None:
+                fcntl.flock(self.claims, fcntl.LOCK_UN)
+
+    def _remove_if_unchanged(self, uuid: str, st: os.stat_result,
+                             unchanged_since: float) -> bool:
         try:
             fd = os.open(uuid, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
                          | os.O_NOCTTY, dir_fd=self.dir.fd)
         except OSError:
             return False  # gone already, or not a file to open
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self.claims is None:  # no lock directory: the file's own flock
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             now = os.fstat(fd)
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or \
                     now.st_mtime >= unchanged_since:
@@ -284,3 +313,6 @@ class VmDisks:
     def close(self) -> None:
         for uuid in list(self.disks):
             self.forget(uuid)
+        if self.claims is not None:
+            os.close(self.claims)
+            self.claims = None

@@ -18,14 +18,25 @@ import sys
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from vhostmd import mdisk
+from vhostmd.disk import vmdir
 from vhostmd.disk.handle import DiskRefused
-from vhostmd.disk.vmdir import CLAIM_MARGIN, open_vm_dir, prepare_vm_disk
+from vhostmd.disk.vmdir import (
+    CLAIM_LOCK_WAIT,
+    CLAIM_MARGIN,
+    VmDir,
+    open_claims_lock,
+    open_vm_dir,
+    prepare_vm_disk,
+)
 from vhostmd.disk.vmwriter import VmDisks
+from vhostmd.runtime.locks import LOCK_DIR, lock_name_for_file
 from vhostmd.supervisor import libvirt_hook
 from vhostmd.supervisor.config import DEFAULT_CONFIG, UNITS, parse_config_bytes
 
@@ -310,87 +321,160 @@ def test_hook_reads_vm_disks_as_the_daemon_does(tmp_path: Path, vm_disks: str) -
 # --------------------------------------------------------------------------- claims
 
 
-def test_writer_keeps_a_file_claimed_after_its_listing(tmp_path: Path) -> None:
-    """A transient domain that stops and starts again before the writer acted on the
-    listing that saw it gone (save then restore, a migration away and back)."""
+@dataclass
+class VmDiskRig:
+    """A directory of per-VM disks, its writer, and one domain's UUID and file."""
+
+    vm_dir: VmDir
+    writer: VmDisks
+    uuid: str
+    disk: Path
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[VmDiskRig]:
     vm_dir = open_vm_dir(str(tmp_path / "vms"), 65536, lock=False)
     writer = VmDisks(vm_dir)
     uuid = new_uuid()
-    disk = tmp_path / "vms" / uuid
     try:
-        writer.publish(b"", {uuid: b""}, (), time.time())  # running
-        assert disk.exists()
-        os.utime(disk, (1, 1))  # last written long ago
-        stale_listing = time.time() - 5  # taken before the claim below
-        assert not prepare_vm_disk(vm_dir, uuid)  # the hook: the domain starts again
-        inode = disk.stat().st_ino
-        writer.publish(b"", {}, (), stale_listing)  # gone, says the stale listing
-        assert disk.exists() and disk.stat().st_ino == inode
-        # The next listing lists it (libvirt gives a starting domain its id first).
-        writer.publish(b"", {uuid: b""}, (), time.time())
-        assert disk.stat().st_ino == inode
-
-        # Gone in a listing taken after the last claim: removed.
-        writer.publish(b"", {}, (), time.time() + 2 * CLAIM_MARGIN)
-        assert not disk.exists()
-
-        # Claimed after a listing that has it gone, and the start failed: the next
-        # listing without it removes it (the writer remembers it saw the domain).
-        writer.publish(b"", {uuid: b""}, (), time.time())
-        os.utime(disk, (1, 1))
-        stale_listing = time.time() - 5
-        prepare_vm_disk(vm_dir, uuid)
-        writer.publish(b"", {}, (), stale_listing)
-        assert disk.exists()
-        writer.publish(b"", {}, (), time.time() + 2 * CLAIM_MARGIN)
-        assert not disk.exists()
+        yield VmDiskRig(vm_dir, writer, uuid, tmp_path / "vms" / uuid)
     finally:
         writer.close()
         vm_dir.close()
 
 
-def test_claim_and_removal_exclude_each_other(tmp_path: Path) -> None:
-    vm_dir = open_vm_dir(str(tmp_path / "vms"), 65536, lock=False)
-    writer = VmDisks(vm_dir)
-    uuid = new_uuid()
-    disk = tmp_path / "vms" / uuid
+def test_writer_keeps_a_file_claimed_after_its_listing(rig: VmDiskRig) -> None:
+    """A transient domain that stops and starts again before the writer acted on the
+    listing that saw it gone (save then restore, a migration away and back)."""
+    vm_dir, writer, uuid, disk = rig.vm_dir, rig.writer, rig.uuid, rig.disk
+    writer.publish(b"", {uuid: b""}, (), time.time())  # running
+    assert disk.exists()
+    os.utime(disk, (1, 1))  # last written long ago
+    stale_listing = time.time() - 5  # taken before the claim below
+    assert not prepare_vm_disk(vm_dir, uuid)  # the hook: the domain starts again
+    inode = disk.stat().st_ino
+    writer.publish(b"", {}, (), stale_listing)  # gone, says the stale listing
+    assert disk.exists() and disk.stat().st_ino == inode
+    # The next listing lists it (libvirt gives a starting domain its id first).
+    writer.publish(b"", {uuid: b""}, (), time.time())
+    assert disk.stat().st_ino == inode
+
+    # Gone in a listing taken after the last claim: removed.
+    writer.publish(b"", {}, (), time.time() + 2 * CLAIM_MARGIN)
+    assert not disk.exists()
+
+    # Claimed after a listing that has it gone, and the start failed: the next
+    # listing without it removes it (the writer remembers it saw the domain).
+    writer.publish(b"", {uuid: b""}, (), time.time())
+    os.utime(disk, (1, 1))
+    stale_listing = time.time() - 5
+    prepare_vm_disk(vm_dir, uuid)
+    writer.publish(b"", {}, (), stale_listing)
+    assert disk.exists()
+    writer.publish(b"", {}, (), time.time() + 2 * CLAIM_MARGIN)
+    assert not disk.exists()
+
+
+def test_claim_and_removal_exclude_each_other(rig: VmDiskRig) -> None:
+    vm_dir, writer, uuid, disk = rig.vm_dir, rig.writer, rig.uuid, rig.disk
+    claims = open_claims_lock(vm_dir)
+    assert claims is not None, "root: the claims lock is a file in the lock directory"
+    claims_path = Path(LOCK_DIR) / lock_name_for_file("claims", os.fstat(vm_dir.fd))
     try:
+        assert os.stat(claims_path).st_mode & 0o777 == 0o600  # root's alone
         writer.publish(b"", {uuid: b""}, (), time.time())
-        # A claim in progress holds the file's flock: the writer does not remove it.
-        held = os.open(disk, os.O_RDONLY)
-        fcntl.flock(held, fcntl.LOCK_EX)
+        # A claim in progress holds the claims lock: the writer does not remove it.
+        fcntl.flock(claims, fcntl.LOCK_EX)
         writer.publish(b"", {}, (), time.time() + 2 * CLAIM_MARGIN)
         assert disk.exists()
-        os.close(held)
+        fcntl.flock(claims, fcntl.LOCK_UN)
 
         # The writer removes the file while a claim waits for the lock: the claim
-        # finds it gone and makes a new one, which stays.
+        # then makes a new one, which stays.
         writer.publish(b"", {uuid: b""}, (), time.time())
         old_inode = disk.stat().st_ino
-        held = os.open(disk, os.O_RDONLY)
-        fcntl.flock(held, fcntl.LOCK_EX)
-        made: list[bool | Exception] = []
-
-        def claim() -> None:
-            try:
-                made.append(prepare_vm_disk(vm_dir, uuid))
-            except DiskRefused as exc:
-                made.append(exc)
-
-        claimer = threading.Thread(target=claim)
-        claimer.start()
-        # The claimer has the file open (and polls for the flock we hold).
-        wait_for(lambda: open_count(disk) == 2, 10, "the claimer to open the file")
-        assert claimer.is_alive()
+        fcntl.flock(claims, fcntl.LOCK_EX)
+        opened = open_count(claims_path)  # ours and the writer's
+        made = start_claim(vm_dir, uuid)
+        # The claimer has the claims lock open (and polls for it: we hold it).
+        wait_for(lambda: open_count(claims_path) == opened + 1, 10,
+                 "the claimer to open the lock")
         os.unlink(disk)  # as the writer does, under the lock
-        os.close(held)
-        claimer.join(10)
-        assert made == [True]
+        fcntl.flock(claims, fcntl.LOCK_UN)
+        assert made() == [True]
         assert disk.stat().st_ino != old_inode
         assert mdisk.unpack_header(disk.read_bytes()).busy
     finally:
-        writer.close()
-        vm_dir.close()
+        os.close(claims)
+
+
+def test_a_flock_on_a_vm_disk_blocks_neither_claims_nor_removals(rig: VmDiskRig) -> None:
+    """A VM disk is world-readable (QEMU reads it), so any local user can flock it: that
+    must neither fail a starting domain's claim nor keep a gone domain's file."""
+    vm_dir, writer, uuid, disk = rig.vm_dir, rig.writer, rig.uuid, rig.disk
+    writer.publish(b"", {uuid: b""}, (), time.time())
+    assert disk.stat().st_mode & 0o004  # readable by anyone
+    users = os.open(disk, os.O_RDONLY)  # what a local user can open...
+    fcntl.flock(users, fcntl.LOCK_EX)  # ...and lock
+    try:
+        started = time.monotonic()
+        assert prepare_vm_disk(vm_dir, uuid) is False  # claimed, not refused
+        assert time.monotonic() - started < CLAIM_LOCK_WAIT
+        writer.publish(b"", {}, (), time.time() + 2 * CLAIM_MARGIN)
+        assert not disk.exists()
+    finally:
+        os.close(users)
+
+
+def test_without_a_lock_directory_claims_lock_the_file_itself(
+        rig: VmDiskRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not root, or no writable /run: the file's own flock (the lock directory's
+    function answers None then, as it does for a daemon that is not root)."""
+    monkeypatch.setattr(vmdir, "root_lock_dir", lambda: None)
+    vm_dir, writer, uuid, disk = rig.vm_dir, rig.writer, rig.uuid, rig.disk
+    writer.publish(b"", {uuid: b""}, (), time.time())
+    # A claim in progress holds the file's flock: the writer does not remove it.
+    held = os.open(disk, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    writer.publish(b"", {}, (), time.time() + 2 * CLAIM_MARGIN)
+    assert disk.exists()
+    os.close(held)
+
+    # The writer removes the file while a claim waits for the lock: the claim
+    # finds it gone and makes a new one, which stays.
+    writer.publish(b"", {uuid: b""}, (), time.time())
+    old_inode = disk.stat().st_ino
+    held = os.open(disk, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    made = start_claim(vm_dir, uuid)
+    # The claimer has the file open (and polls for the flock we hold).
+    wait_for(lambda: open_count(disk) == 2, 10, "the claimer to open the file")
+    os.unlink(disk)  # as the writer does, under the lock
+    os.close(held)
+    assert made() == [True]
+    assert disk.stat().st_ino != old_inode
+    assert mdisk.unpack_header(disk.read_bytes()).busy
+
+
+def start_claim(vm_dir: VmDir, uuid: str) -> Callable[[], list[bool | Exception]]:
+    """Claim ``uuid``'s disk in a thread; the returned function waits for its outcome."""
+    made: list[bool | Exception] = []
+
+    def claim() -> None:
+        try:
+            made.append(prepare_vm_disk(vm_dir, uuid))
+        except DiskRefused as exc:
+            made.append(exc)
+
+    claimer = threading.Thread(target=claim)
+    claimer.start()
+
+    def outcome() -> list[bool | Exception]:
+        claimer.join(10)
+        assert not claimer.is_alive()
+        return made
+
+    return outcome
 
 
 def open_count(path: Path) -> int:
