@@ -302,7 +302,7 @@ def serve(ctx: ChildContext, handle: Any, idle_title: str) -> None:
 # "vhostmd-mp-PID-XXXXXXXX" in TMPDIR, PID the supervisor's. The queues'
 # semaphores are named after it (_semaphores_named_after).
 _HELPERS_DIR_PREFIX = "vhostmd-mp-"
-_LEFTOVER = re.compile(r"(?:sem\.)?vhostmd-mp-(\d+)-")
+_LEFTOVER = re.compile(r"(?:sem\.)?vhostmd-mp-([1-9]\d{0,9})-")
 
 
 class ForkserverUnavailable(Exception):
@@ -339,7 +339,8 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
         remove_leftovers(tempfile.gettempdir(), _SEMAPHORE_FILES.rpartition("/")[0],
                          {os.geteuid()} | ({run_as[1]} if run_as is not None else set()))
         config["tempdir"] = tempfile.mkdtemp(prefix=f"{_HELPERS_DIR_PREFIX}{os.getpid()}-")
-    _semaphores_named_after(config["tempdir"])
+        # Only then: the forkserver sweeps semaphores named after a directory of ours.
+        _semaphores_named_after(config["tempdir"])
     CTX.set_forkserver_preload([PRELOAD])
     if run_as is not None:
         user, uid, gid = run_as
@@ -417,7 +418,11 @@ def remove_leftovers(tmp: str, shm: str, owners: set[int]) -> None:
     timeout, ``systemctl kill -s KILL``) has no process left to clean up.
     Its leftovers carry its supervisor's pid: those of a pid that no longer
     runs are removed, when ``owners`` (our users) own them. Those of a pid
-    that runs are kept, whatever runs under it now.
+    that runs are kept, whatever runs under it now. A directory loses only
+    the forkserver's socket, then goes if that left it empty.
+
+    Pids are this namespace's: a daemon in another pid namespace that shares
+    ``tmp`` or ``shm`` with us would look dead (containers have their own).
     """
     for folder in (tmp, shm):
         try:
@@ -426,17 +431,33 @@ def remove_leftovers(tmp: str, shm: str, owners: set[int]) -> None:
             continue
         for name in names:
             found = _LEFTOVER.match(name)
-            if found is None or _runs(int(found.group(1))):
+            if found is None:
                 continue
             path = os.path.join(folder, name)
             with contextlib.suppress(OSError):
                 st = os.lstat(path)
-                if st.st_uid not in owners:
+                if st.st_uid not in owners or _runs(int(found.group(1))):
                     continue
                 if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(path)  # symlinks in it are removed, never followed
+                    _remove_helpers_socket_dir(path)
                 elif stat.S_ISREG(st.st_mode):
                     os.unlink(path)
+
+
+def _remove_helpers_socket_dir(path: str) -> None:
+    """Remove the forkserver's socket (``listener-*``) in ``path``, then ``path`` if empty.
+
+    Never more: under -u the directory is the user's, and root removes only
+    what the daemon put there."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for entry in os.listdir(fd):
+            st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            if entry.startswith("listener-") and stat.S_ISSOCK(st.st_mode):
+                os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)  # fails, and leaves it, if anything else is in it
 
 
 def _runs(pid: int) -> bool:
@@ -444,8 +465,8 @@ def _runs(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
-        return True  # another user's: it runs
+    except (OSError, OverflowError):
+        return True  # another user's: it runs (or no pid at all: left alone)
     return True
 
 

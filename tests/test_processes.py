@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from vhostmd.runtime.child import remove_leftovers
 
 from daemon_harness import (
     VHOSTMD,
@@ -132,7 +135,7 @@ for i in range(96):
     blocks[i] = bytearray(64 << 10)  # the heap's top, below its raised trim threshold
 for i in reversed(range(96)):
     blocks[i] = None
-print(kept_large >> 20, (rss() - before) >> 20)
+print(kept_large >> 10, (rss() - before) >> 10)
 """
 
 
@@ -142,7 +145,8 @@ def test_large_blocks_go_back_to_the_kernel_when_freed() -> None:
     stay fixed; left to rise, 6 MiB would stay each time)."""
     out = subprocess.run([sys.executable, "-c", LARGE_BLOCKS], capture_output=True, text=True,
                          timeout=60, check=True)
-    assert out.stdout.split() == ["0", "0"], out.stdout
+    # KiB still resident of the 6 MiB freed each time: less than one.
+    assert all(int(kib) < 1024 for kib in out.stdout.split()), out.stdout
 
 
 def test_a_temporary_directory_too_long_for_a_socket_is_one_line(tmp_path: Path) -> None:
@@ -200,9 +204,10 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path,
         # (the forkserver's directory name is visible in TMPDIR): not the daemon's.
         prefix = min(ours).rsplit("-", 1)[0]
         planted = Path(f"{prefix}-planted")
-        planted.write_bytes(b"")
-        request.addfinalizer(lambda: planted.unlink(missing_ok=True))
-        os.chown(planted, 65534, 65534)
+        if os.geteuid() == 0:  # a file of nobody's
+            planted.write_bytes(b"")
+            request.addfinalizer(lambda: planted.unlink(missing_ok=True))
+            os.chown(planted, 65534, 65534)
 
         os.kill(daemon.pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -221,7 +226,8 @@ def test_nothing_outlives_a_supervisor_killed_outright(tmp_path: Path,
         wait_for(lambda: not any(os.path.exists(path) for path in ours), 2,
                  "the daemon's semaphores to be unlinked")
         assert list(helpers_tmp.iterdir()) == []
-        assert planted.exists(), "the forkserver removed a file of another user's"
+        if os.geteuid() == 0:
+            assert planted.exists(), "the forkserver removed a file of another user's"
 
         # The disk's lock went with them: a new daemon (same pid file, which
         # the killed one left behind) takes the disk and publishes.
@@ -259,28 +265,62 @@ def test_a_daemon_killed_whole_leaves_nothing_after_the_next_start(
             os.kill(pid, signal.SIGKILL)
         first.stop(5)
         wait_for(lambda: not any(alive(pid) for pid in everyone), 5, "every process to die")
+    # Left: the socket directory in this test's own TMPDIR (the semaphores too,
+    # unless a daemon of a test running beside this one started and swept them).
     left_dirs = list(helpers_tmp.iterdir())
-    assert left_dirs and all(Path(path).exists() for path in left), "nothing was left to test"
+    assert left_dirs, "nothing was left to test"
 
     # Planted: leftovers of a pid that runs (this test's), and a dead pid's owned by nobody.
     live = helpers_tmp / f"vhostmd-mp-{os.getpid()}-livelive"
     live.mkdir()
     live_sem = Path(f"/dev/shm/sem.vhostmd-mp-{os.getpid()}-livelive-x")
-    dead_pid = subprocess.Popen(["true"]).pid
-    os.waitpid(dead_pid, 0)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead_pid = ended.pid
     others = Path(f"/dev/shm/sem.vhostmd-mp-{dead_pid}-otherusr-x")
     for path in (live_sem, others):
         path.write_bytes(b"")
         request.addfinalizer(lambda path=path: path.unlink(missing_ok=True))
-    os.chown(others, 65534, 65534)
+    if os.geteuid() == 0:
+        os.chown(others, 65534, 65534)
+    else:
+        others.unlink()  # no other user's file to be had
 
     disk.unlink()
     with Daemon(tmp_path, conf, name="second", env=env) as second:
         wait_document(disk, 20)
         assert [path for path in left if os.path.exists(path)] == []
         assert [path for path in left_dirs if path.exists()] == []
-        assert live.is_dir() and live_sem.exists() and others.exists()
+        assert live.is_dir() and live_sem.exists()
+        assert others.exists() or os.geteuid() != 0
         assert second.stop() == 0
+
+
+def test_leftovers_are_removed_only_as_far_as_they_are_the_daemons(tmp_path: Path) -> None:
+    """remove_leftovers: a dead daemon's socket and semaphores go; its directory only
+    when nothing else is in it; a name whose pid cannot be one is left, without a
+    traceback (any local user may make such a name in /tmp or /dev/shm)."""
+    tmp, shm = tmp_path / "tmp", tmp_path / "shm"
+    tmp.mkdir()
+    shm.mkdir()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead = ended.pid
+    for name in (f"vhostmd-mp-{dead}-empty", f"vhostmd-mp-{dead}-busy"):
+        (tmp / name).mkdir()
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(tmp / name / "listener-x"))
+    (tmp / f"vhostmd-mp-{dead}-busy" / "something-else").write_text("")
+    (tmp / "vhostmd-mp-99999999999999-x").mkdir()
+    for name in (f"sem.vhostmd-mp-{dead}-empty-q", "sem.vhostmd-mp-99999999999999-x-q",
+                 "sem.mp-unrelated"):
+        (shm / name).write_text("")
+    remove_leftovers(str(tmp), str(shm), {os.geteuid()})
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([
+        "vhostmd-mp-99999999999999-x", f"vhostmd-mp-{dead}-busy"])
+    assert [p.name for p in (tmp / f"vhostmd-mp-{dead}-busy").iterdir()] == ["something-else"]
+    assert sorted(p.name for p in shm.iterdir()) == [
+        "sem.mp-unrelated", "sem.vhostmd-mp-99999999999999-x-q"]
 
 
 def imports_of(path: Path, package: str) -> set[str]:
