@@ -296,11 +296,14 @@ def test_a_daemon_killed_whole_leaves_nothing_after_the_next_start(
         assert second.stop() == 0
 
 
-def test_leftovers_are_removed_only_as_far_as_they_are_the_daemons(tmp_path: Path) -> None:
+def test_leftovers_are_removed_only_as_far_as_they_are_the_daemons(
+        request: pytest.FixtureRequest) -> None:
     """remove_leftovers: a dead daemon's socket and semaphores go; its directory only
     when nothing else is in it; a name whose pid cannot be one is left, without a
     traceback (any local user may make such a name in /tmp or /dev/shm)."""
-    tmp, shm = tmp_path / "tmp", tmp_path / "shm"
+    short = Path(tempfile.mkdtemp(prefix="vhm-"))  # a unix socket's path is short
+    request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
+    tmp, shm = short / "tmp", short / "shm"
     tmp.mkdir()
     shm.mkdir()
     ended = subprocess.Popen(["true"])
