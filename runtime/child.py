@@ -47,6 +47,7 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from queue import Empty
@@ -336,7 +337,7 @@ def start_forkserver(run_as: tuple[str, int, int] | None = None) -> None:
     # (``clean_up_at_forkserver_exit``).
     config = process.current_process()._config
     if config.get("tempdir") is None:
-        remove_leftovers(tempfile.gettempdir(), _SEMAPHORE_FILES.rpartition("/")[0],
+        remove_leftovers(tempfile.gettempdir(), _SEMAPHORE_DIR,
                          {os.geteuid()} | ({run_as[1]} if run_as is not None else set()))
         config["tempdir"] = tempfile.mkdtemp(prefix=f"{_HELPERS_DIR_PREFIX}{os.getpid()}-")
         # Only then: the forkserver sweeps semaphores named after a directory of ours.
@@ -388,7 +389,7 @@ def _semaphores_named_after(helpers_dir: str) -> None:
 
 
 # Where glibc keeps a named semaphore "/NAME": /dev/shm/sem.NAME.
-_SEMAPHORE_FILES = "/dev/shm/sem."
+_SEMAPHORE_DIR = "/dev/shm"
 
 
 def _remove_semaphores(helpers_dir: str) -> None:
@@ -396,18 +397,30 @@ def _remove_semaphores(helpers_dir: str) -> None:
 
     Those of a supervisor killed outright; after a clean stop none is left.
     Processes that still have one open keep it: unlinking only removes the
-    name. Only files of ours (the directory is world-writable).
+    name.
     """
-    prefix = _SEMAPHORE_FILES + os.path.basename(helpers_dir) + "-"
-    folder, _, start = prefix.rpartition("/")
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            if not name.startswith(start):
-                continue
-            path = os.path.join(folder, name)
+    start = f"sem.{os.path.basename(helpers_dir)}-"
+    for name, path, st in _owned_entries(_SEMAPHORE_DIR, {os.geteuid()}):
+        if name.startswith(start) and stat.S_ISREG(st.st_mode):
             with contextlib.suppress(OSError):
-                if os.lstat(path).st_uid == os.geteuid():
-                    os.unlink(path)
+                os.unlink(path)
+
+
+def _owned_entries(folder: str, owners: set[int]) -> Iterator[tuple[str, str, os.stat_result]]:
+    """The entries of ``folder`` that ``owners`` own, not followed if links: in a
+    world-writable directory (/tmp, /dev/shm) only those can be ours."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid in owners:
+            yield name, path, st
 
 
 def remove_leftovers(tmp: str, shm: str, owners: set[int]) -> None:
@@ -425,19 +438,11 @@ def remove_leftovers(tmp: str, shm: str, owners: set[int]) -> None:
     ``tmp`` or ``shm`` with us would look dead (containers have their own).
     """
     for folder in (tmp, shm):
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
+        for name, path, st in _owned_entries(folder, owners):
             found = _LEFTOVER.match(name)
-            if found is None:
+            if found is None or _runs(int(found.group(1))):
                 continue
-            path = os.path.join(folder, name)
             with contextlib.suppress(OSError):
-                st = os.lstat(path)
-                if st.st_uid not in owners or _runs(int(found.group(1))):
-                    continue
                 if stat.S_ISDIR(st.st_mode):
                     _remove_helpers_socket_dir(path)
                 elif stat.S_ISREG(st.st_mode):
