@@ -552,12 +552,12 @@ def test_bytes_after_a_shorter_document_are_zero(tmp_path: Path) -> None:
     value.write_text("secret-of-a-vm-now-gone-" * 100)
     conf = config_xml(disk, NANOS + metric_xml("Text", f"cat {value}"))
     with Daemon(tmp_path, conf) as daemon:
-        wait_for(lambda: any(m.name == "Text" for m in disk_metrics(disk)) if disk.exists()
-                 and header(disk).length else False, 5, "the long document")
+        wait_for(lambda: any(m.name == "Text" for m in ready_metrics(disk) or ()), 10,
+                 "the long document")
         long_end = mdisk.HEADER_SIZE + header(disk).length
         value.write_text("short")
-        wait_for(lambda: [m.value for m in disk_metrics(disk) if m.name == "Text"] == ["short"],
-                 5, "the short document")
+        wait_for(lambda: [m.value for m in ready_metrics(disk) or () if m.name == "Text"]
+                 == ["short"], 10, "the short document")
         raw = disk.read_bytes()
         end = mdisk.HEADER_SIZE + header(disk).length
         assert end < long_end
