@@ -702,10 +702,15 @@ for command in /etc/init.d/vhostmd /usr/sbin/rcvhostmd; do
 done
 
 # stop returns once every process of the daemon is gone, not when the lock is.
+# Slowed down (nice 19, on a CPU a busy loop holds), a daemon on a machine busy
+# besides can need more than the default 30 s to exit: it gets the time, as
+# this checks a slow exit, not a kill.
+echo "VHOSTMD_STOP_TIMEOUT=300" >>/etc/default/vhostmd
 slow_down "$(ps -o sid= -p "$new_pid" | tr -d ' ')"
 init_script 0 stop
 no_process_left "after /etc/init.d/vhostmd stop (slow to exit)"
 end_slow_down
+sed -i '/^VHOSTMD_STOP_TIMEOUT=300$/d' /etc/default/vhostmd
 init_script 3 status
 [ ! -e "$PIDFILE" ] || fail "$PIDFILE is left after stop"
 init_script 0 stop
